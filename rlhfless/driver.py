@@ -1,0 +1,206 @@
+"""The driver: one synchronous RL step at a time, as a short list of calls.
+
+    plan → rollout → score → advantages → train → record
+
+It knows the runtime interface, not Knative or processes; the scheduling policies are pure
+functions behind `Planner`; the math lives in `rlhfless.algo`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from rlhfless.api.spec import RLHFJob
+from rlhfless.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from rlhfless.functions.train_state import prune_optimizer_states
+from rlhfless.learn import build_train_request, score_payloads
+from rlhfless.model.tokenizer import load_tokenizer
+from rlhfless.planner import Planner
+from rlhfless.records import (
+    BusyInterval,
+    MetricsLog,
+    StepRecord,
+    gpu_seconds_by_stage,
+    idle_ratios,
+)
+from rlhfless.rewards.datasets import batch_for_step, load_dataset
+from rlhfless.rollout import PromptItem, RolloutSettings, run_rollout
+from rlhfless.runtime.base import Runtime
+from rlhfless.weights import WeightStore, materialize_base
+
+StepCallback = Callable[[StepRecord], Awaitable[None] | None]
+SCORING_STAGES = ("reference", "reward", "critic")
+
+
+class Driver:
+    def __init__(self, job: RLHFJob, runtime: Runtime, run_dir: Path,
+                 store_dir: Path | None = None):
+        self.job = job
+        self.spec = job.spec
+        self.runtime = runtime
+        self.run_dir = Path(run_dir)
+        self.store = WeightStore(store_dir or self.run_dir / "store")
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
+        self.planner = Planner(self.spec, self.checkpoint.scheduler)
+        self._tokenizer = None
+        self._dataset: list[dict] | None = None
+
+    @property
+    def completed_steps(self) -> int:
+        return self.checkpoint.step
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None,
+                  on_step: StepCallback | None = None) -> int:
+        """Run until spec.steps are done or `stop` is set (checked between steps)."""
+        self._prepare()
+        while self.checkpoint.step < self.spec.steps:
+            if stop is not None and stop.is_set():
+                break
+            record = await self.step(self.checkpoint.step + 1)
+            if on_step is not None:
+                result = on_step(record)
+                if inspect.isawaitable(result):
+                    await result
+        await self._scale_all(0)
+        return self.checkpoint.step
+
+    def _prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.store.versions():
+            materialize_base(self.spec.model, self.store)
+        # A step that ran but was never checkpointed is redone: forget its traces.
+        self.metrics_log.truncate_after(self.checkpoint.step)
+        self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
+        self._dataset = load_dataset(self.spec.dataset)
+
+    async def step(self, step: int) -> StepRecord:
+        t0 = time.time()
+        busy: list[BusyInterval] = []
+        timings: dict[str, float] = {}
+        version = self.checkpoint.weights_version
+        prefix = f"{self.job.metadata.name}-s{step}"
+        items = self._prompt_items(step)
+
+        # 1. plan
+        plan = self.planner.plan([i.key for i in items], [len(i.prompt_ids) for i in items])
+        if self.spec.scheduling.prewarm:
+            await self.runtime.scale("actor", plan.n_actors)
+
+        # 2. rollout
+        started = time.time()
+        rollout = await run_rollout(
+            self.runtime, items, plan.bins, version, self._rollout_settings(step),
+            prefix, busy, self.planner.migration_bins,
+        )
+        timings["gen"] = time.time() - started
+        await self.runtime.scale("actor", 0)
+
+        # 3. score (reference, reward and critic run side by side)
+        payloads = score_payloads(self.spec, items, rollout.samples, version, prefix,
+                                  self._tokenizer)
+        results = await asyncio.gather(
+            *(self._timed(stage, payload, busy, timings) for stage, payload in payloads.items())
+        )
+        scores = dict(zip(payloads, results, strict=True))
+        if self.spec.scheduling.prewarm:
+            await self._scale_all(0, keep=("trainer",))
+
+        # 4. advantages, 5. train
+        request, learn_stats = build_train_request(
+            self.spec, items, rollout.samples, scores, version, f"{prefix}-train"
+        )
+        reply = await self._timed("trainer", request, busy, timings, key="update_actor")
+        new_version = int(reply["weights_version"])
+        await self.runtime.scale("trainer", 0)
+
+        # 6. record
+        t1 = time.time()
+        usages = self.runtime.meter()
+        gpu_s = gpu_seconds_by_stage(usages, t0, t1)
+        sched = self.planner.observe(items, rollout, usages)
+        tokens = sum(len(s.response) for group in rollout.samples.values() for s in group)
+        metrics: dict[str, float] = {
+            **{f"timing_s/{k}": v for k, v in timings.items()},
+            "timing_s/step": t1 - t0,
+            "perf/throughput": tokens / max(t1 - t0, 1e-9),
+            "perf/total_response_tokens": float(tokens),
+            "cost/gpu_seconds": sum(gpu_s.values()),
+            **{f"cost/gpu_seconds/{k}": v for k, v in gpu_s.items()},
+            **{f"idle_ratio/{k}": v for k, v in idle_ratios(usages, busy, t0, t1).items()},
+            **learn_stats,
+            **sched,
+            **{f"train/{k}": float(v) for k, v in reply.get("stats", {}).items()},
+        }
+        self.checkpoint = Checkpoint(
+            step=step,
+            weights_version=new_version,
+            scheduler=self.planner.state_dict(),
+            gpu_seconds_total=self.checkpoint.gpu_seconds_total + metrics["cost/gpu_seconds"],
+        )
+        record = StepRecord(
+            step=step, metrics=metrics, reward_mean=learn_stats["reward/mean"],
+            gpu_seconds_total=self.checkpoint.gpu_seconds_total, weights_version=new_version,
+            checkpoint=str(self.run_dir / "checkpoint.json"),
+            timeline=[{"stage": u.stage, "instance": u.instance, "start": u.started_at - t0,
+                       "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s}
+                      for u in usages if (u.ended_at or t1) > t0],
+        )
+        self.metrics_log.append(record)
+        if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
+            save_checkpoint(self.run_dir, self.checkpoint)
+            self._prune_versions(new_version)
+        return record
+
+    # -- helpers -------------------------------------------------------------------------
+    def _prompt_items(self, step: int) -> list[PromptItem]:
+        assert self._dataset is not None and self._tokenizer is not None
+        rows = batch_for_step(self._dataset, step, self.spec.dataset.prompts_per_step,
+                              self.spec.seed)
+        items = []
+        for row in rows:
+            text = self._tokenizer.render_prompt(row["prompt"], self.spec.dataset.system_prompt)
+            items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
+                                    prompt_ids=self._tokenizer.encode(text),
+                                    meta={"answer": row.get("answer")}))
+        return items
+
+    def _rollout_settings(self, step: int) -> RolloutSettings:
+        gen, sched = self.spec.generation, self.spec.scheduling
+        return RolloutSettings(
+            group_size=self.spec.algorithm.group_size,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=self.spec.seed * 1_000_003 + step,
+            cut_fraction=sched.tau if sched.cut_migrate and sched.tau < 1 else None,
+        )
+
+    async def _timed(self, stage: str, payload: dict, busy: list[BusyInterval],
+                     timings: dict[str, float], key: str | None = None) -> dict:
+        start = time.time()
+        try:
+            return await self.runtime.invoke(stage, payload)
+        finally:
+            end = time.time()
+            busy.append(BusyInterval(stage, start, end))
+            timings[key or {"reference": "ref"}.get(stage, stage)] = end - start
+
+    async def _scale_all(self, n: int, keep: tuple[str, ...] = ()) -> None:
+        for stage in ("actor", *SCORING_STAGES, "trainer"):
+            if stage not in keep:
+                await self.runtime.scale(stage, n)
+
+    def _prune_versions(self, current: int) -> None:
+        keep = self.spec.checkpoint.keep
+        # Version 0 is the reference policy: it stays for the whole job.
+        for v in self.store.versions():
+            if 0 < v <= current - keep:
+                shutil.rmtree(self.store.path(v), ignore_errors=True)
+        prune_optimizer_states(self.store, set(self.store.versions()))

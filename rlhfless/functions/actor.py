@@ -1,0 +1,34 @@
+"""The actor function: rollout generation for whole GRPO groups, with the cut rule."""
+
+from __future__ import annotations
+
+from rlhfless.functions.engines import make_engine
+from rlhfless.functions.engines.base import RolloutEngine
+from rlhfless.functions.schemas import ActorRequest, ActorResponse
+from rlhfless.weights import WeightStore
+
+
+class ActorHandler:
+    stage = "actor"
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+
+    @classmethod
+    def from_store(cls, store: WeightStore, engine: str, dedup_prefill: bool) -> ActorHandler:
+        if engine == "transformers":
+            from rlhfless.functions.engines.hf import TransformersEngine
+
+            return cls(TransformersEngine(store, dedup_prefill=dedup_prefill))
+        return cls(make_engine(engine, store))
+
+    def loaded_version(self) -> int | None:
+        return self.engine.loaded_version()
+
+    def warm(self, latest: int) -> None:
+        warm = getattr(self.engine, "warm", None)
+        if warm is not None:
+            warm(latest)
+
+    def handle(self, request: ActorRequest) -> ActorResponse:
+        return self.engine.rollout(request)

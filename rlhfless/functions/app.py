@@ -1,0 +1,163 @@
+"""One HTTP app factory for every stage function.
+
+`POST /invoke` runs one request through the stage's handler (one at a time, like a Knative
+revision with containerConcurrency=1), `GET /healthz` reports readiness, `GET /metrics` is
+Prometheus. Repeated request ids are answered from a small cache, so a retry after a lost
+response never redoes (or double-applies) work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from rlhfless.functions.metrics import FunctionMetrics
+from rlhfless.functions.schemas import REQUESTS
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+PROCESS_STARTED_AT = time.time()
+
+
+class FunctionError(Exception):
+    """A request the function refuses; becomes an HTTP error with a JSON message."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class StageHandler(Protocol):
+    stage: str
+
+    def handle(self, request: Any) -> BaseModel:
+        """Serve one validated request (blocking; runs in a worker thread)."""
+
+    def loaded_version(self) -> int | None:
+        """The weights version in memory, if any."""
+
+
+class _ResponseCache:
+    """Bounded request-id → (body digest, response) map."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+
+    def get(self, request_id: str, digest: str) -> dict[str, Any] | None:
+        hit = self._items.get(request_id)
+        if hit is None:
+            return None
+        if hit[0] != digest:
+            raise FunctionError(409, f"request id {request_id!r} was reused with another body")
+        self._items.move_to_end(request_id)
+        return hit[1]
+
+    def put(self, request_id: str, digest: str, response: dict[str, Any]) -> None:
+        self._items[request_id] = (digest, response)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(body)"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(
+    handler: StageHandler,
+    *,
+    cold_start_s: float | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
+    stage = handler.stage
+    request_model = REQUESTS[stage]
+    metrics = FunctionMetrics(stage)
+    if cold_start_s is not None:
+        metrics.cold_start.labels(stage).set(cold_start_s)
+    cache = _ResponseCache()
+    one_at_a_time = threading.Lock()
+
+    def serve(body: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256(body).hexdigest()
+        with one_at_a_time:
+            raw = json.loads(body)
+            request = request_model.model_validate(raw)
+            cached = cache.get(request.request_id, digest)
+            if cached is not None:
+                metrics.requests.labels(stage, "cached").inc()
+                return cached
+            metrics.busy.labels(stage).set(1)
+            started = time.perf_counter()
+            try:
+                response = handler.handle(request).model_dump(mode="json")
+            finally:
+                metrics.busy.labels(stage).set(0)
+            elapsed = time.perf_counter() - started
+            response.setdefault("stats", {})["function_s"] = elapsed
+            metrics.seconds.labels(stage).observe(elapsed)
+            stats = response["stats"]
+            metrics.tokens.labels(stage).inc(stats.get("tokens", 0))
+            metrics.prefill_saved.labels(stage).inc(stats.get("prefill_tokens_saved", 0))
+            version = handler.loaded_version()
+            if version is not None:
+                metrics.version.labels(stage).set(version)
+            cache.put(request.request_id, digest, response)
+            return response
+
+    async def invoke(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            return _error(413, f"request body over {max_body_bytes} bytes")
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            return _error(413, f"request body over {max_body_bytes} bytes")
+        try:
+            result = await run_in_threadpool(serve, body)
+        except json.JSONDecodeError as exc:
+            metrics.requests.labels(stage, "invalid").inc()
+            return _error(400, f"body is not JSON: {exc.msg}")
+        except ValidationError as exc:
+            metrics.requests.labels(stage, "invalid").inc()
+            return _error(422, _validation_message(exc))
+        except FunctionError as exc:
+            metrics.requests.labels(stage, "refused").inc()
+            return _error(exc.status, exc.message)
+        metrics.requests.labels(stage, "ok").inc()
+        return JSONResponse(result)
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({
+            "stage": stage,
+            "ready": True,
+            "weights_version": handler.loaded_version(),
+            "started_at": PROCESS_STARTED_AT,
+        })
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/invoke", invoke, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ])

@@ -1,0 +1,100 @@
+"""Entry point of one function instance: build the stage's handler, preload, serve HTTP.
+
+    python -m rlhfless.functions.serve --stage actor --port 8080 --store /weights --job job.yaml
+
+The job comes from `--job` (YAML or JSON file) or the RLHFJOB_SPEC environment variable (the
+custom resource's JSON, as the operator passes it to Knative). Loading the latest weights
+before reporting ready makes the measured cold start include the model load, as it would on
+a real serverless platform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+import yaml
+
+from rlhfless.api.spec import STAGES, RLHFJob, SpecError, parse_job
+from rlhfless.functions.app import StageHandler, create_app
+from rlhfless.weights import WeightStore
+
+JOB_ENV = "RLHFJOB_SPEC"
+
+
+def load_job_for_function(job_file: str | None) -> RLHFJob:
+    if job_file:
+        document = yaml.safe_load(Path(job_file).read_text())
+    elif os.environ.get(JOB_ENV):
+        document = json.loads(os.environ[JOB_ENV])
+    else:
+        raise SpecError([f"no job: pass --job or set {JOB_ENV}"], "function")
+    return parse_job(document, job_file or JOB_ENV)
+
+
+def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
+    spec = job.spec
+    if stage == "actor":
+        from rlhfless.functions.actor import ActorHandler
+
+        return ActorHandler.from_store(store, spec.generation.engine,
+                                       spec.scheduling.dedup_prefill)
+    if stage == "reference":
+        from rlhfless.functions.scoring import reference_handler
+
+        return reference_handler(store)
+    if stage == "critic":
+        from rlhfless.functions.scoring import critic_handler
+
+        return critic_handler(store)
+    if stage == "reward":
+        from rlhfless.functions.reward import RewardHandler
+
+        return RewardHandler(spec.reward)
+    if stage == "trainer":
+        from rlhfless.functions.trainer import TrainerHandler
+
+        return TrainerHandler(store, spec)
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def preload(handler: StageHandler, store: WeightStore) -> None:
+    """Warm the handler on the newest version so the first request is not a cold one."""
+    latest = store.latest()
+    warm = getattr(handler, "warm", None)
+    if latest is not None and warm is not None:
+        warm(latest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve one RLHFless stage function.")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--store", required=True, help="weights store directory")
+    parser.add_argument("--job", default=None, help="job file (YAML/JSON)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = parser.parse_args(argv)
+    started = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        job = load_job_for_function(args.job)
+    except SpecError as exc:
+        print(f"invalid job: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    store = WeightStore(args.store)
+    handler = build_handler(args.stage, job, store)
+    preload(handler, store)
+    app = create_app(handler, cold_start_s=time.time() - started)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""One optimizer interface over plain torch AdamW and a DeepSpeed engine (ZeRO 0/2).
+
+`backward(loss)` then `step() -> grad_norm` (gradients clipped to `max_grad_norm`; a step
+with a non-finite gradient is skipped, not applied). `module` is what forward runs on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any, Protocol
+
+import torch
+
+# No weight decay: an RL step with zero advantages (all-equal rewards) must leave the
+# weights alone, and the KL term already anchors the policy to the reference.
+WEIGHT_DECAY = 0.0
+BETAS = (0.9, 0.999)
+
+
+class Optimizer(Protocol):
+    module: torch.nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TorchAdamW:
+    """torch.optim.AdamW with global-norm clipping."""
+
+    backend = "torch"
+
+    def __init__(self, module: torch.nn.Module, lr: float, max_grad_norm: float) -> None:
+        self.module = module
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_single_process_env() -> None:
+    """torch.distributed env for a one-process group (gloo on CPU) unless already set.
+
+    A free port rather than the usual 29500, so two trainers on one machine never collide.
+    """
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+
+
+class DeepSpeedAdamW:
+    """A DeepSpeed engine around torch AdamW; ZeRO stage 0 or 2 (one process, CPU or GPU).
+
+    The first initialize in a fresh environment JIT-compiles DeepSpeed's shared-memory comm
+    op (~30-45 s on 2 cores, cached in ~/.cache/torch_extensions afterwards).
+    """
+
+    backend = "deepspeed"
+
+    def __init__(
+        self, module: torch.nn.Module, lr: float, max_grad_norm: float, zero_stage: int = 0
+    ) -> None:
+        if zero_stage not in (0, 2):
+            raise ValueError(f"DeepSpeed backend supports ZeRO stage 0 or 2, got {zero_stage}")
+        ensure_single_process_env()
+        import deepspeed  # heavy import, only when this backend is chosen
+
+        self.zero_stage = zero_stage
+        self.max_grad_norm = max_grad_norm
+        params = [p for p in module.parameters() if p.requires_grad]
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: we build the loss
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": zero_stage},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        if zero_stage == 2:
+            # ZeRO-2 owns the (partitioned) gradients, so it must do the clipping.
+            config["gradient_clipping"] = max_grad_norm
+        client = torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=client, model_parameters=params, config=config
+        )
+        self.module = self.engine.module
+        self.params = params
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        if self.zero_stage == 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                return norm
+            self.engine.step()
+            return norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.zero_stage == 0:
+            self.optimizer.load_state_dict(state)
+        else:
+            # ZeRO takes one state per data-parallel rank; weights stay as loaded.
+            self.optimizer.load_state_dict([state], load_from_fp32_weights=False)
+
+
+def make_optimizer(
+    module: torch.nn.Module, lr: float, max_grad_norm: float, trainer: Any = None
+) -> TorchAdamW | DeepSpeedAdamW:
+    """The optimizer a TrainerSpec-like object asks for (default: plain torch)."""
+    backend = getattr(trainer, "backend", "torch") if trainer is not None else "torch"
+    if backend == "torch":
+        return TorchAdamW(module, lr, max_grad_norm)
+    if backend == "deepspeed":
+        return DeepSpeedAdamW(module, lr, max_grad_norm, int(getattr(trainer, "zero_stage", 0)))
+    raise ValueError(f"unknown trainer backend '{backend}'; known: deepspeed, torch")

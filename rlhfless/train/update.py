@@ -1,0 +1,285 @@
+"""The in-process policy (and critic) update: ppo_epochs x mini-batches over one TrainBatch.
+
+Forward passes use the model layer's shared-prefix scoring, so a GRPO group's prompt is
+computed once per mini-batch and its gradient gathers all G responses. Mini-batches hold
+`mini_batch_size` responses; prompts are shuffled per epoch (seeded) but a group's responses
+stay together, so prefix sharing survives the shuffle.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from rlhfless.algo import (
+    aggregate,
+    entropy_from_logits,
+    get_policy_loss,
+    kl_penalty,
+    masked_mean,
+    value_loss,
+)
+from rlhfless.model.batching import token_logprobs
+from rlhfless.model.logprobs import grouped_forward, grouped_logprobs
+from rlhfless.train.batch import Ragged, TrainBatch, pad_ragged
+from rlhfless.train.optim import make_optimizer
+
+Item = tuple[int, int]  # (prompt index, response index) into a TrainBatch
+
+
+def _regroup(batch: TrainBatch, items: list[Item]) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Consecutive items of one prompt become one group (one shared prefix)."""
+    prompts: list[list[int]] = []
+    groups: list[list[list[int]]] = []
+    last = None
+    for p, i in items:
+        if p != last:
+            prompts.append(batch.prompts[p])
+            groups.append([])
+            last = p
+        groups[-1].append(batch.groups[p][i])
+    return prompts, groups
+
+
+def _pad_grad(rows: list[Tensor], width: int) -> Tensor:
+    """Right-pad differentiable 1-D tensors to [B, width] (keeps the autograd graph)."""
+    mat = pad_sequence(rows, batch_first=True)
+    if mat.shape[1] < width:
+        mat = torch.nn.functional.pad(mat, (0, width - mat.shape[1]))
+    return mat
+
+
+def _mask(batch: TrainBatch, items: list[Item], width: int) -> Tensor:
+    return pad_ragged([torch.zeros(len(batch.groups[p][i])) for p, i in items], width)[1]
+
+
+def _gather(ragged: Ragged, items: list[Item], width: int) -> Tensor:
+    return pad_ragged([ragged[p][i].float() for p, i in items], width)[0]
+
+
+class PolicyTrainer:
+    """GRPO / PPO update of `model` (and `critic`, for PPO) with AdamW or DeepSpeed.
+
+    `algo` is an AlgorithmSpec-like object (name, clip_eps, kl_beta, kl_estimator, loss_agg,
+    lr, critic_lr, ppo_epochs, mini_batch_size, entropy_coef, value_clip, max_grad_norm) and
+    `trainer` a TrainerSpec-like one (backend, zero_stage, grad_checkpointing). The critic is
+    an nn.Module with `grouped_values(prompts, groups) -> list[list[Tensor]]`
+    (rlhfless.model.value.ValueModel). `seed` drives the mini-batch shuffle.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        algo: Any,
+        trainer: Any = None,
+        critic: torch.nn.Module | None = None,
+        seed: int = 0,
+        policy_loss: str = "ppo_clip",
+    ) -> None:
+        if algo.name == "ppo" and critic is None:
+            raise ValueError("ppo needs a critic (a ValueModel)")
+        self.algo = algo
+        self.seed = seed
+        self.steps_done = 0
+        self._loss_fn = get_policy_loss(policy_loss)
+        if trainer is not None and getattr(trainer, "grad_checkpointing", False):
+            for module in (model, getattr(critic, "backbone", None)):
+                if module is not None and hasattr(module, "gradient_checkpointing_enable"):
+                    module.gradient_checkpointing_enable()
+                    # transformers only checkpoints in training mode; the tiny models and
+                    # SmolLM2 have no dropout, so train mode changes nothing else.
+                    module.train()
+        self._policy = make_optimizer(model, algo.lr, algo.max_grad_norm, trainer)
+        self._critic = (
+            make_optimizer(critic, algo.critic_lr, algo.max_grad_norm, trainer)
+            if critic is not None
+            else None
+        )
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._policy.module
+
+    @property
+    def critic(self) -> torch.nn.Module | None:
+        return self._critic.module if self._critic is not None else None
+
+    # ------------------------------------------------------------------ one RL step
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """Update on `batch`; returns the mean of each statistic over the mini-batches.
+
+        Keys: loss, pg_loss, clipfrac, approx_kl, ratio_mean, kl (when reference log-probs
+        are given), entropy, grad_norm, and for PPO value_loss, vf_clipfrac, vf_mse,
+        vpred_mean, critic_grad_norm; plus num_minibatches, num_tokens, skipped_steps,
+        update_s.
+        """
+        started = time.perf_counter()
+        algo = self.algo
+        if algo.kl_beta > 0 and batch.ref_logprobs is None:
+            raise ValueError("kl_beta > 0 needs ref_logprobs in the batch")
+        if self._critic is not None and batch.returns is None:
+            raise ValueError("ppo needs returns in the batch (see make_train_batch)")
+        items = [(p, i) for p, g in enumerate(batch.groups) for i, r in enumerate(g) if r]
+        width = batch.max_response_len
+        old_logprobs = batch.old_logprobs
+        if old_logprobs is None:
+            old_logprobs = self._score(batch, items, self._policy_logprobs)
+        old_values = batch.old_values
+        if self._critic is not None and old_values is None:
+            old_values = self._score(batch, items, self._critic_values)
+
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for epoch in range(algo.ppo_epochs):
+            for mb in self._minibatches(batch, items, epoch):
+                stats = self._policy_update(batch, mb, old_logprobs, width)
+                if self._critic is not None:
+                    assert old_values is not None
+                    stats.update(self._critic_update(batch, mb, old_values, width))
+                for key, value in stats.items():
+                    sums[key] += value
+                count += 1
+        self.steps_done += 1
+        out = {key: value / max(count, 1) for key, value in sums.items()}
+        out["skipped_steps"] = sums.get("skipped_steps", 0.0)
+        out["num_minibatches"] = float(count)
+        out["num_tokens"] = float(batch.num_tokens)
+        out["update_s"] = time.perf_counter() - started
+        return out
+
+    def _minibatches(self, batch: TrainBatch, items: list[Item], epoch: int) -> Iterator[list]:
+        gen = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.steps_done * 1009 + epoch) % (2**63)
+        )
+        order = torch.randperm(len(batch.prompts), generator=gen).tolist()
+        rank = {p: k for k, p in enumerate(order)}
+        shuffled = sorted(items, key=lambda it: (rank[it[0]], it[1]))
+        size = self.algo.mini_batch_size
+        for start in range(0, len(shuffled), size):
+            yield shuffled[start : start + size]
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _policy_logprobs(self, prompts, groups) -> list[list[Tensor]]:
+        return grouped_logprobs(self.model, prompts, groups)
+
+    def _critic_values(self, prompts, groups) -> list[list[Tensor]]:
+        assert self.critic is not None
+        return self.critic.grouped_values(prompts, groups)
+
+    def _score(self, batch: TrainBatch, items: list[Item], fn) -> Ragged:
+        """No-grad pass over the batch in mini-batch chunks -> ragged per response."""
+        out: Ragged = [[torch.zeros(0) for _ in group] for group in batch.groups]
+        size = self.algo.mini_batch_size
+        with torch.no_grad():
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                prompts, groups = _regroup(batch, chunk)
+                flat = [t.detach().float() for grp in fn(prompts, groups) for t in grp]
+                for (p, i), t in zip(chunk, flat, strict=True):
+                    out[p][i] = t
+        return out
+
+    def _logprobs_and_entropy(self, prompts, groups) -> tuple[list[Tensor], list[Tensor]]:
+        """Per response (flat, in order): log-probs and exact entropies, one LM-head pass."""
+        hidden = grouped_forward(self.model, prompts, groups, logprobs=False, hidden=True).hidden
+        assert hidden is not None
+        states = torch.cat([h for grp in hidden for h in grp], dim=0)
+        responses = [r for grp in groups for r in grp]
+        targets = torch.tensor([t for r in responses for t in r], device=states.device)
+        logits = self.model.get_output_embeddings()(states)
+        logp = token_logprobs(logits, targets)
+        if self.algo.entropy_coef > 0:
+            ent = entropy_from_logits(logits)
+        else:
+            with torch.no_grad():  # monitoring only: keep it out of the graph
+                ent = entropy_from_logits(logits.detach())
+        lengths = [len(r) for r in responses]
+        return list(logp.split(lengths)), list(ent.split(lengths))
+
+    # ------------------------------------------------------------------ updates
+
+    def _policy_update(
+        self, batch: TrainBatch, mb: list[Item], old_logprobs: Ragged, width: int
+    ) -> dict[str, float]:
+        algo = self.algo
+        prompts, groups = _regroup(batch, mb)
+        logp_rows, ent_rows = self._logprobs_and_entropy(prompts, groups)
+        logp = _pad_grad(logp_rows, width)
+        entropy = _pad_grad(ent_rows, width)
+        mask = _mask(batch, mb, width)
+        adv = _gather(batch.advantages, mb, width)
+        old = _gather(old_logprobs, mb, width)
+        pg_loss, stats = self._loss_fn(logp, old, adv, mask, clip_eps=algo.clip_eps,
+                                       agg=algo.loss_agg)
+        loss = pg_loss
+        if batch.ref_logprobs is not None:
+            ref = _gather(batch.ref_logprobs, mb, width)
+            kl = aggregate(kl_penalty(logp, ref, algo.kl_estimator), mask, algo.loss_agg)
+            stats["kl"] = float(kl.detach())
+            if algo.kl_beta > 0:
+                loss = loss + algo.kl_beta * kl
+        ent = aggregate(entropy, mask, algo.loss_agg)
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * ent
+        self._policy.backward(loss)
+        grad_norm = self._policy.step()
+        stats.update({
+            "loss": float(loss.detach()),
+            "pg_loss": float(pg_loss.detach()),
+            "entropy": float(ent.detach()),
+            "grad_norm": grad_norm,
+            "skipped_steps": 0.0 if math.isfinite(grad_norm) else 1.0,
+            "logprob_mean": float(masked_mean(logp.detach(), mask)),
+        })
+        return stats
+
+    def _critic_update(
+        self, batch: TrainBatch, mb: list[Item], old_values: Ragged, width: int
+    ) -> dict[str, float]:
+        assert self._critic is not None and batch.returns is not None
+        prompts, groups = _regroup(batch, mb)
+        rows = [v for grp in self._critic_values(prompts, groups) for v in grp]
+        values = _pad_grad(rows, width)
+        returns = _gather(batch.returns, mb, width)
+        old = _gather(old_values, mb, width)
+        mask = _mask(batch, mb, width)
+        loss, stats = value_loss(values, old, returns, mask, clip=self.algo.value_clip,
+                                 agg=self.algo.loss_agg)
+        self._critic.backward(loss)
+        stats["critic_grad_norm"] = self._critic.step()
+        stats["value_loss"] = float(loss.detach())
+        return stats
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state (and step count), so a stateless trainer function can resume."""
+        return {
+            "steps_done": self.steps_done,
+            "backend": getattr(self._policy, "backend", "torch"),
+            "policy_optimizer": self._policy.state_dict(),
+            "critic_optimizer": self._critic.state_dict() if self._critic else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        backend = getattr(self._policy, "backend", "torch")
+        if state.get("backend", "torch") != backend:
+            raise ValueError(
+                f"optimizer state is from backend '{state.get('backend')}', this trainer "
+                f"uses '{backend}'"
+            )
+        if (state.get("critic_optimizer") is None) != (self._critic is None):
+            raise ValueError("optimizer state and trainer disagree on having a critic")
+        self._policy.load_state_dict(state["policy_optimizer"])
+        if self._critic is not None:
+            self._critic.load_state_dict(state["critic_optimizer"])
+        self.steps_done = int(state.get("steps_done", 0))
