@@ -54,16 +54,25 @@ def batched_logprobs(model, prompt, responses):
     ]
 
 
-def timed(fn, repeats: int, grad: bool):
-    times, out = [], None
+def run_once(fn, grad: bool):
+    start = time.perf_counter()
+    with torch.set_grad_enabled(grad):
+        out = fn()
+        if grad:
+            flat = [t for g in out for t in g] if isinstance(out[0], list) else out
+            torch.stack([t.sum() for t in flat]).sum().backward()
+    return time.perf_counter() - start, out
+
+
+def timed_round_robin(fns: dict, repeats: int, grad: bool) -> dict:
+    """Median time per method; methods alternate so they see the same background load."""
+    times: dict = {name: [] for name in fns}
+    outs: dict = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.set_grad_enabled(grad):
-            out = fn()
-            if grad:
-                torch.stack([t.sum() for t in out]).sum().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            elapsed, outs[name] = run_once(fn, grad)
+            times[name].append(elapsed)
+    return {name: (statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def main() -> None:
@@ -98,22 +107,27 @@ def main() -> None:
     if args.grad:
         model.train()
 
-    rows = []
-    t_naive, naive = timed(
-        lambda: sequence_logprobs(model, prompts, responses), args.repeats, args.grad
+    results = timed_round_robin(
+        {
+            "naive": lambda: sequence_logprobs(model, prompts, responses),
+            "batched": lambda: batched_logprobs(model, prompt, responses),
+            "shared": lambda: grouped_logprobs(model, [prompt], [responses]),
+        },
+        args.repeats,
+        args.grad,
     )
-    rows.append(("naive (1 fwd / sample)", t_naive, 0.0, 0))
-    t_batch, batch = timed(
-        lambda: batched_logprobs(model, prompt, responses), args.repeats, args.grad
-    )
-    delta = max((a - b).abs().max().item() for a, b in zip(batch, naive, strict=True))
-    rows.append(("batched (padded, 1 fwd)", t_batch, delta, 0))
-    t_shared, shared = timed(
-        lambda: grouped_logprobs(model, [prompt], [responses]), args.repeats, args.grad
-    )
-    delta = max((a - b).abs().max().item() for a, b in zip(shared[0], naive, strict=True))
-    rows.append(("shared prefix", t_shared, delta, shared.prefill_tokens_saved))
+    t_naive, naive = results["naive"]
 
+    def delta(out) -> float:
+        return max((a - b).abs().max().item() for a, b in zip(out, naive, strict=True))
+
+    t_batch, batch = results["batched"]
+    t_shared, shared = results["shared"]
+    rows = [
+        ("naive (1 fwd / sample)", t_naive, 0.0, 0),
+        ("batched (padded, 1 fwd)", t_batch, delta(batch), 0),
+        ("shared prefix", t_shared, delta(shared[0]), shared.prefill_tokens_saved),
+    ]
     mode = "forward+backward" if args.grad else "forward (no grad)"
     print(
         f"model: {label}; G={args.group}, prompt {len(prompt)} tok, response "

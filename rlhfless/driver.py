@@ -9,16 +9,17 @@ functions behind `Planner`; the math lives in `rlhfless.algo`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from rlhfless.api.spec import RLHFJob
-from rlhfless.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from rlhfless.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from rlhfless.functions.train_state import prune_optimizer_states
-from rlhfless.learn import build_train_request, score_payloads
+from rlhfless.learn import build_train_request, needs_reference, score_payloads
 from rlhfless.model.tokenizer import load_tokenizer
 from rlhfless.planner import Planner
 from rlhfless.records import (
@@ -29,12 +30,24 @@ from rlhfless.records import (
     idle_ratios,
 )
 from rlhfless.rewards.datasets import batch_for_step, load_dataset
-from rlhfless.rollout import PromptItem, RolloutSettings, run_rollout
+from rlhfless.rollout import PromptItem, RolloutResult, RolloutSettings, run_rollout
 from rlhfless.runtime.base import Runtime
+from rlhfless.scheduling.prewarm import PrewarmPlan
 from rlhfless.weights import WeightStore, materialize_base
 
 StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 SCORING_STAGES = ("reference", "reward", "critic")
+
+
+def _work_seconds(rollout: RolloutResult, scores: dict[str, dict], train_reply: dict
+                  ) -> dict[str, float]:
+    """Seconds each phase spent inside functions (cold starts excluded): what prewarm plans."""
+    return {
+        "rollout": sum(rollout.round_work_s),
+        "score": max((float(r.get("stats", {}).get("function_s", 0.0)) for r in scores.values()),
+                     default=0.0),
+        "train": float(train_reply.get("stats", {}).get("function_s", 0.0)),
+    }
 
 
 class Driver:
@@ -87,54 +100,59 @@ class Driver:
         version = self.checkpoint.weights_version
         prefix = f"{self.job.metadata.name}-s{step}"
         items = self._prompt_items(step)
+        prewarm = self.planner.prewarm() if self.spec.scheduling.prewarm else None
 
         # 1. plan
-        plan = self.planner.plan([i.key for i in items], [len(i.prompt_ids) for i in items])
-        if self.spec.scheduling.prewarm:
-            await self.runtime.scale("actor", plan.n_actors)
+        plan = self.planner.plan(items, warm_actors=self._alive("actor"))
+        await self.runtime.scale("actor", plan.n_actors)
 
         # 2. rollout
-        started = time.time()
-        rollout = await run_rollout(
-            self.runtime, items, plan.bins, version, self._rollout_settings(step),
-            prefix, busy, self.planner.migration_bins,
-        )
-        timings["gen"] = time.time() - started
-        await self.runtime.scale("actor", 0)
+        async with self._phase("rollout", prewarm):
+            started = time.time()
+            rollout = await run_rollout(
+                self.runtime, items, plan.bins, version, self._rollout_settings(step),
+                prefix, busy, self.planner.migration_bins,
+            )
+            timings["gen"] = time.time() - started
 
         # 3. score (reference, reward and critic run side by side)
-        payloads = score_payloads(self.spec, items, rollout.samples, version, prefix,
-                                  self._tokenizer)
-        results = await asyncio.gather(
-            *(self._timed(stage, payload, busy, timings) for stage, payload in payloads.items())
-        )
-        scores = dict(zip(payloads, results, strict=True))
-        if self.spec.scheduling.prewarm:
-            await self._scale_all(0, keep=("trainer",))
+        async with self._phase("score", prewarm):
+            payloads = score_payloads(self.spec, items, rollout.samples, version, prefix,
+                                      self._tokenizer)
+            results = await asyncio.gather(*(
+                self._timed(stage, payload, busy, timings) for stage, payload in payloads.items()
+            ))
+            scores = dict(zip(payloads, results, strict=True))
 
         # 4. advantages, 5. train
-        request, learn_stats = build_train_request(
-            self.spec, items, rollout.samples, scores, version, f"{prefix}-train"
-        )
-        reply = await self._timed("trainer", request, busy, timings, key="update_actor")
+        async with self._phase("train", prewarm):
+            request, learn_stats = build_train_request(
+                self.spec, items, rollout.samples, scores, version, f"{prefix}-train"
+            )
+            reply = await self._timed("trainer", request, busy, timings, key="update_actor")
         new_version = int(reply["weights_version"])
-        await self.runtime.scale("trainer", 0)
 
         # 6. record
         t1 = time.time()
         usages = self.runtime.meter()
         gpu_s = gpu_seconds_by_stage(usages, t0, t1)
-        sched = self.planner.observe(items, rollout, usages)
+        sched = self.planner.observe(items, rollout, usages, _work_seconds(rollout, scores,
+                                                                           reply), t0)
         tokens = sum(len(s.response) for group in rollout.samples.values() for s in group)
         metrics: dict[str, float] = {
             **{f"timing_s/{k}": v for k, v in timings.items()},
             "timing_s/step": t1 - t0,
             "perf/throughput": tokens / max(t1 - t0, 1e-9),
             "perf/total_response_tokens": float(tokens),
+            "perf/prefill_tokens_saved": sum(
+                float(st.get("prefill_tokens_saved", 0)) for st in rollout.actor_stats
+            ) + sum(float(r.get("stats", {}).get("prefill_tokens_saved", 0))
+                    for r in scores.values()),
             "cost/gpu_seconds": sum(gpu_s.values()),
             **{f"cost/gpu_seconds/{k}": v for k, v in gpu_s.items()},
             **{f"idle_ratio/{k}": v for k, v in idle_ratios(usages, busy, t0, t1).items()},
             **learn_stats,
+            **plan.decisions,
             **sched,
             **{f"train/{k}": float(v) for k, v in reply.get("stats", {}).items()},
         }
@@ -147,7 +165,7 @@ class Driver:
         record = StepRecord(
             step=step, metrics=metrics, reward_mean=learn_stats["reward/mean"],
             gpu_seconds_total=self.checkpoint.gpu_seconds_total, weights_version=new_version,
-            checkpoint=str(self.run_dir / "checkpoint.json"),
+            checkpoint=str(self.run_dir / CHECKPOINT_FILE),
             timeline=[{"stage": u.stage, "instance": u.instance, "start": u.started_at - t0,
                        "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s}
                       for u in usages if (u.ended_at or t1) > t0],
@@ -158,10 +176,49 @@ class Driver:
             self._prune_versions(new_version)
         return record
 
+    @contextlib.asynccontextmanager
+    async def _phase(self, phase: str, prewarm: PrewarmPlan | None) -> AsyncIterator[None]:
+        """Prewarm stages due during `phase`; release the phase's stages when it ends."""
+        pending: dict[str, asyncio.Task[None]] = {}
+        if prewarm is not None:
+            for stage, start_phase in prewarm.start_phase.items():
+                if start_phase == phase and self._instances_wanted(stage):
+                    pending[stage] = asyncio.create_task(
+                        self._start_later(stage, prewarm.start_offsets[stage]))
+        try:
+            yield
+        finally:
+            if prewarm is not None:
+                for stage in prewarm.scale_to_zero_after.get(phase, []):
+                    await self.runtime.scale(stage, 0)
+            for stage, task in pending.items():
+                if task.done() or not task.cancel():
+                    continue
+                # Still waiting for its moment: the phase it prewarms for is next, start now.
+                pending[stage] = asyncio.create_task(self._start_later(stage, 0.0))
+            await asyncio.gather(*pending.values(), return_exceptions=True)
+
+    async def _start_later(self, stage: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        # Once started, a cold start runs to the end even if its phase closes meanwhile.
+        await asyncio.shield(self.runtime.scale(stage, self._instances_wanted(stage)))
+
+    def _instances_wanted(self, stage: str) -> int:
+        if stage == "actor":
+            return self.planner.last_plan.n_actors if self.planner.last_plan else 1
+        if stage == "reference":
+            return int(needs_reference(self.spec))
+        if stage == "critic":
+            return int(self.spec.algorithm.name == "ppo")
+        return 1
+
+    def _alive(self, stage: str) -> int:
+        return sum(1 for u in self.runtime.meter() if u.stage == stage and u.ended_at is None)
+
     # -- helpers -------------------------------------------------------------------------
     def _prompt_items(self, step: int) -> list[PromptItem]:
         assert self._dataset is not None and self._tokenizer is not None
-        rows = batch_for_step(self._dataset, step, self.spec.dataset.prompts_per_step,
+        rows = batch_for_step(self._dataset, step - 1, self.spec.dataset.prompts_per_step,
                               self.spec.seed)
         items = []
         for row in rows:

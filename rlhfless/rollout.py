@@ -33,6 +33,7 @@ class RolloutResult:
     migrated: int = 0
     migration_actors: int = 0
     round_seconds: list[float] = field(default_factory=list)
+    round_work_s: list[float] = field(default_factory=list)  # slowest function time per round
 
 
 class LostSamplesError(RuntimeError):
@@ -96,6 +97,7 @@ async def run_rollout(
     replies = await asyncio.gather(*(_invoke_timed(runtime, "actor", p, busy) for p in payloads))
     result = RolloutResult(samples={item.key: [] for item in items})
     result.round_seconds.append(time.time() - started)
+    result.round_work_s.append(max(r["stats"].get("function_s", 0.0) for r in replies))
     unfinished: list[RolloutSample] = []
     for reply in replies:
         result.actor_stats.append(reply["stats"])
@@ -128,6 +130,7 @@ async def run_rollout(
             *(_invoke_timed(runtime, "actor", p, busy) for p in payloads)
         )
         result.round_seconds.append(time.time() - started)
+        result.round_work_s.append(max(r["stats"].get("function_s", 0.0) for r in replies))
         for reply in replies:
             result.actor_stats.append(reply["stats"])
             for raw in reply["samples"]:

@@ -10,6 +10,7 @@ reader sees a version completely or not at all. manifest.json records every file
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -58,18 +59,23 @@ def _fsync_dir(path: Path) -> None:
 
 def _dedupe_shared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
     """Tied weights (lm_head = embedding) share storage, which safetensors refuses; keep the
-    first name and record the others as aliases restored on load."""
+    first name and record the others as aliases restored on load. Other views into a storage
+    already written (rare) are copied."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple, tuple], str] = {}
+    same_view: dict[tuple[int, int, tuple, tuple], str] = {}
+    storages: set[int] = set()
     for name, tensor in tensors.items():
         t = tensor.detach()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if t.numel() and ident in seen:
-            aliases[name] = seen[ident]
+        storage = t.untyped_storage().data_ptr()
+        ident = (storage, t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and ident in same_view:
+            aliases[name] = same_view[ident]
             continue
-        seen[ident] = name
-        kept[name] = t.to("cpu").contiguous()
+        same_view[ident] = name
+        t = t.to("cpu").contiguous()
+        kept[name] = t.clone() if t.numel() and storage in storages else t
+        storages.add(storage)
     return kept, aliases
 
 
@@ -248,12 +254,15 @@ def _spec_record(spec: Any) -> dict[str, Any]:
     }
 
 
-def materialize_base(spec: Any, store: WeightStore) -> Path:
+def materialize_base(
+    spec: Any, store: WeightStore, loaded: tuple[torch.nn.Module, Any] | None = None
+) -> Path:
     """Write the base model as version 0 (+ base/ config and tokenizer); returns v0's dir.
 
     Idempotent: a store that already holds this base returns at once; one holding a different
     base is an error. Afterwards `load_from_store` rebuilds the model without the original
-    source (a GGUF is dequantised once here, not in every stage function).
+    source (a GGUF is dequantised once here, not in every stage function). `loaded` is the
+    (model, tokenizer) of `spec` when the caller already has it (skips a second load).
     """
     record = _spec_record(spec)
     base_json = store.base_dir / "base.json"
@@ -267,10 +276,10 @@ def materialize_base(spec: Any, store: WeightStore) -> Path:
 
     from rlhfless.model.loading import load_base
 
-    model, tok = load_base(spec)
-    config = model.config
+    model, tok = loaded if loaded is not None else load_base(spec)
     # A dequantised GGUF still carries its quantization_config; the stored weights are
     # plain floats, so drop it (otherwise transformers refuses to save or misloads).
+    config = copy.deepcopy(model.config)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     store.root.mkdir(parents=True, exist_ok=True)
@@ -318,10 +327,11 @@ def load_from_store(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    model.tie_weights()  # a tied lm_head may be absent from the tensors; it follows the embedding
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing or result.unexpected_keys:
         raise WeightStoreError(
-            f"version {version} does not fit the base model: missing {result.missing_keys[:5]}, "
+            f"version {version} does not fit the base model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    model.tie_weights()
     return model.eval(), load_tokenizer(base / "tokenizer")

@@ -14,6 +14,7 @@ from rlhfless.algo import (
     entropy_from_logits,
     gae_advantages,
     get_advantage_fn,
+    get_policy_loss,
     grpo_advantages,
     kl_penalty,
     masked_entropy,
@@ -288,3 +289,13 @@ def test_entropy_from_logits():
     mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     expected = (entropy_from_logits(logits) * mask).sum() / 3
     torch.testing.assert_close(masked_entropy(logits, mask), expected)
+
+
+def test_vanilla_pg_is_unclipped_and_registry_names_are_checked():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, 2.0]])
+    loss, stats = POLICY_LOSSES["vanilla"](logp, torch.zeros(1, 2), adv, torch.ones(1, 2))
+    assert loss.item() == pytest.approx(-(1.5 * 1.0 + 0.5 * 2.0) / 2)
+    assert stats["clipfrac"] == 0.0
+    with pytest.raises(ValueError, match="unknown policy loss 'x'; known: ppo_clip, vanilla"):
+        get_policy_loss("x")

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlhfless.api.spec import RewardSpec
-from rlhfless.rewards import REWARDS, compute_rewards, extract_answer, get_reward
+from rlhfless.rewards import (
+    REWARDS,
+    check_reward_args,
+    compute_rewards,
+    extract_answer,
+    get_reward,
+)
 
 EM = REWARDS["exact_match"]
 
@@ -119,3 +125,22 @@ def test_unknown_reward_and_bad_args_are_clear():
     with pytest.raises(ValueError, match="responses"):
         compute_rewards(SimpleNamespace(name="format", args={}), ["p", "q"], ["r"])
     assert get_reward("format") is REWARDS["format"]
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("format", {"pattern": "(unclosed"}, "invalid pattern"),
+        ("target_char", {"char": 5}, "reward 'target_char': bad args"),
+        ("target_char", {"char": "ab"}, "one character"),
+        ("length_penalty", {"target": -1}, "target must be >= 0"),
+        ("combined", {"weights": {"format": 1.0}, "args": {"format": {"mode": "x"}}}, "mode"),
+        ("combined", {"weights": {"combined": 1.0}}, "cannot itself be 'combined'"),
+        ("combined", {}, "give 'components'"),
+    ],
+)
+def test_bad_arg_values_fail_at_spec_validation(name, args, message):
+    with pytest.raises(ValueError, match=message):
+        check_reward_args(name, args)
+    with pytest.raises(ValueError, match=message):  # the job spec reports it at the edge
+        RewardSpec(name=name, args=args)

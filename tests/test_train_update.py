@@ -1,6 +1,7 @@
 """PolicyTrainer on tiny random GPT-2 models: correctness of one step, then learning loops."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from rlhfless.rewards import compute_rewards
 from rlhfless.train import PolicyTrainer, TrainBatch, make_train_batch
 
 TINY = TinyModelSpec(n_layer=2, n_embd=64, n_head=4, n_positions=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two OpenMP
+    threads per process made the learning loops ~10x slower (spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tiny(seed: int = 0):
@@ -57,10 +68,15 @@ def test_logprobs_and_entropy_match_naive_forward():
     torch.testing.assert_close(ent[0], entropy_from_logits(logits), atol=1e-5, rtol=0)
 
 
-def test_one_step_moves_logprobs_towards_advantage():
+@pytest.mark.parametrize(
+    ("advantage", "agg"),
+    [("grpo", "token-mean"), ("grpo", "seq-mean"), ("drgrpo", "seq-mean-token-sum-norm")],
+)
+def test_one_step_moves_logprobs_towards_advantage(advantage, agg):
     model, _ = _tiny()
     prompts, groups, rewards = _fixed_batch()
-    algo = _algo(lr=1e-3)
+    # model_copy skips validation: the spec does not list every aggregation (yet)
+    algo = _algo(lr=1e-3, advantage=advantage).model_copy(update={"loss_agg": agg})
     batch = make_train_batch(algo, prompts, groups, rewards)
     with torch.no_grad():
         before = grouped_logprobs(model, prompts, groups)
@@ -90,14 +106,15 @@ def test_zero_advantages_leave_weights_unchanged():
 
 def test_entropy_bonus_raises_entropy():
     model, _ = _tiny()
+    with torch.no_grad():  # sharpen the (tied) output layer: start well below max entropy
+        model.get_output_embeddings().weight.mul_(8.0)
     prompts, groups, _ = _fixed_batch()
-    algo = _algo(lr=1e-2, entropy_coef=1.0)
+    algo = _algo(lr=1e-3, entropy_coef=1.0)
     batch = make_train_batch(algo, prompts, groups, [[0.5] * 3, [0.5] * 3])
     trainer = PolicyTrainer(model, algo)
-    first = trainer.step(batch)["entropy"]
-    for _ in range(3):
-        last = trainer.step(batch)["entropy"]
-    assert last > first
+    entropies = [trainer.step(batch)["entropy"] for _ in range(4)]
+    assert entropies[0] < 4.0  # log(128) = 4.85 is the maximum
+    assert entropies[-1] > entropies[0] + 0.3, entropies
 
 
 def test_kl_penalty_pulls_towards_reference():
@@ -121,6 +138,8 @@ def test_minibatches_and_argument_errors():
     algo = _algo(mini_batch_size=2, ppo_epochs=3)
     stats = PolicyTrainer(model, algo).step(make_train_batch(algo, prompts, groups, rewards))
     assert stats["num_minibatches"] == 3 * 3  # 5 non-empty responses -> 3 mini-batches/epoch
+    empty = make_train_batch(algo, prompts, [[[], []], [[]]], [[1.0, 0.0], [0.0]])
+    assert PolicyTrainer(model, algo).step(empty)["num_minibatches"] == 0
     with pytest.raises(ValueError, match="ref_logprobs"):
         PolicyTrainer(model, _algo(kl_beta=0.1)).step(
             make_train_batch(algo, prompts, groups, rewards))
@@ -141,7 +160,10 @@ def test_optimizer_state_round_trip_resumes_exactly():
     first, _ = _tiny()
     t1 = PolicyTrainer(first, algo)
     t1.step(batch)
-    saved = copy.deepcopy(t1.state_dict())
+    buffer = io.BytesIO()
+    torch.save(t1.state_dict(), buffer)  # how a stateless trainer function keeps it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
     resumed, _ = _tiny()
     resumed.load_state_dict(first.state_dict())
     t2 = PolicyTrainer(resumed, algo)
@@ -167,7 +189,8 @@ def test_grad_checkpointing_gives_the_same_update():
     s_plain = PolicyTrainer(plain, algo).step(batch)
     s_ckpt = PolicyTrainer(ckpt, algo, TrainerSpec(grad_checkpointing=True)).step(batch)
     assert s_ckpt["loss"] == pytest.approx(s_plain["loss"], abs=1e-6)
-    torch.testing.assert_close(_params(ckpt), _params(plain), atol=1e-6, rtol=0)
+    # Different (full-sequence) forward, same math: Adam steps agree to a few % of lr.
+    torch.testing.assert_close(_params(ckpt), _params(plain), atol=5e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- learning loops

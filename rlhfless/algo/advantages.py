@@ -20,11 +20,14 @@ def _group_stats(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor, 
     """Per-response (group mean, group unbiased std, group size) of the float rewards."""
     _, inverse = torch.unique(group_index, return_inverse=True)
     n_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    r = rewards.to(torch.float64)  # float64 so equal rewards give exactly zero spread
-    count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, torch.ones_like(r))
-    total = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, r)
-    mean = total / count
-    sq = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inverse, (r - mean[inverse]) ** 2)
+    r = rewards.to(torch.float64)  # float64 so equal rewards give (near) zero spread
+
+    def per_group(x: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inverse, x)
+
+    count = per_group(torch.ones_like(r))
+    mean = per_group(r) / count
+    sq = per_group((r - mean[inverse]) ** 2)
     # Bessel-corrected like torch.std (verl, TRL); a single-sample group has no spread.
     std = torch.sqrt(sq / (count - 1.0).clamp(min=1.0))
     return mean[inverse], std[inverse], count[inverse]

@@ -82,9 +82,9 @@ class AlgorithmSpec(SpecModel):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
     kl_beta: float = Field(0.0, ge=0, description="KL penalty coefficient β vs the reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
-    loss_agg: Literal["token-mean", "seq-mean"] = Field(
-        "token-mean", description="Loss aggregation over tokens."
-    )
+    loss_agg: Literal[
+        "token-mean", "seq-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = Field("token-mean", description="Loss aggregation (seq-mean-token-sum-norm: Dr.GRPO).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ (GAE).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     lr: float = Field(1e-5, gt=0, lt=1, description="Policy learning rate.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rlhfless.api.spec import JobSpec
+from rlhfless.functions.app import FunctionError
 from rlhfless.functions.schemas import TrainRequest, TrainResponse
 from rlhfless.functions.train_state import (
     CRITIC_PART,
@@ -45,11 +46,22 @@ class TrainerHandler:
     def warm(self, latest: int) -> None:
         self.cache.get(latest)
 
+    def _check(self, batch: TrainBatch) -> None:
+        algo = self.spec.algorithm
+        if algo.kl_beta > 0 and batch.ref_logprobs is None:
+            raise ValueError("klBeta > 0 needs ref_logprobs")
+        if algo.name == "ppo" and batch.returns is None:
+            raise ValueError("ppo needs returns and old_values")
+
     def handle(self, request: TrainRequest) -> TrainResponse:
         trainer = self.cache.get(request.weights_version)
-        batch = TrainBatch.from_lists(**request.model_dump(
-            include={"prompts", "groups", "advantages", "ref_logprobs", "old_logprobs",
-                     "returns", "old_values"}))
+        try:
+            batch = TrainBatch.from_lists(**request.model_dump(
+                include={"prompts", "groups", "advantages", "ref_logprobs", "old_logprobs",
+                         "returns", "old_values"}))
+            self._check(batch)
+        except ValueError as exc:
+            raise FunctionError(422, f"invalid batch: {exc}") from None
         started = time.perf_counter()
         stats = trainer.step(batch)
         train_s = time.perf_counter() - started

@@ -13,8 +13,7 @@ prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,26 +48,24 @@ def prompt_key(prompt_id: str) -> int:
     return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") >> 1
 
 
-@dataclass
-class GenerationResult:
-    """`samples` in prompt-major order (prompt i, sample j at i*n + j); each is a dict with
-    prompt_index, sample_index, response (prefix included), logprobs (one per response token:
-    log softmax of the raw logits, i.e. the temperature-1 policy log-prob), finished, and
-    stop_reason ("eos" | "length" | "cut"). Iterating/indexing goes over `samples`."""
+class GenerationResult(list):
+    """The samples (a list of dicts, prompt-major: prompt i, sample j at i*n + j) plus counts.
 
-    samples: list[dict[str, Any]]
-    prefill_tokens_saved: int = 0
-    steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    Each sample: prompt_index, sample_index, response (prefix included), logprobs (one per
+    response token: log softmax of the raw logits, i.e. the temperature-1 policy log-prob),
+    finished, stop_reason ("eos" | "length" | "cut").
+    """
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.samples)
+    def __init__(
+        self, samples: list[dict[str, Any]], prefill_tokens_saved: int = 0, steps: int = 0
+    ) -> None:
+        super().__init__(samples)
+        self.prefill_tokens_saved = prefill_tokens_saved  # prompt tokens not recomputed
+        self.steps = steps  # decode steps (forward passes after the prefill)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.samples[index]
+    @property
+    def samples(self) -> list[dict[str, Any]]:
+        return list(self)
 
 
 def choose_tokens(

@@ -105,7 +105,6 @@ def load_gguf(path: str, gguf_file: str | None = None, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file = resolve_gguf(path, gguf_file)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -28,7 +28,8 @@ class ValueModel(nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(1, hidden, generator=gen) / (hidden + 1) ** 0.5)
             self.head.bias.zero_()
-        self.head.to(next(backbone.parameters()).device)
+        anchor = next(backbone.parameters())
+        self.head.to(device=anchor.device, dtype=anchor.dtype)
 
     def grouped_values(
         self, prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Sequence[int]]]

@@ -1,0 +1,1 @@
+"""Kubernetes operator: kopf handlers, Knative Service manifests, status, metrics, RBAC."""

@@ -34,7 +34,7 @@ KEY_STEP_SECONDS = "timing_s/step"
 KEY_GPU_SECONDS_PREFIX = "cost/gpu_seconds/"
 KEY_IDLE_PREFIX = "idle_ratio/"
 KEY_ACTORS_CHOSEN = "sched/actors"
-KEY_LENGTH_MAE = "sched/length_mae"
+KEY_LENGTH_MAE = "sched/pred_mae_tokens"
 
 _JOB = ("namespace", "job")
 # Steps last from seconds (tiny CPU models) to tens of minutes (large models on GPUs).
@@ -120,7 +120,7 @@ class OperatorMetrics:
 
 def _label_sets(metric: Counter | Gauge | Histogram) -> Iterable[tuple[str, ...]]:
     # prometheus_client keeps children by label values; this is its documented-by-use store.
-    return tuple(metric._metrics.keys())  # noqa: SLF001
+    return tuple(metric._metrics.keys())
 
 
 METRICS = OperatorMetrics()

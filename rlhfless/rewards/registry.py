@@ -67,7 +67,17 @@ def get_reward(name: str) -> RewardFn:
 
 
 def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
-    """Fail early, with the accepted names, when `args` does not fit the reward's signature."""
+    """Fail early (ValueError) on an unknown reward, argument names the reward does not take
+    (listing those it does), or argument values it rejects (a dry run on empty text: the
+    rules are total on any text, so only bad arguments can make it fail)."""
+    _check_arg_names(name, args)
+    try:
+        get_reward(name)("", "", {}, **args)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"reward '{name}': bad args: {exc}") from None
+
+
+def _check_arg_names(name: str, args: Mapping[str, Any]) -> None:
     fn = get_reward(name)
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -75,7 +85,7 @@ def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
             for comp, _, comp_args in _components(args):
                 if comp == "combined":
                     raise ValueError("combined: a component cannot itself be 'combined'")
-                check_reward_args(comp, comp_args)
+                _check_arg_names(comp, comp_args)
         return
     accepted = [p for p in params if p not in ("prompt", "response", "meta")]
     unknown = sorted(set(args) - set(accepted))

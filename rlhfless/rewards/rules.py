@@ -79,7 +79,10 @@ def format_reward(
     """`score` if the response matches `pattern` (`mode` 'search' anywhere, 'fullmatch')."""
     if mode not in ("search", "fullmatch"):
         raise ValueError(f"format: mode must be 'search' or 'fullmatch', got '{mode}'")
-    regex = re.compile(pattern, re.DOTALL)
+    try:
+        regex = re.compile(pattern, re.DOTALL)
+    except re.error as exc:
+        raise ValueError(f"format: invalid pattern {pattern!r}: {exc}") from None
     found = regex.search(response) if mode == "search" else regex.fullmatch(response.strip())
     return float(score) if found else 0.0
 

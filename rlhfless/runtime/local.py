@@ -234,7 +234,7 @@ class LocalRuntime:
         self._instances.append(inst)
         try:
             await self._wait_ready(inst)
-        except Exception:
+        except BaseException:  # cancelled too: never leave a half-started instance behind
             self._stop(inst)
             raise
         return inst

@@ -114,7 +114,7 @@ class AffineDecode:
         return _line_sum(self.a + self.b * batch + self.c * ctx0, self.c * batch, 0, k)
 
 
-def attention_flops(layers: int, hidden: int, n_new: float, n_cached: float) -> float:
+def attention_flops(layers: int, hidden: int, n_new, n_cached):  # floats or arrays
     """Causal attention FLOPs for n_new tokens appended after n_cached context tokens."""
     return 2.0 * layers * hidden * (2.0 * n_new * n_cached + n_new * n_new)
 
@@ -142,22 +142,26 @@ class Prefill:
         return self.measured_tok_per_s or 1.0 / self.time(1.0)
 
 
-def forward_flops(model: ModelShape, prompt: float, responses: np.ndarray, dedup: bool) -> float:
-    """Forward FLOPs to score one group (prompt + its responses).
+def forward_flops(
+    model: ModelShape, prompt_len: np.ndarray, lengths: np.ndarray, dedup: bool
+) -> float:
+    """Forward FLOPs to score groups: prompt_len [n], response lengths [n, G].
 
-    dedup: the prompt is run once and its KV cache is shared by every response (the
-    shared-prefix scorer); otherwise each (prompt, response) is a separate sequence.
+    dedup: each prompt is run once and its KV cache is shared by the G responses (the
+    shared-prefix scorer); otherwise every (prompt, response) is a separate sequence.
     """
-    p, r = float(prompt), responses.astype(float)
+    p = np.asarray(prompt_len, dtype=float)
+    r = np.asarray(lengths, dtype=float)
     lin = 2.0 * model.params
+    L, d = model.layers, model.hidden
     if dedup:
-        return (
-            lin * (p + r.sum())
-            + attention_flops(model.layers, model.hidden, p, 0.0)
-            + float(np.sum(attention_flops(model.layers, model.hidden, r, p)))
+        return float(
+            lin * (p.sum() + r.sum())
+            + attention_flops(L, d, p, 0.0).sum()
+            + attention_flops(L, d, r, p[:, None]).sum()
         )
-    s = p + r
-    return lin * float(s.sum()) + float(np.sum(attention_flops(model.layers, model.hidden, s, 0)))
+    s = p[:, None] + r
+    return float(lin * s.sum() + attention_flops(L, d, s, 0.0).sum())
 
 
 def compute_time(flops: float, gpus: int, gpu: GPUSpec, mfu: float) -> float:

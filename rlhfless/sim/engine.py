@@ -35,6 +35,7 @@ class Request:
     predicted: float = 0.0  # the scheduler's length estimate (for ordering and migration)
     migrations: int = 0
     preemptions: int = 0
+    kv_resident: bool = False  # its KV cache was transferred in: admission needs no prefill
 
     @property
     def remaining(self) -> int:
@@ -59,7 +60,7 @@ class _Slot:
     finish_it: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field equality
 class Engine:
     eid: int
     decode: DecodeModel
@@ -117,10 +118,13 @@ class Engine:
         return self.t + self.decode.segment_time(self._batch, self._ctx(), k)
 
     # ---- mutation ------------------------------------------------------------------------
-    def add(self, reqs: list[Request], now: float) -> None:
-        """Queue requests (in the given order) at global time `now` and admit what fits."""
+    def add(self, reqs: list[Request], now: float, stall_s: float = 0.0) -> None:
+        """Queue requests (in the given order) at global time `now` and admit what fits;
+        `stall_s` pauses the engine first (e.g. to receive migrated KV caches)."""
         if self.idle:
             self.t = max(self.t, now)
+        self.t += stall_s
+        self.stats.busy_s += stall_s
         self._waiting.extend(reqs)
         self.assigned += len(reqs)
         self.version += 1
@@ -212,6 +216,8 @@ class Engine:
             hit = self.prefix_cache and r.group in self._cached
             new_tokens = r.generated + (0 if hit else r.prompt_len)
             cached_tokens = r.prompt_len if hit else 0
+            if r.kv_resident:  # migrated with its KV cache: nothing to recompute
+                new_tokens, cached_tokens, r.kv_resident = 0, 0, False
             prefill_s += self.prefill.time(new_tokens, cached_tokens)
             self.stats.prefill_tokens += new_tokens
             self.stats.prefill_saved += cached_tokens

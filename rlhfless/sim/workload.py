@@ -73,14 +73,21 @@ class Family:
     hard_frac: float = 0.3  # bimodal: share of hard prompts
     hard_median: float = 4000.0  # bimodal: hard prompts' typical length
     alpha: float = 1.5  # pareto tail index (smaller = heavier)
-    runaway: float = 0.0  # chance a sample loops until the limit (truncated at max_len)
+    runaway: float = 0.0  # mean chance a sample loops until the limit (truncated at max_len)
+    # How that chance spreads over prompts: each prompt draws its own propensity from
+    # Beta(runaway·conc, (1−runaway)·conc) once, for all epochs.  Small conc: a few hard
+    # prompts loop often (predictable); conc=inf: every sample has the same chance (not).
+    runaway_conc: float = float("inf")
 
 
 FAMILIES: dict[str, Family] = {
     # GSM8K-like: short answers, mild spread.
     "gsm8k": Family("lognormal", 220, 0.45, 0.12, 1024, 110, drift=10.0),
     # Long reasoning (LiveCodeBench-/GPQA-like): wide spread, samples hitting the limit.
-    "longtail": Family("lognormal", 1200, 0.8, 0.3, 8192, 400, runaway=0.01),
+    "longtail": Family("lognormal", 1200, 0.8, 0.25, 8192, 400, runaway=0.01,
+                       runaway_conc=0.5),
+    # The same lengths with every sample equally likely to run away: tails nobody can predict.
+    "longtail-random": Family("lognormal", 1200, 0.8, 0.25, 8192, 400, runaway=0.01),
     "bimodal": Family("bimodal", 600, 0.35, 0.25, 8192, 300, hard_median=4000),
     "pareto": Family("pareto", 500, 0.0, 0.3, 8192, 300, alpha=1.3),
 }
@@ -113,13 +120,17 @@ def synthetic(
     rng = np.random.default_rng(seed)
     level = np.clip(_prompt_levels(f, n_prompts, rng), 8, f.max_len)
     prompt_len = np.maximum(8, f.prompt_median * rng.lognormal(0, 0.35, n_prompts)).astype(int)
+    if f.runaway and np.isfinite(f.runaway_conc):
+        loop_p = rng.beta(f.runaway * f.runaway_conc, (1 - f.runaway) * f.runaway_conc, n_prompts)
+    else:
+        loop_p = np.full(n_prompts, f.runaway)
     out = np.empty((epochs, n_prompts, group_size), dtype=np.int64)
     for e in range(epochs):
         if e:
             level = np.clip(level + rng.normal(0.0, f.drift, n_prompts), 8, f.max_len)
         samples = level[:, None] * rng.lognormal(0.0, f.within, (n_prompts, group_size))
         if f.runaway:
-            samples[rng.random(samples.shape) < f.runaway] = f.max_len
+            samples[rng.random(samples.shape) < loop_p[:, None]] = f.max_len
         out[e] = np.clip(np.rint(samples), 1, f.max_len)
     name = family if isinstance(family, str) else f.kind
     return Workload(name, prompt_len, out, f.max_len, tuple(str(i) for i in range(n_prompts)))

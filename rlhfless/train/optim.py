@@ -78,11 +78,26 @@ def ensure_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _skip_shm_comm_build(deepspeed: Any) -> None:
+    """One process has nobody to share memory with: skip DeepSpeed's shared-memory all-reduce
+    op, whose JIT compile (~30-150 s on 2 busy cores) would otherwise land on the first
+    initialize of every fresh trainer container. Best effort: a DeepSpeed without this probe
+    table simply builds the op as before."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        return
+    try:
+        compatible = deepspeed.ops.__compatible_ops__
+    except AttributeError:
+        return
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedAdamW:
     """A DeepSpeed engine around torch AdamW; ZeRO stage 0 or 2 (one process, CPU or GPU).
 
-    The first initialize in a fresh environment JIT-compiles DeepSpeed's shared-memory comm
-    op (~30-45 s on 2 cores, cached in ~/.cache/torch_extensions afterwards).
+    DeepSpeed would JIT-compile its shared-memory comm op on the first initialize; with one
+    process it is useless, so it is skipped (see `_skip_shm_comm_build`).
     """
 
     backend = "deepspeed"
@@ -94,6 +109,8 @@ class DeepSpeedAdamW:
             raise ValueError(f"DeepSpeed backend supports ZeRO stage 0 or 2, got {zero_stage}")
         ensure_single_process_env()
         import deepspeed  # heavy import, only when this backend is chosen
+
+        _skip_shm_comm_build(deepspeed)
 
         self.zero_stage = zero_stage
         self.max_grad_norm = max_grad_norm
@@ -130,15 +147,19 @@ class DeepSpeedAdamW:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def _inner(self) -> torch.optim.Optimizer:
+        # Stage 0: the engine's optimizer is our AdamW. Stage 2: ZeRO wraps an AdamW over its
+        # flat fp32 partition (one partition in one process; the layout is a deterministic
+        # function of the model). Saving only that AdamW's state keeps the checkpoint plain
+        # tensors (loadable with weights_only=True); the fp32 master copy is rebuilt from the
+        # model's weights when the engine starts.
+        return self.optimizer if self.zero_stage == 0 else self.optimizer.optimizer
+
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return self._inner().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.zero_stage == 0:
-            self.optimizer.load_state_dict(state)
-        else:
-            # ZeRO takes one state per data-parallel rank; weights stay as loaded.
-            self.optimizer.load_state_dict([state], load_from_fp32_weights=False)
+        self._inner().load_state_dict(state)
 
 
 def make_optimizer(

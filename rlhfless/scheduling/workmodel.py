@@ -1,0 +1,351 @@
+"""The time model of one actor bin, and a lower bound on the best makespan.
+
+Work comes in *units* that must stay on one actor: a GRPO group (one prompt, G samples, the
+prompt prefilled once and shared), or a bundle of migrated samples. A unit is four numbers:
+
+* ``lmax``    decode iterations of its longest sequence (predicted),
+* ``tokens``  decode tokens of all its sequences (a group: G × predicted length),
+* ``seqs``    number of sequences (a group: G),
+* ``prefill`` prompt tokens prefilled for it (a group: its prompt once — deduplicated prefill).
+
+Bin time (one actor serving a set S of units, all admitted at once):
+
+    T(S) = prefill(S) / prefill_tok_per_s + D(S)
+
+    continuous batching (finished sequences leave the batch), tpot(b) = a + c·b:
+        D(S) = a · max(lmax(S), tokens(S) / max_batch) + c · tokens(S)
+    Each iteration costs a + c·(running sequences); summed over iterations the c-terms give
+    c·tokens exactly and the a-terms give a·(number of iterations). Without a batch cap the
+    iterations are the longest sequence's length, so D is exact; with a cap ``max_batch`` the
+    engine needs at least tokens/max_batch iterations, and ``max(...)`` is the usual
+    estimate of list scheduling on max_batch slots (exact up to the last wave).
+
+    static batching (the bin is one batch until its longest sequence ends):
+        D(S) = lmax(S) · tpot(seqs(S))            — "max decode steps × tpot(batch size)".
+
+Both are governed by the longest sequence and the batch's tpot; they coincide when all
+sequences in the bin have the same length and there is no cap.
+
+Lower bound (valid for both models, because static D ≥ continuous D with no cap). Per unit
+define the additive work ``w1 = prefill/rate + c·tokens`` and, with a cap,
+``w2 = prefill/rate + (c + a/max_batch)·tokens``. Then for every bin
+T(S) ≥ w1(S) + a·lmax(S) and T(S) ≥ w2(S). Sort the bins by their longest unit
+m_1 ≥ m_2 ≥ … ≥ m_N: every unit longer than m_{j+1} sits in bins 1..j, so for each j
+
+    j · C ≥ max( w1({lmax > m_{j+1}}) + a·(m_1 + … + m_j),  w2({lmax > m_{j+1}}) ).
+
+`lower_bound` finds the smallest C for which *some* sequence m_1 = max lmax ≥ m_2 ≥ …
+satisfies all N constraints (greedy: each m_{j+1} as small as constraint j allows, which
+is optimal because every constraint loosens as earlier maxima shrink), by bisection on C.
+With a batch cap it adds that a long-headed bin cannot also be full (see `_pooled_bound`);
+with static batching it also solves a relaxed instance exactly (see
+`_static_exchange_bound`). `simple_lower_bound` is the textbook max(Σ work / N, largest
+unit) with the same work definitions; `lower_bound` ≥ it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rlhfless.scheduling.profile import Profile
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """Units of work in the time model's terms (parallel float arrays, one entry per unit)."""
+
+    lmax: np.ndarray
+    tokens: np.ndarray
+    seqs: np.ndarray
+    prefill: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.lmax)
+        for name in ("lmax", "tokens", "seqs", "prefill"):
+            arr = np.asarray(getattr(self, name), dtype=float)
+            object.__setattr__(self, name, arr)  # accept lists; store float arrays
+            if arr.shape != (n,):
+                raise ValueError(f"{name}: expected shape ({n},), got {arr.shape}")
+            if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise ValueError(f"{name}: values must be finite and >= 0")
+
+    def __len__(self) -> int:
+        return len(self.lmax)
+
+    @classmethod
+    def groups(cls, pred_lengths: Sequence[float] | np.ndarray, group_size: int,
+               prompt_tokens: Sequence[float] | np.ndarray | None = None) -> Workload:
+        """GRPO groups: G samples of predicted length each, prompt prefilled once."""
+        if group_size < 1:
+            raise ValueError("group_size must be >= 1")
+        lengths = np.asarray(pred_lengths, dtype=float).reshape(-1)
+        prompt = (np.zeros_like(lengths) if prompt_tokens is None
+                  else np.asarray(prompt_tokens, dtype=float).reshape(-1))
+        return cls(lmax=lengths, tokens=lengths * group_size,
+                   seqs=np.full_like(lengths, float(group_size)), prefill=prompt)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Workload:
+        idx = np.asarray(idx, dtype=int)
+        return Workload(self.lmax[idx], self.tokens[idx], self.seqs[idx], self.prefill[idx])
+
+
+def as_workload(work: Workload | Sequence[float] | np.ndarray, group_size: int = 1,
+                prompt_tokens: Sequence[float] | np.ndarray | None = None) -> Workload:
+    """Accept a ready `Workload` or predicted lengths per GRPO group."""
+    if isinstance(work, Workload):
+        return work
+    return Workload.groups(work, group_size, prompt_tokens)
+
+
+def decode_time(profile: Profile, lmax: float | np.ndarray, tokens: float | np.ndarray,
+                seqs: float | np.ndarray) -> float | np.ndarray:
+    """Decode seconds of a bin with these totals (see the module docstring)."""
+    a, c = profile.tpot_base_s, profile.tpot_per_seq_s
+    if profile.batching == "static":
+        return lmax * (a + c * seqs)
+    steps = lmax if profile.max_batch is None else np.maximum(lmax, tokens / profile.max_batch)
+    return a * steps + c * tokens
+
+
+def unit_times(work: Workload, profile: Profile) -> np.ndarray:
+    """Time of every unit alone on an actor."""
+    return work.prefill / profile.prefill_tok_per_s + decode_time(
+        profile, work.lmax, work.tokens, work.seqs)
+
+
+def bin_time(work: Workload, bin_: Sequence[int], profile: Profile) -> float:
+    """Predicted seconds for one actor to prefill and decode the units in `bin_`."""
+    if len(bin_) == 0:
+        return 0.0
+    idx = np.asarray(bin_, dtype=int)
+    return float(work.prefill[idx].sum() / profile.prefill_tok_per_s + decode_time(
+        profile, float(work.lmax[idx].max()), float(work.tokens[idx].sum()),
+        float(work.seqs[idx].sum())))
+
+
+def bin_times(work: Workload, bins: Sequence[Sequence[int]], profile: Profile) -> np.ndarray:
+    return np.array([bin_time(work, b, profile) for b in bins], dtype=float)
+
+
+def makespan(work: Workload, bins: Sequence[Sequence[int]], profile: Profile) -> float:
+    """Predicted time until the slowest actor is done (0 with no work)."""
+    times = bin_times(work, bins, profile)
+    return float(times.max()) if len(times) else 0.0
+
+
+def _work_rates(profile: Profile) -> tuple[float, float]:
+    """Per-token coefficients of w1 and w2 (see module docstring)."""
+    c = profile.tpot_per_seq_s
+    return c, c + _a_per_capped_token(profile)
+
+
+def _a_per_capped_token(profile: Profile) -> float:
+    if profile.batching == "continuous" and profile.max_batch is not None:
+        return profile.tpot_base_s / profile.max_batch
+    return 0.0
+
+
+class SortedRuns:
+    """Units sorted longest first; the time of any contiguous run order[i:k] in O(1).
+
+    Ties are broken by more tokens first, then by index, so results are deterministic.
+    """
+
+    def __init__(self, work: Workload, profile: Profile):
+        m = len(work)
+        self.size = m
+        self.order = np.lexsort((np.arange(m), -work.tokens, -work.lmax))
+        o = self.order
+        # Python lists: scalar indexing is several times faster than on numpy arrays.
+        self._len = work.lmax[o].tolist()
+        self._pre = _prefix(work.prefill[o] / profile.prefill_tok_per_s)
+        self._tok = _prefix(work.tokens[o])
+        self._seq = _prefix(work.seqs[o])
+        self._a, self._c = profile.tpot_base_s, profile.tpot_per_seq_s
+        self._static = profile.batching == "static"
+        self._inv_b = None if profile.max_batch is None else 1.0 / profile.max_batch
+
+    def time(self, i: int, k: int) -> float:
+        """Bin time of order[i:k] (k > i); its longest unit is order[i]."""
+        pre = self._pre[k] - self._pre[i]
+        if self._static:
+            return pre + self._len[i] * (self._a + self._c * (self._seq[k] - self._seq[i]))
+        tokens = self._tok[k] - self._tok[i]
+        steps = self._len[i] if self._inv_b is None else max(self._len[i], tokens * self._inv_b)
+        return pre + self._a * steps + self._c * tokens
+
+    def greedy_cuts(self, cap: float, n_bins: int) -> list[int] | None:
+        """Cut points [0, k1, ..., size], each run as long as its time stays ≤ cap; or None.
+
+        Exact feasibility test for contiguous splits: a run's time only grows when it is
+        extended on either side, so taking the longest feasible first run never hurts.
+        """
+        m, cuts, i = self.size, [0], 0
+        for _ in range(n_bins):
+            if i == m:
+                break
+            if self.time(i, i + 1) > cap:
+                return None
+            lo, hi = i + 1, m  # invariant: time(i, lo) <= cap
+            if self.time(i, hi) <= cap:
+                lo = hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self.time(i, mid) <= cap:
+                    lo = mid
+                else:
+                    hi = mid
+            cuts.append(lo)
+            i = lo
+        return cuts if i == m else None
+
+    def min_max_cuts(self, n_bins: int, lo: float = 0.0,
+                     rel_tol: float = 1e-4) -> tuple[list[int], float]:
+        """Contiguous split minimising the largest run time, by bisection on the cap.
+
+        Returns (cuts, bound): ``bound`` is ``lo`` when a split within ``lo`` exists,
+        otherwise a cap proven infeasible, i.e. a lower bound on every contiguous split.
+        """
+        if self.size == 0:
+            return [0], lo
+        cuts = self.greedy_cuts(lo, n_bins)
+        if cuts is not None:
+            return cuts, lo
+        top = max(self.time(0, self.size), lo)
+        # Good splits sit within a few percent of a good `lo`: grow the bracket from there
+        # instead of bisecting all the way down from "everything in one bin".
+        best, hi, step = None, top, 0.01
+        while lo > 0 and lo * (1 + step) < top:
+            hi = lo * (1 + step)
+            best = self.greedy_cuts(hi, n_bins)
+            if best is not None:
+                break
+            lo, step = hi, step * 4
+        if best is None:
+            hi = top
+            best = self.greedy_cuts(hi, n_bins)
+        assert best is not None  # one run holding everything fits in its own time
+        while hi - lo > rel_tol * hi:
+            mid = 0.5 * (lo + hi)
+            trial = self.greedy_cuts(mid, n_bins)
+            if trial is None:
+                lo = mid
+            else:
+                hi, best = mid, trial
+        return best, lo
+
+
+def _prefix(x: np.ndarray) -> list[float]:
+    return np.concatenate(([0.0], np.cumsum(x))).tolist()
+
+
+def bound_parts(work: Workload, profile: Profile) -> tuple[float, float]:
+    """(largest pooled total, largest single unit) behind `simple_lower_bound`.
+
+    simple_lower_bound(work, N, profile) = max(total / N, unit) — split out so a sweep over
+    N computes the sums once.
+    """
+    pre = work.prefill / profile.prefill_tok_per_s
+    r1, r2 = _work_rates(profile)
+    total1 = float((pre + r1 * work.tokens).sum()) + profile.tpot_base_s * float(work.lmax.max())
+    total2 = float((pre + r2 * work.tokens).sum())
+    return max(total1, total2), float(unit_times(work, profile).max())
+
+
+def simple_lower_bound(work: Workload, n_bins: int, profile: Profile) -> float:
+    """max(Σ work / N, largest single unit), work as in the module docstring."""
+    if len(work) == 0:
+        return 0.0
+    _check_bins(n_bins)
+    total, unit = bound_parts(work, profile)
+    return max(total / n_bins, unit)
+
+
+def lower_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float = 1e-6) -> float:
+    """A lower bound on the makespan of *any* split of the units into n_bins bins."""
+    if len(work) == 0:
+        return 0.0
+    _check_bins(n_bins)
+    bound = _pooled_bound(work, n_bins, profile, rel_tol)
+    if profile.batching == "static":
+        bound = max(bound, _static_exchange_bound(work, n_bins, profile))
+    return bound
+
+
+def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float) -> float:
+    """Smallest C for which the pooled constraints of the module docstring can hold.
+
+    With a batch cap there is one more family: a bin whose longest unit m is long pays
+    a·m for its iterations but then holds at most (C − a·m)/c tokens, so its time is at
+    least w2(S) + g(m) with g(m) = a·m − (a/max_batch)·(C − a·m)/c; bins with g > 0 add it.
+    """
+    a, c = profile.tpot_base_s, profile.tpot_per_seq_s
+    a_cap = _a_per_capped_token(profile)
+    order = np.argsort(-work.lmax, kind="stable")
+    lengths = work.lmax[order]
+    pre = work.prefill[order] / profile.prefill_tok_per_s
+    r1, r2 = _work_rates(profile)
+    w1 = np.concatenate(([0.0], np.cumsum(pre + r1 * work.tokens[order])))
+    w2 = np.concatenate(([0.0], np.cumsum(pre + r2 * work.tokens[order])))
+    neg = -lengths  # ascending, for "how many units are strictly longer than v"
+    m = len(work)
+
+    def gain(length: float, cap: float) -> float:
+        if a_cap == 0.0 or c == 0.0:
+            return 0.0
+        return max(0.0, a * length - a_cap * (cap - a * length) / c)
+
+    def feasible(cap: float) -> bool:
+        m_j = float(lengths[0])
+        sum_m, sum_g = m_j, gain(m_j, cap)
+        for j in range(1, n_bins + 1):
+            budget = j * cap
+            k = min(int(np.searchsorted(w1, budget - a * sum_m, "right")) - 1,
+                    int(np.searchsorted(w2, budget - sum_g, "right")) - 1)
+            if k >= m:
+                return True
+            # Units longer than the j-th maximum must already fit in bins 1..j.
+            if k < 0 or k < int(np.searchsorted(neg, -m_j, "left")) or j == n_bins:
+                return False
+            m_j = float(lengths[k])
+            sum_m += m_j
+            sum_g += gain(m_j, cap)
+        return False
+
+    lo = simple_lower_bound(work, n_bins, profile)
+    if feasible(lo):
+        return lo
+    hi = max(lo, float(w1[-1] + a * lengths.sum()), float(w2[-1])) * 2.0 + 1e-12
+    while hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo  # an infeasible C: every split's makespan exceeds it
+
+
+def _static_exchange_bound(work: Workload, n_bins: int, profile: Profile) -> float:
+    """Static batching: optimum of a relaxed instance, where contiguous splits are optimal.
+
+    Give every unit the smallest prefill and sequence count of the instance (times can only
+    drop). A bin's time then depends only on its unit count and longest unit, and for such
+    times some optimal split is contiguous in longest-first order (refill the bins, ordered
+    by their maxima, with the sorted units keeping each bin's count: no maximum grows). The
+    exact contiguous bisection therefore bounds every split of the real instance.
+    """
+    n = len(work)
+    relaxed = Workload(lmax=work.lmax, tokens=work.tokens,
+                       seqs=np.full(n, float(work.seqs.min())),
+                       prefill=np.full(n, float(work.prefill.min())))
+    start = simple_lower_bound(relaxed, n_bins, profile)
+    _, bound = SortedRuns(relaxed, profile).min_max_cuts(n_bins, start, rel_tol=1e-6)
+    return bound
+
+
+def _check_bins(n_bins: int) -> None:
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny job specs and a materialised tiny weight store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfless.api.spec import RLHFJob, parse_job
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two shared cores: one intra-op thread per test process is much faster than contention.
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_job(name: str = "t", **spec_overrides: object) -> RLHFJob:
+    """A tiny GRPO job (char model, toy reward) with nested overrides merged in."""
+    spec: dict[str, object] = {
+        "model": {"source": "tiny", "tiny": {"nLayer": 1, "nEmbd": 32, "nHead": 2,
+                                              "nPositions": 96, "seed": 0}},
+        "algorithm": {"name": "grpo", "groupSize": 4, "lr": 0.003, "klBeta": 0.01,
+                      "miniBatchSize": 64},
+        "dataset": {"kind": "repeat", "size": 4, "promptsPerStep": 4},
+        "reward": {"name": "target_char", "args": {"char": "5"}},
+        "generation": {"maxNewTokens": 8},
+        "scheduling": {"actors": 2, "maxActors": 2, "keepAliveS": 60},
+        "steps": 2,
+    }
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}  # type: ignore[dict-item]
+        else:
+            spec[key] = value
+    return parse_job({"apiVersion": "rlhfless.io/v1alpha1", "kind": "RLHFJob",
+                      "metadata": {"name": name}, "spec": spec})
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path):
+    from rlhfless.weights import WeightStore, materialize_base
+
+    job = tiny_job()
+    store = WeightStore(tmp_path / "store")
+    materialize_base(job.spec.model, store)
+    return job, store
