@@ -155,7 +155,8 @@ def serve(
     port: Annotated[int, typer.Option()] = 8080,
     host: Annotated[str, typer.Option()] = "0.0.0.0",
     store: Annotated[Path, typer.Option(help="Weights store directory.")] = Path("/weights"),
-    job: Annotated[Path | None, typer.Option(help="Job file (default $RLHFLESS_JOB).")] = None,
+    job: Annotated[Path | None, typer.Option(
+        help="Job file (default: the RLHFJOB_SPEC env var).")] = None,
 ) -> None:
     """Serve one stage function over HTTP (what each Knative revision runs)."""
     from rlhfless.functions.serve import main as serve_main

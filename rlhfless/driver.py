@@ -72,7 +72,9 @@ class Driver:
     async def run(self, stop: asyncio.Event | None = None,
                   on_step: StepCallback | None = None) -> int:
         """Run until spec.steps are done or `stop` is set (checked between steps)."""
-        self._prepare()
+        # Loading a model (materialising v0) is blocking work: keep the event loop free
+        # (the operator runs this driver inside kopf's loop).
+        await asyncio.to_thread(self._prepare)
         while self.checkpoint.step < self.spec.steps:
             if stop is not None and stop.is_set():
                 break
@@ -99,7 +101,7 @@ class Driver:
         timings: dict[str, float] = {}
         version = self.checkpoint.weights_version
         prefix = f"{self.job.metadata.name}-s{step}"
-        items = self._prompt_items(step)
+        items = await asyncio.to_thread(self._prompt_items, step)
         prewarm = self.planner.prewarm() if self.spec.scheduling.prewarm else None
 
         # 1. plan
@@ -117,8 +119,9 @@ class Driver:
 
         # 3. score (reference, reward and critic run side by side)
         async with self._phase("score", prewarm):
-            payloads = score_payloads(self.spec, items, rollout.samples, version, prefix,
-                                      self._tokenizer)
+            payloads = await asyncio.to_thread(
+                score_payloads, self.spec, items, rollout.samples, version, prefix,
+                self._tokenizer)
             results = await asyncio.gather(*(
                 self._timed(stage, payload, busy, timings) for stage, payload in payloads.items()
             ))
@@ -126,9 +129,9 @@ class Driver:
 
         # 4. advantages, 5. train
         async with self._phase("train", prewarm):
-            request, learn_stats = build_train_request(
-                self.spec, items, rollout.samples, scores, version, f"{prefix}-train"
-            )
+            request, learn_stats = await asyncio.to_thread(
+                build_train_request, self.spec, items, rollout.samples, scores, version,
+                f"{prefix}-train")
             reply = await self._timed("trainer", request, busy, timings, key="update_actor")
         new_version = int(reply["weights_version"])
 
@@ -249,9 +252,9 @@ class Driver:
             busy.append(BusyInterval(stage, start, end))
             timings[key or {"reference": "ref"}.get(stage, stage)] = end - start
 
-    async def _scale_all(self, n: int, keep: tuple[str, ...] = ()) -> None:
+    async def _scale_all(self, n: int) -> None:
         for stage in ("actor", *SCORING_STAGES, "trainer"):
-            if stage not in keep:
+            if self._instances_wanted(stage):  # stages this job never deploys are left alone
                 await self.runtime.scale(stage, n)
 
     def _prune_versions(self, current: int) -> None:

@@ -143,6 +143,15 @@ def test_materialize_tiny_base_and_reload(tmp_path):
     assert torch.equal(
         again.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight
     )
+    # parameters only (the tied lm_head is deduplicated away): the head follows the embedding
+    store.save(2, dict(model.named_parameters()), {"step": 2})
+    params_only, _ = load_from_store(store, 2)
+    assert params_only.lm_head.weight is params_only.transformer.wte.weight
+    assert torch.equal(params_only.lm_head.weight, model.lm_head.weight)
+    # a version that is not this model's is refused
+    store.save(3, {"x": torch.zeros(1)}, {})
+    with pytest.raises(WeightStoreError, match="does not fit"):
+        load_from_store(store, 3)
 
 
 def test_load_from_store_needs_a_base(tmp_path):

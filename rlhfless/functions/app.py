@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,7 +31,21 @@ from rlhfless.functions.metrics import FunctionMetrics
 from rlhfless.functions.schemas import REQUESTS
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-PROCESS_STARTED_AT = time.time()
+
+
+def process_started_at() -> float:
+    """When the OS created this process (Linux /proc), else now: the start of billing."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # /proc/stat's btime has whole-second precision; uptime is to the centisecond.
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+PROCESS_STARTED_AT = process_started_at()
 
 
 class FunctionError(Exception):
@@ -88,6 +106,7 @@ def create_app(
     *,
     cold_start_s: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
     stage = handler.stage
     request_model = REQUESTS[stage]
@@ -156,7 +175,13 @@ def create_app(
     async def metrics_endpoint(_: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    return Starlette(lifespan=lifespan, routes=[
         Route("/invoke", invoke, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

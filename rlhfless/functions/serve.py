@@ -22,7 +22,7 @@ import uvicorn
 import yaml
 
 from rlhfless.api.spec import STAGES, RLHFJob, SpecError, parse_job
-from rlhfless.functions.app import StageHandler, create_app
+from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
 from rlhfless.weights import WeightStore
 
 JOB_ENV = "RLHFJOB_SPEC"
@@ -92,7 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     store = WeightStore(args.store)
     handler = build_handler(args.stage, job, store)
     preload(handler, store)
-    app = create_app(handler, cold_start_s=time.time() - started)
+
+    def report_exit() -> None:
+        # This process's own account of its life (tests compare it with the runtime's meter).
+        print("rlhfless-instance-exit " + json.dumps(
+            {"stage": args.stage, "started_at": PROCESS_STARTED_AT, "ended_at": time.time()}),
+            flush=True)
+
+    app = create_app(handler, cold_start_s=time.time() - started, on_shutdown=report_exit)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -1,4 +1,4 @@
-"""Padding helpers shared by scoring and generation (pure tensor code, no model calls)."""
+"""Padding utilities shared by scoring and generation (pure tensor code, no model calls)."""
 
 from __future__ import annotations
 

@@ -181,9 +181,11 @@ def generate(
             )
             tokens = choose_tokens(logits, uniforms.to(logits.device), temperature, top_p)
             chosen_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
-            for a, r in enumerate(rows.ids):
-                responses[r].append(int(tokens[a]))
-                logprobs[r].append(float(chosen_lp[a, 0]))
+            for r, token, lp in zip(
+                rows.ids, tokens.tolist(), chosen_lp[:, 0].tolist(), strict=True
+            ):
+                responses[r].append(token)
+                logprobs[r].append(lp)
                 reasons[r] = _stop_reason(responses[r], eos, max_new_tokens)
             steps += 1
     finally:

@@ -39,7 +39,8 @@ class _Instance:
     gpus: int
     started_at: float
     ready_at: float | None = None
-    ended_at: float | None = None
+    ended_at: float | None = None  # when the process was seen to exit: billing stops here
+    stopping: bool = False
     busy: bool = False
     last_used: float = field(default_factory=time.time)
     busy_seconds: float = 0.0
@@ -51,7 +52,8 @@ class _Instance:
 
     @property
     def alive(self) -> bool:
-        return self.ended_at is None and self.process.poll() is None
+        """Able to take requests (a stopping instance is still billed, but not alive)."""
+        return not self.stopping and self.process.poll() is None
 
     def usage(self) -> InstanceUsage:
         ready = self.ready_at if self.ready_at is not None else self.started_at
@@ -95,6 +97,7 @@ class LocalRuntime:
         self._changed = asyncio.Condition()
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
         self._reaper: asyncio.Task[None] | None = None
+        self._exits: list[asyncio.Task[None]] = []
         self._job_file = self.run_dir / "job.json"
         self._logs = self.run_dir / "logs"
         self._max = {s: self._stage_max(s) for s in STAGES}
@@ -122,7 +125,9 @@ class LocalRuntime:
                 await self._reaper
             self._reaper = None
         for inst in self._instances:
-            self._stop(inst, wait=True)
+            self._stop(inst)
+        # Wait for every process to exit (graceful first), so nothing outlives the runtime.
+        await asyncio.gather(*self._exits, return_exceptions=True)
         await self._client.aclose()
 
     # -- the Runtime protocol ------------------------------------------------------------
@@ -169,8 +174,8 @@ class LocalRuntime:
 
     def meter(self) -> list[InstanceUsage]:
         for inst in self._instances:
-            if inst.ended_at is None and inst.process.poll() is not None:
-                inst.ended_at = time.time()
+            if inst.ended_at is None and not inst.stopping and inst.process.poll() is not None:
+                inst.ended_at = time.time()  # died on its own (e.g. killed): seen now
         return [inst.usage() for inst in self._instances]
 
     # -- local extras (used by the driver's records and by tests) ------------------------
@@ -256,22 +261,24 @@ class LocalRuntime:
             await asyncio.sleep(0.05)
         raise InvocationError(inst.stage, f"instance {inst.name} not ready in {READY_TIMEOUT_S}s")
 
-    def _stop(self, inst: _Instance, wait: bool = False) -> None:
-        """Bill up to now and ask the process to exit; SIGKILL if it lingers."""
-        if inst.ended_at is not None:
+    def _stop(self, inst: _Instance) -> None:
+        """Ask the process to exit (SIGKILL if it lingers); billing runs until it has exited."""
+        if inst.stopping:
             return
-        inst.ended_at = time.time()
-        if inst.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(inst.process.pid, signal.SIGTERM)
-        if wait:
-            try:
-                inst.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._kill(inst)
+        inst.stopping = True
+        if inst.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(inst.process.pid, signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            loop.call_later(5.0, self._kill, inst)
+            self._exits.append(asyncio.create_task(self._await_exit(inst)))
         else:
-            asyncio.get_running_loop().call_later(5.0, self._kill, inst)
+            inst.ended_at = time.time()
+
+    @staticmethod
+    async def _await_exit(inst: _Instance) -> None:
+        await asyncio.to_thread(inst.process.wait)
+        inst.ended_at = time.time()
 
     @staticmethod
     def _kill(inst: _Instance) -> None:
@@ -286,8 +293,8 @@ class LocalRuntime:
             now = time.time()
             for inst in self._instances:
                 if not inst.alive:
-                    if inst.ended_at is None:
-                        inst.ended_at = now
+                    if not inst.stopping:
+                        self._stop(inst)  # died on its own: account for it
                     continue
                 if not inst.busy and inst.ready_at and now - inst.last_used > self.keep_alive_s:
                     self._stop(inst)

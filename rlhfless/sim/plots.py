@@ -77,8 +77,13 @@ def plot_sensitivity(rows: list[Row], path: Path) -> Path:
     by: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         by[str(r["param"])].append(r)
-    fig, axes = plt.subplots(1, len(by), figsize=(3.6 * len(by), 3.6))
-    for ax, (param, rs) in zip(axes, by.items(), strict=True):
+    cols = 4
+    n_rows = -(-len(by) // cols)
+    fig, grid = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.2 * n_rows), squeeze=False)
+    axes = grid.ravel()
+    for ax in axes[len(by):]:
+        ax.set_visible(False)
+    for ax, (param, rs) in zip(axes, by.items(), strict=False):
         xs = [str(r["value"]) for r in rs]
         ax.plot(xs, [r["speedup"] for r in rs], "o-", label="speedup")
         ax.plot(xs, [r["gpu_s_saving"] for r in rs], "s--", label="GPU-s saving")

@@ -1,0 +1,132 @@
+"""The embedded runtime end to end: real function processes on loopback, the real driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from rlhfless.driver import Driver
+from rlhfless.records import MetricsLog
+from rlhfless.runtime.local import LocalRuntime
+from tests.conftest import tiny_job
+
+
+async def _run(job, run_dir: Path, runtime_cls=LocalRuntime, **runtime_kw) -> tuple[int, list]:
+    async with runtime_cls(job, run_dir / "store", run_dir, **runtime_kw) as runtime:
+        completed = await Driver(job, runtime, run_dir).run()
+    return completed, runtime.meter()
+
+
+def test_tiny_grpo_learns_through_function_processes(tmp_path):
+    job = tiny_job(
+        "learn", steps=14, algorithm={"groupSize": 8, "lr": 0.004},
+        model={"source": "tiny", "tiny": {"nLayer": 2, "nEmbd": 64, "nHead": 4,
+                                          "nPositions": 96, "seed": 0}},
+        dataset={"kind": "repeat", "size": 2, "promptsPerStep": 2},
+        generation={"maxNewTokens": 12},
+        reward={"name": "target_char", "args": {"char": "a"}},
+        scheduling={"prewarm": False, "keepAliveS": 120},
+    )
+    completed, _ = asyncio.run(_run(job, tmp_path))
+    assert completed == 14
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    rewards = [r["reward/mean"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, rewards
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert rows[-1]["weights_version"] == 14
+    for key in ("timing_s/gen", "timing_s/ref", "timing_s/reward", "timing_s/update_actor",
+                "timing_s/step", "perf/throughput", "cost/gpu_seconds", "idle_ratio/actor"):
+        assert key in rows[-1], key
+
+
+def test_resume_continues_at_the_next_step(tmp_path):
+    job = tiny_job("resume", steps=2)
+    assert asyncio.run(_run(job, tmp_path))[0] == 2
+    job.spec.steps = 3
+    completed, usages = asyncio.run(_run(job, tmp_path))
+    assert completed == 3
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert checkpoint["step"] == 3 and checkpoint["weights_version"] == 3
+    # The resumed run did one step: one trainer request, hence one trainer instance at most.
+    assert sum(1 for u in usages if u.stage == "trainer") == 1
+
+
+class _KillingRuntime(LocalRuntime):
+    """Kills (SIGKILL) the actor instance serving the first actor request, mid-request."""
+
+    killed: list[str]
+
+    async def invoke(self, stage, payload):
+        if stage == "actor" and not getattr(self, "killed", None):
+            self.killed = []
+            task = asyncio.create_task(super().invoke(stage, payload))
+            while not self.killed:
+                busy = [i for i in self.instances("actor") if i.busy and i.alive]
+                if busy:
+                    os.kill(busy[0].process.pid, signal.SIGKILL)
+                    self.killed.append(busy[0].name)
+                await asyncio.sleep(0.001)
+            return await task
+        return await super().invoke(stage, payload)
+
+
+def test_killed_actor_instance_loses_no_sample(tmp_path):
+    job = tiny_job("kill", steps=1, scheduling={"actors": 1, "costAware": False})
+    g, prompts = job.spec.algorithm.group_size, job.spec.dataset.prompts_per_step
+
+    async def go():
+        async with _KillingRuntime(job, tmp_path / "store", tmp_path) as runtime:
+            completed = await Driver(job, runtime, tmp_path).run()
+            return completed, runtime.killed, runtime.meter()
+
+    completed, killed, usages = asyncio.run(go())
+    assert completed == 1 and len(killed) == 1
+    dead = [u for u in usages if u.instance == killed[0]]
+    assert dead and dead[0].ended_at is not None
+    assert sum(1 for u in usages if u.stage == "actor") >= 2  # a replacement served the retry
+    row = MetricsLog(tmp_path / "metrics.jsonl").read()[0]
+    assert row["train/num_tokens"] == row["perf/total_response_tokens"]
+    assert row["train/num_minibatches"] >= 1
+    # Every (prompt, sample) reached the trainer: G samples for each prompt of the step.
+    assert row["response_length/mean"] * g * prompts == pytest.approx(
+        row["perf/total_response_tokens"])
+
+
+def _process_lifetimes(log_dir: Path) -> dict[str, float]:
+    """What each function process says of its own life (written when it exits)."""
+    lives = {}
+    for log in log_dir.glob("*.log"):
+        for line in log.read_text().splitlines():
+            if line.startswith("rlhfless-instance-exit "):
+                info = json.loads(line.split(" ", 1)[1])
+                lives[log.stem] = info["ended_at"] - info["started_at"]
+    return lives
+
+
+def test_functions_scale_to_zero_between_phases_and_meter_alive_time(tmp_path):
+    job = tiny_job("zero", steps=2, scheduling={"keepAliveS": 0.0, "prewarm": False})
+    _, usages = asyncio.run(_run(job, tmp_path))
+    rows = MetricsLog(tmp_path / "metrics.jsonl").read()
+    for row in rows:
+        lives = {t["instance"]: t for t in row["timeline"] if t["start"] >= 0}
+        actors = [t for t in lives.values() if t["stage"] == "actor"]
+        trainers = [t for t in lives.values() if t["stage"] == "trainer"]
+        assert actors and trainers
+        # Nothing serves the rollout any more once training runs: actors scaled to zero.
+        assert max(a["end"] for a in actors) <= min(t["start"] for t in trainers) + 0.5
+    assert all(u.ended_at is not None for u in usages)  # all at zero after the run
+    lives = _process_lifetimes(tmp_path / "logs")
+    assert set(lives) == {u.instance for u in usages}
+    metered = sum(u.alive_seconds(0.0) for u in usages)
+    assert metered == pytest.approx(sum(lives.values()), rel=0.05)
+    gpu_seconds = sum(u.gpu_seconds(0.0) for u in usages)
+    assert gpu_seconds == pytest.approx(sum(
+        lives[u.instance] * u.gpus for u in usages), rel=0.05)
