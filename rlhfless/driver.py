@@ -139,12 +139,13 @@ class Driver:
         t1 = time.time()
         usages = self.runtime.meter()
         gpu_s = gpu_seconds_by_stage(usages, t0, t1)
-        sched = self.planner.observe(items, rollout, usages, _work_seconds(rollout, scores,
-                                                                           reply), t0)
+        work_s = _work_seconds(rollout, scores, reply)
+        sched = self.planner.observe(items, rollout, usages, work_s, t0)
         tokens = sum(len(s.response) for group in rollout.samples.values() for s in group)
         metrics: dict[str, float] = {
             **{f"timing_s/{k}": v for k, v in timings.items()},
             "timing_s/step": t1 - t0,
+            "timing_s/in_functions": sum(work_s.values()),
             "perf/throughput": tokens / max(t1 - t0, 1e-9),
             "perf/total_response_tokens": float(tokens),
             "perf/prefill_tokens_saved": sum(
