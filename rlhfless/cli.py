@@ -11,10 +11,25 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rlhfless.api.spec import RLHFJob, SpecError, load_job
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    """Failures a user can act on: reported as one message, not a traceback."""
+    from rlhfless.checkpoint import CheckpointError
+    from rlhfless.model.loading import ModelLoadError
+    from rlhfless.rewards.datasets import DatasetError
+    from rlhfless.rollout import LostSamplesError
+    from rlhfless.runtime.base import InvocationError
+    from rlhfless.weights import WeightStoreError
+
+    return (CheckpointError, ModelLoadError, DatasetError, LostSamplesError, InvocationError,
+            WeightStoreError)
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Serverless synchronous RLHF (GRPO/PPO) for language models.")
@@ -26,9 +41,9 @@ def _load_or_exit(path: Path) -> RLHFJob:
     try:
         return load_job(path)
     except SpecError as exc:
-        err_console.print(f"[bold red]{exc.source}: invalid job[/]")
+        err_console.print(f"[bold red]{escape(exc.source)}: invalid job[/]")
         for line in exc.errors:
-            err_console.print(f"  • {line}")
+            err_console.print(f"  • {escape(line)}")
         raise typer.Exit(2) from None
 
 
@@ -68,6 +83,11 @@ def run(
         err_console.print("[yellow]Interrupted; the last completed step is checkpointed. "
                           f"Resume with: rlhfless run {job_file} --resume[/]")
         raise typer.Exit(130) from None
+    except _run_errors() as exc:  # evaluated only when something went wrong
+        err_console.print(f"[bold red]run failed:[/] {escape(str(exc))}")
+        err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
+                          f"checkpointed; continue with: rlhfless run {job_file} --resume")
+        raise typer.Exit(1) from None
     _summarise(run_dir, completed, job)
 
 

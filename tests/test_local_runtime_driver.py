@@ -55,6 +55,8 @@ def test_resume_continues_at_the_next_step(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert checkpoint["step"] == 3 and checkpoint["weights_version"] == 3
+    # The scheduler's learned state travels with the checkpoint: every prompt seen is known.
+    assert len(checkpoint["scheduler"]["predictor"]["ewma"]) == job.spec.dataset.size
     # The resumed run did one step: one trainer request, hence one trainer instance at most.
     assert sum(1 for u in usages if u.stage == "trainer") == 1
 

@@ -35,6 +35,7 @@ def _uniform(cfg: SimConfig, length: int = 300, prompt: int = 100, epochs: int =
 RLHFLESS_MODES = [
     ("barrier", {}),
     ("global", {}),
+    ("stream", {}),
     ("barrier", {"cut_migrate": False}),
     ("barrier", {"cost_aware": False, "assignment": "round-robin"}),
 ]
@@ -69,6 +70,43 @@ def test_every_request_finishes_once_with_migration():
     r = sim.step(0, 0, np.arange(cfg.prompts_per_step))
     assert r.migrated > 0
     assert r.tokens == int(w.lengths[0].sum())
+
+
+def test_stream_cut_hands_off_once_and_releases_cut_actors():
+    """Stream cut: samples move at most once, every one ends once at full length, and cut
+    actors are released when they hand off, before the rollout ends."""
+    from rlhfless.sim.actors import ActorLife, run_stream
+
+    cfg = replace(_cfg(cost_aware=False, tau=0.5), cut_mode="stream")
+    w = _small(cfg)
+    groups = make_groups(w, 0, np.arange(cfg.prompts_per_step))
+    actors = []
+    for i in range(4):
+        e = cfg.engine(i, 0.0, cfg.dedicated_mem_util)
+        e.add([r for g in groups[i::4] for r in g], 0.0)
+        actors.append(ActorLife(e, 0.0, 0.0))
+    reqs = [r for g in groups for r in g]
+
+    def plan(unfinished, n_from):
+        return [list(range(len(unfinished)))]  # everything to one continuing actor
+
+    out = run_stream(actors, lambda n: max(1, n // 2), plan, keep_alive=30.0)
+    assert out.migrated > 0
+    assert all(r.migrations <= 1 for r in reqs)
+    assert all(r.generated == r.length for r in reqs)
+    assert sum(e.stats.finished for e in (a.engine for a in actors)) == len(reqs)
+    released_early = [a for a in actors if a.release < out.gen_end]
+    assert released_early  # at least one actor handed off and left
+    for a in released_early:  # not billed past its hand-off
+        assert a.busy[-1][1] <= a.release + 1e-9
+
+
+def test_stream_cut_planned_step_bills_no_more_than_barrier():
+    cfg = _cfg(cost_aware=False, tau=0.5)
+    w = _small(cfg)
+    gpu_s = {m: sum(r.gpu_s for r in run_system("rlhfless", replace(cfg, cut_mode=m), w))
+             for m in ("barrier", "stream")}
+    assert gpu_s["stream"] <= gpu_s["barrier"] * 1.02
 
 
 def test_baseline_more_gpus_never_slower_with_perfect_balance():

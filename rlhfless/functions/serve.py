@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,18 @@ def preload(handler: StageHandler, store: WeightStore) -> None:
         warm(latest)
 
 
+def _exit_with_parent() -> None:
+    """An orphaned local instance would run (and hold memory) forever: follow the parent."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve one RLHFless stage function.")
     parser.add_argument("--stage", required=True, choices=STAGES)
@@ -80,8 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", required=True, help="weights store directory")
     parser.add_argument("--job", default=None, help="job file (YAML/JSON)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when the launching process dies (embedded runtime)")
     args = parser.parse_args(argv)
     started = time.time()
+    if args.exit_with_parent:
+        _exit_with_parent()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -227,7 +227,7 @@ class LocalRuntime:
             sys.executable, "-m", "rlhfless.functions.serve",
             "--stage", stage, "--port", str(port), "--host", "127.0.0.1",
             "--store", str(self.store_dir), "--job", str(self._job_file),
-            "--threads", str(self._threads(stage)),
+            "--threads", str(self._threads(stage)), "--exit-with-parent",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
         with log_path.open("wb") as log:

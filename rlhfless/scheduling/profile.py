@@ -15,6 +15,11 @@
 * ``batching``: "continuous" — finished sequences leave the batch (vLLM; our transformers
   engine also drops finished rows); "static" — the whole bin is one batch until its longest
   sequence ends. `rlhfless.scheduling.workmodel` turns these into bin times.
+* ``tpot_per_ctx_s`` (optional, default 0): seconds per iteration per context token held by
+  the running sequences — the KV-cache reads, which grow as contexts grow. With it an
+  iteration costs ``a + c·b + k·(Σ context of the b sequences)``; a tpot(b) table measured at
+  a fixed context folds this into ``c``, which under-predicts bins of long sequences. 0 keeps
+  the affine law (and every caller that does not know about it) unchanged.
 
 `ProfileEstimator` refines a prior profile from what the driver measures:
 
@@ -66,9 +71,10 @@ class Profile:
     gpus_per_actor: int = 1
     max_batch: int | None = None
     batching: Batching = "continuous"
+    tpot_per_ctx_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.tpot_base_s < 0 or self.tpot_per_seq_s < 0:
+        if self.tpot_base_s < 0 or self.tpot_per_seq_s < 0 or self.tpot_per_ctx_s < 0:
             raise ValueError("tpot coefficients must be >= 0")
         if self.tpot_base_s == 0 and self.tpot_per_seq_s == 0:
             raise ValueError("tpot must be positive for some batch size")

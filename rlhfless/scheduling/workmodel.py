@@ -7,6 +7,14 @@ prompt prefilled once and shared), or a bundle of migrated samples. A unit is fo
 * ``tokens``  decode tokens of all its sequences (a group: G × predicted length),
 * ``seqs``    number of sequences (a group: G),
 * ``prefill`` prompt tokens prefilled for it (a group: its prompt once — deduplicated prefill).
+* ``ctx``     (optional, default 0) context-token iterations: Σ over its sequences and their
+  decode iterations of the context held (prompt + tokens so far) — the KV-cache reads. A
+  sequence of n tokens after a prompt of p reads ≈ n·p + n²/2 (`context_tokens`).
+
+The context term is additive: with ``Profile.tpot_per_ctx_s = k`` a unit adds ``k·ctx``
+seconds to its bin wherever it runs, exactly like its prefill, so it enters every formula
+below next to ``prefill / prefill_tok_per_s`` (and the lower bounds stay valid). With k = 0
+or ctx = 0 everything is as without it.
 
 Bin time (one actor serving a set S of units, all admitted at once):
 
@@ -61,10 +69,13 @@ class Workload:
     tokens: np.ndarray
     seqs: np.ndarray
     prefill: np.ndarray
+    ctx: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.lmax)
-        for name in ("lmax", "tokens", "seqs", "prefill"):
+        if self.ctx is None:
+            object.__setattr__(self, "ctx", np.zeros(n))
+        for name in ("lmax", "tokens", "seqs", "prefill", "ctx"):
             arr = np.asarray(getattr(self, name), dtype=float)
             object.__setattr__(self, name, arr)  # accept lists; store float arrays
             if arr.shape != (n,):
@@ -77,19 +88,43 @@ class Workload:
 
     @classmethod
     def groups(cls, pred_lengths: Sequence[float] | np.ndarray, group_size: int,
-               prompt_tokens: Sequence[float] | np.ndarray | None = None) -> Workload:
-        """GRPO groups: G samples of predicted length each, prompt prefilled once."""
+               prompt_tokens: Sequence[float] | np.ndarray | None = None, *,
+               lmax: Sequence[float] | np.ndarray | None = None,
+               context: bool = False) -> Workload:
+        """GRPO groups: G samples of predicted length each, prompt prefilled once.
+
+        ``lmax``: the predicted longest sample per group (default: the predicted length —
+        every sample as long as the mean). ``context``: fill ``ctx`` with the groups' KV
+        reads (G samples of the predicted length after the prompt).
+        """
         if group_size < 1:
             raise ValueError("group_size must be >= 1")
         lengths = np.asarray(pred_lengths, dtype=float).reshape(-1)
         prompt = (np.zeros_like(lengths) if prompt_tokens is None
                   else np.asarray(prompt_tokens, dtype=float).reshape(-1))
-        return cls(lmax=lengths, tokens=lengths * group_size,
-                   seqs=np.full_like(lengths, float(group_size)), prefill=prompt)
+        longest = lengths if lmax is None else np.asarray(lmax, dtype=float).reshape(-1)
+        ctx = group_size * context_tokens(prompt, lengths) if context else None
+        return cls(lmax=longest, tokens=lengths * group_size,
+                   seqs=np.full_like(lengths, float(group_size)), prefill=prompt, ctx=ctx)
 
     def take(self, idx: Sequence[int] | np.ndarray) -> Workload:
         idx = np.asarray(idx, dtype=int)
-        return Workload(self.lmax[idx], self.tokens[idx], self.seqs[idx], self.prefill[idx])
+        assert self.ctx is not None
+        return Workload(self.lmax[idx], self.tokens[idx], self.seqs[idx], self.prefill[idx],
+                        self.ctx[idx])
+
+
+def context_tokens(prompt: float | np.ndarray, n: float | np.ndarray) -> float | np.ndarray:
+    """Context tokens read over n decode iterations of one sequence after `prompt` tokens."""
+    return n * prompt + 0.5 * n * n
+
+
+def additive_seconds(work: Workload, profile: Profile) -> np.ndarray:
+    """Per-unit seconds that do not depend on the bin: prefill and KV (context) reads."""
+    pre = work.prefill / profile.prefill_tok_per_s
+    if profile.tpot_per_ctx_s:
+        pre = pre + profile.tpot_per_ctx_s * work.ctx
+    return pre
 
 
 def as_workload(work: Workload | Sequence[float] | np.ndarray, group_size: int = 1,
@@ -112,7 +147,7 @@ def decode_time(profile: Profile, lmax: float | np.ndarray, tokens: float | np.n
 
 def unit_times(work: Workload, profile: Profile) -> np.ndarray:
     """Time of every unit alone on an actor."""
-    return work.prefill / profile.prefill_tok_per_s + decode_time(
+    return additive_seconds(work, profile) + decode_time(
         profile, work.lmax, work.tokens, work.seqs)
 
 
@@ -121,7 +156,8 @@ def bin_time(work: Workload, bin_: Sequence[int], profile: Profile) -> float:
     if len(bin_) == 0:
         return 0.0
     idx = np.asarray(bin_, dtype=int)
-    return float(work.prefill[idx].sum() / profile.prefill_tok_per_s + decode_time(
+    extra = profile.tpot_per_ctx_s * float(work.ctx[idx].sum()) if profile.tpot_per_ctx_s else 0.0
+    return float(work.prefill[idx].sum() / profile.prefill_tok_per_s + extra + decode_time(
         profile, float(work.lmax[idx].max()), float(work.tokens[idx].sum()),
         float(work.seqs[idx].sum())))
 
@@ -161,7 +197,7 @@ class SortedRuns:
         o = self.order
         # Python lists: scalar indexing is several times faster than on numpy arrays.
         self._len = work.lmax[o].tolist()
-        self._pre = _prefix(work.prefill[o] / profile.prefill_tok_per_s)
+        self._pre = _prefix(additive_seconds(work, profile)[o])
         self._tok = _prefix(work.tokens[o])
         self._seq = _prefix(work.seqs[o])
         self._a, self._c = profile.tpot_base_s, profile.tpot_per_seq_s
@@ -248,7 +284,7 @@ def bound_parts(work: Workload, profile: Profile) -> tuple[float, float]:
     simple_lower_bound(work, N, profile) = max(total / N, unit) — split out so a sweep over
     N computes the sums once.
     """
-    pre = work.prefill / profile.prefill_tok_per_s
+    pre = additive_seconds(work, profile)
     r1, r2 = _work_rates(profile)
     total1 = float((pre + r1 * work.tokens).sum()) + profile.tpot_base_s * float(work.lmax.max())
     total2 = float((pre + r2 * work.tokens).sum())
@@ -286,7 +322,7 @@ def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float)
     a_cap = _a_per_capped_token(profile)
     order = np.argsort(-work.lmax, kind="stable")
     lengths = work.lmax[order]
-    pre = work.prefill[order] / profile.prefill_tok_per_s
+    pre = additive_seconds(work, profile)[order]
     r1, r2 = _work_rates(profile)
     w1 = np.concatenate(([0.0], np.cumsum(pre + r1 * work.tokens[order])))
     w2 = np.concatenate(([0.0], np.cumsum(pre + r2 * work.tokens[order])))
@@ -331,7 +367,7 @@ def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float)
 def _static_exchange_bound(work: Workload, n_bins: int, profile: Profile) -> float:
     """Static batching: optimum of a relaxed instance, where contiguous splits are optimal.
 
-    Give every unit the smallest prefill and sequence count of the instance (times can only
+    Give every unit the smallest prefill, context and sequence count of the instance (times can only
     drop). A bin's time then depends only on its unit count and longest unit, and for such
     times some optimal split is contiguous in longest-first order (refill the bins, ordered
     by their maxima, with the sorted units keeping each bin's count: no maximum grows). The
@@ -340,7 +376,8 @@ def _static_exchange_bound(work: Workload, n_bins: int, profile: Profile) -> flo
     n = len(work)
     relaxed = Workload(lmax=work.lmax, tokens=work.tokens,
                        seqs=np.full(n, float(work.seqs.min())),
-                       prefill=np.full(n, float(work.prefill.min())))
+                       prefill=np.full(n, float(work.prefill.min())),
+                       ctx=np.full(n, float(work.ctx.min())))  # type: ignore[union-attr]
     start = simple_lower_bound(relaxed, n_bins, profile)
     _, bound = SortedRuns(relaxed, profile).min_max_cuts(n_bins, start, rel_tol=1e-6)
     return bound

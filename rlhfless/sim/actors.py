@@ -10,6 +10,11 @@ Three ways the rollout can run (`cut_mode`):
 * "global" — one cut for the whole rollout, the moment a fraction τ of *all* samples is done:
   every busy actor hands back its unfinished samples at once and they continue on fewer
   actors with no barrier wait (an alternative the simulator evaluates for the driver).
+* "stream" — each actor is cut on its own: the moment a fraction τ of *its* samples is done
+  its unfinished samples are handed at once (re-prefilled) to actors still running, which
+  then run to the end (no second cut, so a sample moves at most once); the cut actor is
+  released.  The last actor to reach its cut has nobody to hand to and keeps its own tail.
+  No sample ever waits for another actor.
 
 An idle actor is billed until it has been idle `keep_alive` seconds, or until the driver
 scales the stage down (at the cut for actors that are not targets, at the end of the rollout
@@ -146,3 +151,62 @@ def run_global(actors: list[ActorLife], cut_after: Callable[[int], int], plan: P
     _finish_billing(actors, gen_end, keep_alive)
     return RolloutOutcome(actors, gen_end, int(state.get("moved", 0)),
                           int(state.get("targets", 0)), cut)
+
+
+def run_stream(actors: list[ActorLife], cut_after: Callable[[int], int], plan: Planner,
+               keep_alive: float) -> RolloutOutcome:
+    """Per-actor cuts with immediate hand-off to actors still running (module docstring)."""
+    engines = [a.engine for a in actors]
+    by_engine = {a.engine.eid: a for a in actors}
+    threshold = {e.eid: cut_after(e.assigned) for e in engines}
+    cut: set[int] = set()  # released after handing off
+    tail: set[int] = set()  # received samples (or the last one left): run to the end
+    state = {"moved": 0.0, "first": float("nan")}
+
+    def hook(e: Engine, finished: list[Request], now: float) -> list[Engine]:
+        if e.eid in cut or e.eid in tail or e.stats.finished < threshold[e.eid]:
+            return []
+        running = [x for x in engines
+                   if x is not e and x.eid not in cut and not x.idle]
+        if e.idle:  # done with everything at its cut: nothing to hand off
+            cut.add(e.eid)
+            a = by_engine[e.eid]
+            a.release = now
+            a.busy.append((a.ready, e.last_finish))
+            return []
+        if not running:  # the last one: keeps its own tail
+            tail.add(e.eid)
+            return []
+        e.advance_to(now)
+        unfinished = e.take_unfinished()
+        bins = plan(unfinished, len(running))
+        # Targets: the running actors with the least left to do take the moved bins.
+        for x in running:
+            x.advance_to(now)
+        running.sort(key=lambda x: (x.unfinished(), x.eid))
+        touched = [e]
+        for b, x in zip(bins, running, strict=False):
+            _migrate([unfinished[i] for i in b], by_engine[x.eid], now)
+            tail.add(x.eid)
+            touched.append(x)
+        if len(bins) > len(running):  # never more bins than actors asked for; be safe
+            rest = [unfinished[i] for b in bins[len(running):] for i in b]
+            _migrate(rest, by_engine[running[-1].eid], now)
+        a = by_engine[e.eid]
+        a.release = now
+        a.busy.append((a.ready, now))
+        cut.add(e.eid)
+        state["moved"] += len(unfinished)
+        if state["first"] != state["first"]:  # nan: the first hand-off
+            state["first"] = now
+        return touched + running
+
+    run_lockstep(engines, hook)
+    for a in actors:
+        if a.engine.eid not in cut or a.release == 0.0:
+            a.busy.append((a.ready, a.engine.last_finish))
+    gen_end = max(e.last_finish for e in engines)
+    _finish_billing(actors, gen_end, keep_alive)
+    first = state["first"]
+    return RolloutOutcome(actors, gen_end, int(state["moved"]), len(tail),
+                          None if first != first else first)

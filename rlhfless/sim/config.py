@@ -51,10 +51,12 @@ class SimConfig:
     pool: str = "shared"
     sched: SchedulingSpec = field(default_factory=SchedulingSpec)
     fuse_threshold: float = 0.2  # RLHFuse: migrate when this fraction of samples remains
-    # RLHFless variants (see sim.policies and sim.actors): what the planner is fed, and how
-    # cut-and-migrate runs ("barrier" = the driver today, "global" = one cut, no barrier).
-    planner_inputs: str = "driver"
-    cut_mode: str = "barrier"
+    # RLHFless variants (see sim.policies and sim.actors): what the planner is fed
+    # ("kv-aware" = max-length predictor + context term; "driver" = the driver today), and
+    # how cut-and-migrate runs ("stream" = per-actor cut with immediate hand-off;
+    # "global" = one cut, no barrier; "barrier" = the driver today).
+    planner_inputs: str = "kv-aware"
+    cut_mode: str = "stream"
     seed: int = 0
 
     def with_(self, **kw) -> SimConfig:

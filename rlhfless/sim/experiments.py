@@ -37,7 +37,7 @@ _CLUSTERS = {"16xL40S": ("l40s", 2), "160xH100": ("h100", 20)}
 VARIANTS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "default": ({}, {}),
     "speed": ({}, {"cut_migrate": False, "cost_aware": False}),
-    "cost": ({"cut_mode": "global"}, {"lam": 0.25, "tau": 0.9}),
+    "cost": ({}, {"lam": 0.25, "tau": 0.9}),
 }
 
 
@@ -120,10 +120,14 @@ def _baseline(cfg: SimConfig, w):
     return summarise(run_system("verl", cfg, w), _warm_skip(cfg, w))
 
 
-# Alternatives to the driver's behaviour that the simulator evaluates (SimConfig fields).
+# The default (stream cut, kv-aware planner inputs) against what `rlhfless/driver.py` does
+# today and the other cut (SimConfig fields).
 ALTERNATIVES: dict[str, dict[str, object]] = {
-    "kv-aware planner inputs": {"planner_inputs": "kv-aware"},
-    "global cut (no barrier)": {"cut_mode": "global"},
+    "global cut (one cut, no barrier)": {"cut_mode": "global"},
+    "barrier cut (driver today)": {"cut_mode": "barrier"},
+    "driver planner inputs (mean lmax, no ctx)": {"planner_inputs": "driver"},
+    "driver today (barrier + driver inputs)": {"cut_mode": "barrier",
+                                               "planner_inputs": "driver"},
 }
 
 

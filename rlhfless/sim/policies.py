@@ -6,13 +6,14 @@ make the same decisions from the same inputs.
 
 Two ways to build those inputs (`inputs`):
 
-* "driver" — what the driver does today: one EWMA predictor fed each group's mean length, the
-  group as `Workload.groups(mean, G, prompt)` (its longest sample is taken to be the mean), and
-  a profile tpot(b) fitted at the batch's typical context.
-* "kv-aware" — the same policies fed better numbers: a second EWMA predictor of each group's
-  *longest* sample for `lmax`, and the KV-cache reads of long contexts (which the affine
-  tpot(b) law cannot express) added to each unit as extra additive work, in the workload's
-  prefill-token units.
+* "kv-aware" (the default) — a second EWMA predictor of each group's *longest* sample gives
+  `lmax` (the mean predictor gives `tokens`), the profile is tpot(b) measured at zero context
+  plus the optional KV-read coefficient `Profile.tpot_per_ctx_s`, and each group carries its
+  context-token reads (`Workload.groups(..., lmax=, context=True)`), so long bins are not
+  under-predicted.
+* "driver" — what `rlhfless/driver.py` feeds today: one EWMA predictor of each group's mean
+  length, the group as `Workload.groups(mean, G, prompt)` (its longest sample taken to be the
+  mean), and tpot(b) fitted at the batch's typical context (no context term).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rlhfless.scheduling.predictor import LengthPredictor
 from rlhfless.scheduling.prewarm import PrewarmPlan, prewarm_plan
 from rlhfless.scheduling.profile import Profile
 from rlhfless.scheduling.scaling import choose_actor_count
-from rlhfless.scheduling.workmodel import Workload, makespan
+from rlhfless.scheduling.workmodel import Workload, context_tokens, makespan
 from rlhfless.sim.config import SimConfig
 from rlhfless.sim.costmodel import kv_capacity_tokens
 from rlhfless.sim.engine import Request
@@ -67,8 +68,8 @@ def actor_profile(cfg: SimConfig, prompt_len: np.ndarray, pred_mean: np.ndarray,
                   pred_max: np.ndarray, cold_start_s: float, inputs: str) -> Profile:
     """What an operator would profile: tpot at several batch sizes, fitted to the policies'
     affine law, with the KV-cache bound on the batch.  "driver": at the batch's typical
-    context (prompt + half the mean response); "kv-aware": without context (the KV reads are
-    charged per unit by `work_units`)."""
+    context (prompt + half the mean response); "kv-aware": at zero context, plus the
+    KV-read slope (seconds per iteration per context token) as `tpot_per_ctx_s`."""
     ctx = float(np.mean(prompt_len) + 0.5 * np.mean(pred_mean))
     at = 0.0 if inputs == "kv-aware" else ctx
     table = {b: cfg.decode.iter_time(b, b * at) for b in _PROFILE_BATCHES if b <= cfg.max_seqs}
@@ -76,6 +77,7 @@ def actor_profile(cfg: SimConfig, prompt_len: np.ndarray, pred_mean: np.ndarray,
     max_batch = int(max(1, min(cfg.max_seqs, cap // max(1.0, 2 * ctx))))
     return Profile.from_tpot_table(
         table,
+        tpot_per_ctx_s=_ctx_slope(cfg) if inputs == "kv-aware" else 0.0,
         prefill_tok_per_s=cfg.prefill.tokens_per_s(),
         cold_start_s=cold_start_s,
         keep_alive_s=cfg.sched.keep_alive_s,
@@ -84,10 +86,10 @@ def actor_profile(cfg: SimConfig, prompt_len: np.ndarray, pred_mean: np.ndarray,
     )
 
 
-def _kv_tokens(cfg: SimConfig, profile: Profile, ctx0: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """KV-read seconds of decoding n tokens from context ctx0, in prefill-token units."""
-    seconds = _ctx_slope(cfg) * (n * ctx0 + 0.5 * n * n)
-    return seconds * profile.prefill_tok_per_s
+def _kv_tokens(profile: Profile, ctx0: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """KV-read seconds of decoding n tokens from context ctx0, in prefill-token units
+    (`plan_migration` takes additive work as prefill tokens)."""
+    return profile.tpot_per_ctx_s * context_tokens(ctx0, n) * profile.prefill_tok_per_s
 
 
 def work_units(cfg: SimConfig, profile: Profile, pred_mean: np.ndarray, pred_max: np.ndarray,
@@ -95,9 +97,7 @@ def work_units(cfg: SimConfig, profile: Profile, pred_mean: np.ndarray, pred_max
     p = np.asarray(prompt_len, dtype=float)
     if inputs == "driver":
         return Workload.groups(pred_mean, group_size, p)
-    kv = group_size * _kv_tokens(cfg, profile, p, pred_mean)
-    return Workload(lmax=np.asarray(pred_max, dtype=float), tokens=group_size * pred_mean,
-                    seqs=np.full(len(p), float(group_size)), prefill=p + kv)
+    return Workload.groups(pred_mean, group_size, p, lmax=pred_max, context=True)
 
 
 def choose_n(work: Workload, profile: Profile, lam: float, max_actors: int, policy: str,
@@ -131,7 +131,7 @@ def migration_bins(unfinished: Sequence[Request], n_from: int, profile: Profile,
     remaining = remaining_estimate(pred, gen, max_new_tokens)
     prefill = np.array([float(r.prompt_len + r.generated) for r in unfinished])
     if inputs == "kv-aware" and cfg is not None:
-        prefill = prefill + _kv_tokens(cfg, profile, prefill, remaining)
+        prefill = prefill + _kv_tokens(profile, prefill, remaining)
     plan = plan_migration(remaining, n_from, profile, lam=lam, prefill_tokens=prefill,
                           keys=[r.group for r in unfinished])
     return [b for b in plan.bins if b]

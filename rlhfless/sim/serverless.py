@@ -28,7 +28,7 @@ import numpy as np
 
 from rlhfless.scheduling.cost import Lifetime, cost_breakdown
 from rlhfless.sim import policies
-from rlhfless.sim.actors import ActorLife, run_barrier, run_global, run_no_cut
+from rlhfless.sim.actors import ActorLife, run_barrier, run_global, run_no_cut, run_stream
 from rlhfless.sim.config import SimConfig
 from rlhfless.sim.results import StepResult
 from rlhfless.sim.rollout import make_groups
@@ -150,6 +150,8 @@ class ServerlessSim:
             out = run_no_cut(actors, ka)
         elif cfg.cut_mode == "global":
             out = run_global(actors, cut_after, plan_tail, ka)
+        elif cfg.cut_mode == "stream":
+            out = run_stream(actors, cut_after, plan_tail, ka)
         else:
             out = run_barrier(actors, cut_after, plan_tail, spawn, ka)
         gen_end = out.gen_end
@@ -191,9 +193,12 @@ class ServerlessSim:
         self.next_actor_start = plan.at("actor", phase_starts, None) if s.prewarm else None
         self.warm_actors = []
         if s.prewarm and plan.keeps_warm("actor") and cfg.pool == "shared":
-            # actors stay alive through scoring and training (billed to this step)
-            self.warm_actors = [t_end for _ in bins]
-            lives += [Lifetime(gen_end, t_end, cfg.tp) for _ in bins]
+            # actors stay alive through scoring and training (billed to this step): the
+            # len(bins) latest-released instances, each from its own release (no gap, and
+            # never overlapping the lifetime already billed above)
+            releases = sorted((a.release for a in out.actors), reverse=True)[:len(bins)]
+            self.warm_actors = [t_end for _ in releases]
+            lives += [Lifetime(r, t_end, cfg.tp) for r in releases]
         self.clock = t_end
         self.predictors.observe(ids, lens, s.length_prediction)
 
