@@ -26,7 +26,7 @@ from rlhfless.records import (
     BusyInterval,
     MetricsLog,
     StepRecord,
-    gpu_seconds_by_stage,
+    cost_by_stage,
     idle_ratios,
 )
 from rlhfless.rewards.datasets import batch_for_step, load_dataset
@@ -138,7 +138,8 @@ class Driver:
         # 6. record
         t1 = time.time()
         usages = self.runtime.meter()
-        gpu_s = gpu_seconds_by_stage(usages, t0, t1)
+        costs = cost_by_stage(usages, t0, t1)
+        gpu_s = {stage: c.gpu_seconds for stage, c in costs.items()}
         work_s = _work_seconds(rollout, scores, reply)
         sched = self.planner.observe(items, rollout, usages, work_s, t0)
         tokens = sum(len(s.response) for group in rollout.samples.values() for s in group)
@@ -153,6 +154,7 @@ class Driver:
             ) + sum(float(r.get("stats", {}).get("prefill_tokens_saved", 0))
                     for r in scores.values()),
             "cost/gpu_seconds": sum(gpu_s.values()),
+            "cost/cold_start_gpu_seconds": sum(c.cold_gpu_seconds for c in costs.values()),
             **{f"cost/gpu_seconds/{k}": v for k, v in gpu_s.items()},
             **{f"idle_ratio/{k}": v for k, v in idle_ratios(usages, busy, t0, t1).items()},
             **learn_stats,

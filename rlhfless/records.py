@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfless.runtime.base import InstanceUsage
+from rlhfless.scheduling.cost import CostBreakdown, Lifetime, clip, cost_breakdown
 
 
 @dataclass(frozen=True)
@@ -24,38 +25,35 @@ class BusyInterval:
     end: float
 
 
-def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
-    return max(0.0, min(a1, b1) - max(a0, b0))
+def cost_by_stage(
+    usages: Iterable[InstanceUsage], t0: float, t1: float
+) -> dict[str, CostBreakdown]:
+    """GPU-seconds (and their cold-start share) of each stage's instances inside [t0, t1)."""
+    lives: dict[str, list[Lifetime]] = defaultdict(list)
+    for u in usages:
+        lives[u.stage].append(Lifetime(u.started_at, u.ended_at, u.gpus, u.cold_start_s))
+    return {stage: cost_breakdown(ls, t0, t1) for stage, ls in lives.items()}
 
 
 def gpu_seconds_by_stage(
     usages: Iterable[InstanceUsage], t0: float, t1: float
 ) -> dict[str, float]:
-    totals: dict[str, float] = defaultdict(float)
-    for u in usages:
-        end = u.ended_at if u.ended_at is not None else t1
-        totals[u.stage] += u.gpus * _overlap(u.started_at, end, t0, t1)
-    return dict(totals)
-
-
-def alive_seconds_by_stage(
-    usages: Iterable[InstanceUsage], t0: float, t1: float
-) -> dict[str, float]:
-    totals: dict[str, float] = defaultdict(float)
-    for u in usages:
-        end = u.ended_at if u.ended_at is not None else t1
-        totals[u.stage] += _overlap(u.started_at, end, t0, t1)
-    return dict(totals)
+    return {stage: c.gpu_seconds for stage, c in cost_by_stage(usages, t0, t1).items()}
 
 
 def idle_ratios(
     usages: Iterable[InstanceUsage], busy: Iterable[BusyInterval], t0: float, t1: float
 ) -> dict[str, float]:
-    """Fraction of each stage's instance-alive time in the window not spent serving."""
-    alive = alive_seconds_by_stage(usages, t0, t1)
+    """Fraction of each stage's instance-alive time in the window not spent serving.
+
+    Busy time is what the driver saw per stage (requests may run on parallel instances, so
+    it is summed, not merged).
+    """
+    alive = {s: c.alive_seconds for s, c in cost_by_stage(usages, t0, t1).items()}
     busy_s: dict[str, float] = defaultdict(float)
     for b in busy:
-        busy_s[b.stage] += _overlap(b.start, b.end, t0, t1)
+        window = clip((b.start, b.end), t0, t1)
+        busy_s[b.stage] += 0.0 if window is None else window[1] - window[0]
     return {
         stage: min(1.0, max(0.0, 1.0 - busy_s[stage] / seconds))
         for stage, seconds in alive.items()

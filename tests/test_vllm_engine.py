@@ -427,12 +427,27 @@ def test_fake_sleep_and_wake(fake):
 
 
 def test_close_releases_the_engine_and_exports(fake):
-    engine, _ = fake
+    engine, store = fake
     engine.warm(0)
     root = engine._export_root
-    assert any(root.iterdir())
+    assert root.parent == store.root / ".exports"  # same filesystem: hard links, no copies
+    exported = root / "v0" / "model.safetensors"
+    assert exported.stat().st_ino == (store.path(0) / "model.safetensors").stat().st_ino
     engine.close()
     assert engine._llm is None and engine.loaded_version() is None and not root.exists()
+    assert store.versions() == [0]  # the store itself is untouched
+
+
+def test_exports_are_removed_even_without_close(tmp_path):
+    import gc
+
+    engine = FakeVLLMEngine(tiny_store(tmp_path))
+    engine.warm(0)
+    root = engine._export_root
+    assert root.exists()
+    del engine
+    gc.collect()
+    assert not root.exists()
 
 
 def test_engine_options_layering():

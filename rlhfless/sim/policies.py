@@ -162,5 +162,8 @@ def prewarm(enabled: bool, durations: Mapping[str, float],
     of its cold start on the critical path (too early only bills idle seconds)."""
     if not enabled:
         return Prewarm(None)
-    margin_s = 0.5 * max(cold_starts.values(), default=0.0)
-    return Prewarm(prewarm_plan(durations, cold_starts, margin_s=margin_s))
+    return Prewarm(prewarm_plan(durations, cold_starts, margin_s=prewarm_margin(cold_starts)))
+
+
+def prewarm_margin(cold_starts: Mapping[str, float]) -> float:
+    return 0.5 * max(cold_starts.values(), default=0.0)

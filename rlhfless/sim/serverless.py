@@ -193,12 +193,20 @@ class ServerlessSim:
         self.next_actor_start = plan.at("actor", phase_starts, None) if s.prewarm else None
         self.warm_actors = []
         if s.prewarm and plan.keeps_warm("actor") and cfg.pool == "shared":
-            # actors stay alive through scoring and training (billed to this step): the
-            # len(bins) latest-released instances, each from its own release (no gap, and
-            # never overlapping the lifetime already billed above)
+            # Per instance, the cheaper of two ways to have it ready for the next rollout:
+            # stay alive from its own release (billed continuously: no unbilled hole
+            # between release and the end of the rollout), or scale to zero and be
+            # prewarmed `lead` seconds before the next step (cold start + margin).  An
+            # actor released early in the rollout (short bin, or cut) is cheaper to
+            # prewarm.  Kept-warm time is billed to this step, never overlapping the
+            # lifetime billed above.
+            lead = cold["actor"] + policies.prewarm_margin(cold)
             releases = sorted((a.release for a in out.actors), reverse=True)[:len(bins)]
-            self.warm_actors = [t_end for _ in releases]
-            lives += [Lifetime(r, t_end, cfg.tp) for r in releases]
+            keep = [r for r in releases if t_end - r <= lead]
+            self.warm_actors = [t_end for _ in keep]
+            lives += [Lifetime(r, t_end, cfg.tp) for r in keep]
+            if len(keep) < len(releases):
+                self.next_actor_start = t_end - lead
         self.clock = t_end
         self.predictors.observe(ids, lens, s.length_prediction)
 

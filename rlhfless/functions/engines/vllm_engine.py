@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,9 +468,14 @@ class VLLMEngine:
         self.exact_sampling = exact_sampling
         self._engine_args = dict(engine_args)
         self._own_root = export_root is None
-        self._export_root = Path(
-            export_root if export_root is not None else tempfile.mkdtemp(prefix="rlhfless-vllm-")
+        self._export_root = (
+            Path(export_root) if export_root is not None else _private_export_root(store)
         )
+        # Exported directories hard-link version files: remove ours even if close() is never
+        # called (the function process simply exits), or they keep deleted versions alive.
+        self._cleanup = weakref.finalize(
+            self, shutil.rmtree, str(self._export_root), True
+        ) if self._own_root else None
         self._llm: Any = None
         self._model_dir: Path | None = None
         self._sleep_level = 0
@@ -601,8 +607,19 @@ class VLLMEngine:
             del llm
             gc.collect()
             _empty_cuda_cache()
-        if self._own_root:
-            shutil.rmtree(self._export_root, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+def _private_export_root(store: WeightStore) -> Path:
+    """A directory of this engine's own next to the store (same filesystem: the weights are
+    hard-linked, never copied), or a temporary one where the store is read-only."""
+    try:
+        parent = store.root / ".exports"
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="vllm-", dir=parent))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="rlhfless-vllm-"))
 
 
 def _empty_cuda_cache() -> None:
