@@ -109,6 +109,18 @@ def test_stream_cut_planned_step_bills_no_more_than_barrier():
     assert gpu_s["stream"] <= gpu_s["barrier"] * 1.02
 
 
+def test_keep_warm_only_when_cheaper_than_prewarm():
+    from rlhfless.sim.policies import keep_or_prewarm
+
+    # released 5 s and 50 s before they are needed; a prewarm costs 12 s
+    keep, at = keep_or_prewarm([95.0, 50.0], 2, 100.0, 12.0)
+    assert keep == [95.0] and at == pytest.approx(88.0)
+    keep, at = keep_or_prewarm([99.0, 95.0, 10.0], 2, 100.0, 12.0)
+    assert keep == [99.0, 95.0] and at is None  # the early one is not needed at all
+    keep, at = keep_or_prewarm([1.0], 3, 100.0, 12.0)
+    assert keep == [] and at == pytest.approx(88.0)
+
+
 def test_baseline_more_gpus_never_slower_with_perfect_balance():
     times = []
     for nodes in (1, 2, 4):

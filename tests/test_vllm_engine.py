@@ -106,7 +106,7 @@ def test_sampling_kwargs_exact_native_greedy():
     assert exact["temperature"] == 1.0 and exact["top_p"] == 1.0  # the processor samples
     spec = exact["extra_args"][ve.SAMPLER_ARG]
     assert spec == {"seed": 3, "key": prompt_key("a"), "seed_base": plan.seed, "offset": 0,
-                    "temperature": 0.7, "top_p": 0.9}
+                    "prompt_len": len(plan.prompt_ids), "temperature": 0.7, "top_p": 0.9}
     assert "prompt_logprobs" not in exact
     native = ve.sampling_kwargs(plan, req, EOS, exact=False)
     assert native["temperature"] == 0.7 and native["top_p"] == 0.9
@@ -118,6 +118,7 @@ def test_sampling_kwargs_exact_native_greedy():
     cont_plan = ve.plan_requests(request([cont]), EOS, "t")[0]
     kw = ve.sampling_kwargs(cont_plan, req, EOS, exact=True)
     assert kw["prompt_logprobs"] == 0 and kw["extra_args"][ve.SAMPLER_ARG]["offset"] == 2
+    assert kw["extra_args"][ve.SAMPLER_ARG]["prompt_len"] == 1
     assert kw["extra_args"][ve.SAMPLER_ARG]["seed_base"] == cont_plan.seed - 5
 
 
@@ -187,52 +188,93 @@ def params_for(plan, req, j=0):
     return SimpleNamespace(seed=kw["seed"] + j, extra_args=kw.get("extra_args"))
 
 
-def test_batch_updates_follow_removes_adds_moves_and_swaps():
+def expected_token(logits_row, spec, position):
+    u = torch.tensor([sample_uniform(spec.seed, spec.key, spec.index, position)],
+                     dtype=torch.float64)
+    return int(choose_tokens(logits_row[None], u, spec.temperature, spec.top_p)[0])
+
+
+def test_v1_batch_updates_follow_removes_adds_moves_and_swaps():
     req = request([group("a", 2)], temperature=0.8)
     plan = ve.plan_requests(req, EOS, "t")[0]
-    native = SimpleNamespace(seed=1, extra_args=None)
-    rows: dict = {}
+    logic = ve.CounterSamplerLogic(None, "device", False)
     outs = [[], [5]]
-    update = SimpleNamespace(removed=[], moved=[], added=[
+    logic.update_state(SimpleNamespace(removed=[], moved=[], added=[
         (0, params_for(plan, req, 0), [1], outs[0]),
         (1, params_for(plan, req, 1), [1], outs[1]),
-        (2, native, [1], []),
-    ])
-    ve.apply_batch_update(rows, update, ve.sampler_row)
+        (2, SimpleNamespace(seed=1, extra_args=None), [1], []),  # samples natively
+    ]))
+    rows = logic.rows
     assert sorted(rows) == [0, 1]
-    assert rows[1].index == 1 and rows[1].position == 1 and rows[1].temperature == 0.8
-    outs[0].append(9)  # vLLM appends to the same list: the position follows
-    assert rows[0].position == 1
-    swap = SimpleNamespace(name="SWAP")
-    ve.apply_batch_update(rows, SimpleNamespace(removed=[], added=[],
-                                                moved=[(0, 1, swap)]), ve.sampler_row)
-    assert rows[0].index == 1 and rows[1].index == 0
-    one_way = SimpleNamespace(name="UNIDIRECTIONAL")
-    ve.apply_batch_update(rows, SimpleNamespace(removed=[0], added=[],
-                                                moved=[(1, 0, one_way)]), ve.sampler_row)
-    assert list(rows) == [0] and rows[0].index == 0
-    ve.apply_batch_update(rows, None, ve.sampler_row)
+    spec, out = rows[1]
+    assert spec.index == 1 and spec.temperature == 0.8 and spec.prompt_len == plan.prompt_len
+    assert out is outs[1]  # vLLM's live list: positions follow the generated tokens
+    swap, one_way = SimpleNamespace(name="SWAP"), SimpleNamespace(name="UNIDIRECTIONAL")
+    logic.update_state(SimpleNamespace(removed=[], added=[], moved=[(0, 1, swap)]))
+    assert rows[0][0].index == 1 and rows[1][0].index == 0
+    logic.update_state(SimpleNamespace(removed=[0], added=[], moved=[(1, 0, one_way)]))
+    assert list(rows) == [0] and rows[0][0].index == 0
+    logic.update_state(None)
     assert list(rows) == [0]
 
 
-def test_counter_sample_leaves_the_counter_based_choice_as_the_only_finite_logit():
+def test_v1_apply_draws_at_offset_plus_generated_tokens():
+    req = request([RolloutPrompt(key="c", prompt_ids=[4, 5], sample_indices=[3],
+                                 prefixes=[[7, 8]])], temperature=0.5, top_p=0.8)
+    plan = ve.plan_requests(req, EOS, "t")[0]
+    logic = ve.CounterSamplerLogic(None, "device", False)
+    generated = [9]
+    logic.update_state(SimpleNamespace(removed=[], moved=[], added=[
+        (1, params_for(plan, req), plan.prompt_ids, generated)]))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    original = logits.clone()
+    out = logic.apply(logits)
+    spec = logic.rows[1][0]
+    assert torch.equal(out[0], original[0]) and torch.equal(out[2], original[2])
+    assert torch.isfinite(out[1]).sum() == 1
+    assert int(out[1].argmax()) == expected_token(original[1], spec, 2 + 1)  # prefix + 1
+
+
+def test_v2_slots_and_sequence_lengths_give_the_same_positions():
+    req = request([RolloutPrompt(key="c", prompt_ids=[4, 5, 6], sample_indices=[2, 5],
+                                 prefixes=[[7, 8], []])], temperature=0.9)
+    cont, fresh = ve.plan_requests(req, EOS, "t")
+    logic = ve.CounterSamplerLogic(None, "request-state")
+    assert logic.add_request(7, params_for(cont, req))
+    assert logic.add_request(2, params_for(fresh, req))
+    assert not logic.add_request(4, SimpleNamespace(seed=1, extra_args=None))
+    assert logic.add_request(4, params_for(fresh, req))
+    assert not logic.add_request(4, SimpleNamespace(seed=None, extra_args=None))  # recycled
+    assert 4 not in logic.slots
+    # batch rows -> slots; sequence lengths = prompt + prefix + generated so far
+    ctx = SimpleNamespace(idx_mapping_np=np.array([2, 9, 7]),
+                          seq_lens_upper_bound_np=np.array([3 + 4, 11, 3 + 2 + 1]))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    original = logits.clone()
+    out = logic.apply(logits, ctx)
+    assert torch.equal(out[1], original[1])  # slot 9 is not ours
+    assert int(out[0].argmax()) == expected_token(original[0], logic.slots[2], 4)
+    assert int(out[2].argmax()) == expected_token(original[2], logic.slots[7], 3)
+    assert logic.slots[7].index == 2 and logic.slots[2].index == 5
+    with pytest.raises(ValueError):
+        ve.CounterSamplerLogic.validate_params(
+            SimpleNamespace(seed=None, extra_args=params_for(fresh, req).extra_args))
+    ve.CounterSamplerLogic.validate_params(SimpleNamespace(seed=None, extra_args=None))
+
+
+def test_counter_sample_picks_the_counter_based_token_per_row_setting():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen)
     original = logits.clone()
-    rows = {
-        0: ve.SamplerRow(seed=3, key=11, index=0, offset=0, temperature=1.0, top_p=1.0,
-                         output_ids=[]),
-        2: ve.SamplerRow(seed=3, key=11, index=5, offset=2, temperature=0.5, top_p=0.8,
-                         output_ids=[1, 2, 3]),
-    }
-    out = ve.counter_sample(logits, rows)
+    a = ve.SamplerSpec(seed=3, key=11, index=0, offset=0, prompt_len=4, temperature=1.0,
+                       top_p=1.0)
+    b = ve.SamplerSpec(seed=3, key=11, index=5, offset=2, prompt_len=4, temperature=0.5,
+                       top_p=0.8)
+    out = ve.counter_sample(logits, {0: (a, 0), 2: (b, 5), 9: (b, 1)})  # row 9: out of batch
     assert torch.equal(out[1], original[1]) and torch.equal(out[3], original[3])
-    for i, row in rows.items():
-        u = torch.tensor([sample_uniform(row.seed, row.key, row.index, row.position)],
-                         dtype=torch.float64)
-        want = int(choose_tokens(original[i : i + 1], u, row.temperature, row.top_p)[0])
-        assert torch.isfinite(out[i]).sum() == 1 and int(out[i].argmax()) == want
-    assert rows[2].position == 5
+    for row, spec, pos in ((0, a, 0), (2, b, 5)):
+        assert torch.isfinite(out[row]).sum() == 1
+        assert int(out[row].argmax()) == expected_token(original[row], spec, pos)
 
 
 # ---- the engine's loop against a fake vLLM ------------------------------------------------------
@@ -591,3 +633,26 @@ def test_real_native_sampling_is_seeded_per_sample_and_returns_raw_logprobs(real
         # logprobs_mode="raw_logprobs": temperature-1 policy log-probs, not the T=0.6 ones
         lp = naive_logprobs(models[0], prompt, s.response)
         assert max(abs(a - b) for a, b in zip(s.logprobs, lp, strict=True)) < 1e-4
+
+
+@needs_vllm
+def test_counter_sampler_is_accepted_by_both_model_runners():
+    import inspect
+
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+
+    cls = ve.CounterSampler
+    assert issubclass(cls, V1) and not inspect.isabstract(cls)
+    assert _load_logitsprocs_by_fqcns([ve.SAMPLER_FQCN]) == [cls]
+    assert isinstance(cls(None, "cpu", False), cls)  # V1 construction
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+        from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+            _load_v2_logitsprocs_by_fqcns,
+        )
+    except ImportError:
+        return  # this vLLM has no model runner V2
+    assert issubclass(cls, V2)
+    assert _load_v2_logitsprocs_by_fqcns([ve.SAMPLER_FQCN]) == [cls]
+    assert isinstance(cls(None, SimpleNamespace()), cls)  # V2 construction

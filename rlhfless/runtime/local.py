@@ -198,7 +198,9 @@ class LocalRuntime:
                     inst = max(idle, key=lambda i: i.last_used)  # warmest first
                     inst.busy = True
                     return inst
-                if len(alive) < self._max[stage]:
+                # A prewarmed instance still starting will be ready sooner than a new one.
+                starting = [i for i in alive if not i.busy and i.ready_at is None]
+                if not starting and len(alive) < self._max[stage]:
                     break
                 await self._changed.wait()
         inst = await self._start(stage, busy=True)
@@ -242,6 +244,9 @@ class LocalRuntime:
         except BaseException:  # cancelled too: never leave a half-started instance behind
             self._stop(inst)
             raise
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
         return inst
 
     async def _wait_ready(self, inst: _Instance) -> None:

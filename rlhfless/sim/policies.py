@@ -167,3 +167,14 @@ def prewarm(enabled: bool, durations: Mapping[str, float],
 
 def prewarm_margin(cold_starts: Mapping[str, float]) -> float:
     return 0.5 * max(cold_starts.values(), default=0.0)
+
+
+def keep_or_prewarm(releases: Sequence[float], n_needed: int, ready_by: float,
+                    lead: float) -> tuple[list[float], float | None]:
+    """Per actor instance, the cheaper way to have `n_needed` of them ready at `ready_by`:
+    stay alive from its own release (billed ready_by − release), or scale to zero and be
+    prewarmed `lead` seconds before (billed lead).  Returns the releases of the instances
+    kept warm (latest first) and when to prewarm the rest (None if none is needed)."""
+    latest = sorted(releases, reverse=True)[:max(0, n_needed)]
+    keep = [r for r in latest if ready_by - r <= lead]
+    return keep, (ready_by - lead if len(keep) < n_needed else None)

@@ -1,9 +1,10 @@
 """RLHFless in the cluster model, step by step as the driver runs it.
 
-    plan      predict lengths (EWMA) → choose N actors (cost-aware) → assign groups to bins
-    rollout   N actor functions; each returns once a fraction τ of its samples is done
-              (cut); when all have returned, the unfinished samples (prompt + partial
-              response, re-prefilled) continue on fewer actors — the driver's two rounds
+    plan      predict lengths (EWMA of mean and longest) → choose N actors (cost-aware) → assign groups to bins
+    rollout   N actor functions; each is cut once a fraction τ of its samples is done and
+              its unfinished samples (prompt + partial response, re-prefilled) continue on
+              actors still running ("stream", default; `cut_mode` also offers one global
+              cut, and the driver's current barrier between two rounds — see sim.actors)
     score     reference (+ critic) functions on all GPUs, shared-prefix forward (dedup)
     train     trainer function: old log-probs + update on all GPUs, publishes weights v+1
 
@@ -201,12 +202,12 @@ class ServerlessSim:
             # prewarm.  Kept-warm time is billed to this step, never overlapping the
             # lifetime billed above.
             lead = cold["actor"] + policies.prewarm_margin(cold)
-            releases = sorted((a.release for a in out.actors), reverse=True)[:len(bins)]
-            keep = [r for r in releases if t_end - r <= lead]
+            keep, prewarm_at = policies.keep_or_prewarm(
+                [a.release for a in out.actors], len(bins), t_end, lead)
             self.warm_actors = [t_end for _ in keep]
             lives += [Lifetime(r, t_end, cfg.tp) for r in keep]
-            if len(keep) < len(releases):
-                self.next_actor_start = t_end - lead
+            if prewarm_at is not None:
+                self.next_actor_start = prewarm_at
         self.clock = t_end
         self.predictors.observe(ids, lens, s.length_prediction)
 

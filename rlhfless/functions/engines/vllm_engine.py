@@ -27,10 +27,13 @@ How the contract maps onto vLLM's offline engine (`LLM`, driven step by step):
       batch-shape dependent) logits may flip a draw that falls within rounding of a CDF
       boundary, after which the two samples diverge. Exactness is therefore up to logits
       numerics: bit-exact with identical logits, statistically identical otherwise.
+  CounterSampler implements both of vLLM's logits-processor interfaces (model runner V1, and
+  V2 — vLLM's default on CUDA from 0.33), so it works whichever runner vLLM picks.
   With `exact_sampling=False` vLLM samples natively with the per-sample seeds: reproducible
-  for a given request shape, but a continuation restarts the seeded generator, so it is a
-  valid sample of the same policy, not the uncut one. Greedy (temperature 0) is the plain
-  argmax either way.
+  for a given request shape; on runner V1 a continuation restarts the seeded generator (a
+  valid sample of the same policy, not the uncut one), on runner V2 the Gumbel noise is a
+  function of (seed, position) so a continuation should line up too. Tokens then differ from
+  TransformersEngine's. Greedy (temperature 0) is the plain argmax either way.
 - Scale-down: `sleep(level)` frees the KV cache (level 1 also offloads weights to CPU, level
   2 discards them and `wake()` reloads the current version); `close()` releases the engine.
 
@@ -184,6 +187,7 @@ def sampling_kwargs(
             "key": prompt_key(plan.key),
             "seed_base": plan.seed - plan.sample_indices[0],
             "offset": len(plan.prefix),
+            "prompt_len": plan.prompt_len,
             "temperature": float(request.temperature),
             "top_p": float(request.top_p),
         }})
@@ -298,41 +302,44 @@ class RolloutBook:
         return sum(s.cached_tokens for s in self.samples.values())
 
 
-# ---- the logits processor behind exact sampling -------------------------------------------------
-@dataclass
-class SamplerRow:
-    """Per batch row: what picks its next token (position = offset + tokens generated)."""
+# ---- the logits processor behind exact sampling -------------------------------------------
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What picks a request's tokens: the response position of the next token is
+    `offset + tokens generated` (model runner V1 tracks the generated tokens) or
+    `sequence length - prompt_len` (model runner V2 reports sequence lengths)."""
 
     seed: int
     key: int
     index: int
-    offset: int
+    offset: int  # prefix length (tokens of the response already in the prompt)
+    prompt_len: int  # the original prompt, prefix excluded
     temperature: float
     top_p: float
-    output_ids: list[int]  # vLLM's live list of the row's generated tokens
-
-    @property
-    def position(self) -> int:
-        return self.offset + len(self.output_ids)
 
 
-def sampler_row(params: Any, output_ids: list[int]) -> SamplerRow | None:
-    """The SamplerRow of a request's SamplingParams, or None if it samples natively."""
+def sampler_spec(params: Any) -> SamplerSpec | None:
+    """The SamplerSpec of a request's SamplingParams, or None if it samples natively."""
     spec = (getattr(params, "extra_args", None) or {}).get(SAMPLER_ARG)
     if spec is None:
         return None
-    return SamplerRow(
+    return SamplerSpec(
         seed=int(spec["seed"]), key=int(spec["key"]),
         index=int(params.seed) - int(spec["seed_base"]), offset=int(spec["offset"]),
-        temperature=float(spec["temperature"]), top_p=float(spec["top_p"]),
-        output_ids=output_ids,
+        prompt_len=int(spec["prompt_len"]), temperature=float(spec["temperature"]),
+        top_p=float(spec["top_p"]),
     )
+
+
+def _v1_row(params: Any, output_ids: list[int]) -> tuple[SamplerSpec, list[int]] | None:
+    spec = sampler_spec(params)
+    return None if spec is None else (spec, output_ids)  # output_ids: vLLM's live list
 
 
 def apply_batch_update(
     rows: dict[int, Any], update: Any, make: Callable[[Any, list[int]], Any | None]
 ) -> None:
-    """Follow vLLM's persistent batch (BatchUpdate: removed, then added, then moved)."""
+    """Follow model runner V1's persistent batch (BatchUpdate: removed, added, moved)."""
     if update is None:
         return
     for index in update.removed:
@@ -351,25 +358,23 @@ def apply_batch_update(
             rows[a] = row_b
 
 
-def counter_sample(logits: Any, rows: Mapping[int, SamplerRow]) -> Any:
-    """Pick each managed row's token with the counter-based sampler and leave it the only
-    finite logit (in place). Raw log-probs are taken by vLLM before logits processors run."""
+def counter_sample(logits: Any, draws: Mapping[int, tuple[SamplerSpec, int]]) -> Any:
+    """For each logits row in `draws` ({row: (spec, response position)}), pick the token with
+    the counter-based sampler and leave it the only finite logit (in place). vLLM takes raw
+    log-probs before logits processors run, so the returned log-probs are unaffected."""
     import torch
 
     from rlhfless.model.generation import choose_tokens
 
-    if not rows:
-        return logits
     by_setting: dict[tuple[float, float], list[int]] = {}
-    for index, row in sorted(rows.items()):
-        if index >= logits.shape[0]:
-            continue  # a slot beyond this step's batch (defensive: vLLM condenses first)
-        by_setting.setdefault((row.temperature, row.top_p), []).append(index)
-    for (temperature, top_p), indices in by_setting.items():
-        chosen = [rows[i] for i in indices]
-        uniforms = sample_uniforms([r.seed for r in chosen], [r.key for r in chosen],
-                                   [r.index for r in chosen], [r.position for r in chosen])
-        where = torch.tensor(indices, dtype=torch.long, device=logits.device)
+    for row, (spec, _) in sorted(draws.items()):
+        if row < logits.shape[0]:  # defensive: vLLM condenses its batch before sampling
+            by_setting.setdefault((spec.temperature, spec.top_p), []).append(row)
+    for (temperature, top_p), rows in by_setting.items():
+        chosen = [draws[r] for r in rows]
+        uniforms = sample_uniforms([s.seed for s, _ in chosen], [s.key for s, _ in chosen],
+                                   [s.index for s, _ in chosen], [pos for _, pos in chosen])
+        where = torch.tensor(rows, dtype=torch.long, device=logits.device)
         tokens = choose_tokens(logits[where], torch.from_numpy(uniforms).to(logits.device),
                                temperature, top_p)
         logits[where] = float("-inf")
@@ -377,33 +382,92 @@ def counter_sample(logits: Any, rows: Mapping[int, SamplerRow]) -> Any:
     return logits
 
 
+class CounterSamplerLogic:
+    """The state of CounterSampler for both of vLLM's logits-processor interfaces.
+
+    Model runner V1 (`vllm.v1.sample.logits_processor`): built with (config, device,
+    pin_memory), told about batch changes by `update_state`, `apply(logits)` over batch rows.
+    Model runner V2 (`vllm.v1.worker.gpu.sample.logits_processor`, vLLM's default on CUDA
+    from 0.33): built with (config, request state), `add_request(slot, params)` per request,
+    `apply(logits, ctx)` with the batch's slot mapping and sequence lengths.
+    """
+
+    def __init__(self, vllm_config: Any = None, *runner_args: Any) -> None:
+        self.rows: dict[int, tuple[SamplerSpec, list[int]]] = {}  # V1: batch row -> state
+        self.slots: dict[int, SamplerSpec] = {}  # V2: request slot -> spec
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        spec = (getattr(sampling_params, "extra_args", None) or {}).get(SAMPLER_ARG)
+        if spec is not None and getattr(sampling_params, "seed", None) is None:
+            raise ValueError(f"extra_args[{SAMPLER_ARG!r}] needs a seeded request")
+
+    # V1 -------------------------------------------------------------------------------------
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the token, greedy included
+
+    def update_state(self, batch_update: Any) -> None:
+        apply_batch_update(self.rows, batch_update, _v1_row)
+
+    # V2 -------------------------------------------------------------------------------------
+    def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+        spec = sampler_spec(sampling_params)
+        if spec is None:
+            self.slots.pop(req_idx, None)  # slots are recycled: forget a previous occupant
+            return False
+        self.slots[req_idx] = spec
+        return True
+
+    def apply_staged_writes(self) -> None:
+        pass
+
+    # both -----------------------------------------------------------------------------------
+    def apply(self, logits: Any, ctx: Any = None) -> Any:
+        if ctx is None:  # V1: rows are batch positions
+            draws = {row: (spec, spec.offset + len(out)) for row, (spec, out) in self.rows.items()}
+        else:  # V2 (no speculative decoding: one logits row per request, in batch order)
+            draws = {}
+            lengths = ctx.seq_lens_upper_bound_np  # exact without speculative decoding
+            for row, slot in enumerate(ctx.idx_mapping_np.tolist()):
+                spec = self.slots.get(slot)
+                if spec is not None:
+                    draws[row] = (spec, int(lengths[row]) - spec.prompt_len)
+        return counter_sample(logits, draws) if draws else logits
+
+
 _COUNTER_SAMPLER: type | None = None
 
 
 def _counter_sampler_class() -> type:
-    """Build the vLLM LogitsProcessor subclass once (it needs vLLM to define)."""
+    """Build the vLLM logits processor class once (it needs vLLM to define): a subclass of
+    both interfaces' base classes, so vLLM accepts it whichever model runner it picks."""
     global _COUNTER_SAMPLER
     if _COUNTER_SAMPLER is None:
-        from vllm.v1.sample.logits_processor import LogitsProcessor
+        from vllm.v1.sample.logits_processor import LogitsProcessor as V1Processor
 
-        class CounterSampler(LogitsProcessor):
-            """Counter-based sampling for requests carrying `extra_args[SAMPLER_ARG]`."""
+        extra: tuple[type, ...] = ()
+        try:
+            from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+                LogitsProcessor as V2Processor,
+            )
+        except ImportError:  # a vLLM without model runner V2
+            pass
+        else:
+            extra = (V2Processor,)
 
-            def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
-                self.rows: dict[int, SamplerRow] = {}
+        class CounterSampler(CounterSamplerLogic, V1Processor, *extra):
+            """Counter-based sampling for requests carrying extra_args[SAMPLER_ARG]."""
 
-            def is_argmax_invariant(self) -> bool:
-                return False  # it decides the token, greedy included
-
-            def update_state(self, batch_update: Any) -> None:
-                apply_batch_update(self.rows, batch_update, sampler_row)
-
-            def apply(self, logits: Any) -> Any:
-                return counter_sample(logits, self.rows)
+            # the base classes declare these abstract: bind the shared logic explicitly
+            __init__ = CounterSamplerLogic.__init__
+            apply = CounterSamplerLogic.apply
+            is_argmax_invariant = CounterSamplerLogic.is_argmax_invariant
+            update_state = CounterSamplerLogic.update_state
 
         CounterSampler.__module__ = __name__
         CounterSampler.__qualname__ = "CounterSampler"
-        _COUNTER_SAMPLER = CounterSampler
+        cls = CounterSampler
+        _COUNTER_SAMPLER = cls
     return _COUNTER_SAMPLER
 
 
