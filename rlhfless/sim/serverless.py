@@ -1,6 +1,7 @@
 """RLHFless in the cluster model, step by step as the driver runs it.
 
-    plan      predict lengths (EWMA of mean and longest) → choose N actors (cost-aware) → assign groups to bins
+    plan      predict lengths (EWMA of mean and longest) → choose N actors (cost-aware)
+              → assign groups to bins
     rollout   N actor functions; each is cut once a fraction τ of its samples is done and
               its unfinished samples (prompt + partial response, re-prefilled) continue on
               actors still running ("stream", default; `cut_mode` also offers one global
