@@ -20,6 +20,10 @@ class ActorHandler:
             from rlhfless.functions.engines.hf import TransformersEngine
 
             return cls(TransformersEngine(store, dedup_prefill=dedup_prefill))
+        if engine == "vllm":
+            from rlhfless.functions.engines.vllm_engine import VLLMEngine
+
+            return cls(VLLMEngine(store, enable_prefix_caching=dedup_prefill))
         return cls(make_engine(engine, store))
 
     def loaded_version(self) -> int | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from rlhfless.functions.device import on_device
 from rlhfless.functions.schemas import ScoreRequest, ScoreResponse
 from rlhfless.functions.train_state import load_critic_from_store
 from rlhfless.functions.versions import VersionedCache
@@ -51,7 +52,7 @@ class ScoreHandler:
 
 
 def reference_handler(store: WeightStore) -> ScoreHandler:
-    cache = VersionedCache(store, lambda v: load_from_store(store, v)[0])
+    cache = VersionedCache(store, lambda v: on_device(load_from_store(store, v)[0]))
 
     def score(request: ScoreRequest) -> tuple[list[list[list[float]]], int]:
         model = cache.get(request.weights_version)
@@ -69,7 +70,7 @@ def reference_handler(store: WeightStore) -> ScoreHandler:
 
 def critic_handler(store: WeightStore) -> ScoreHandler:
     cache: VersionedCache[ValueModel] = VersionedCache(
-        store, lambda v: load_critic_from_store(store, v)
+        store, lambda v: on_device(load_critic_from_store(store, v))
     )
 
     def score(request: ScoreRequest) -> tuple[list[list[list[float]]], int]:

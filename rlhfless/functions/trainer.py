@@ -6,6 +6,7 @@ import time
 
 from rlhfless.api.spec import JobSpec
 from rlhfless.functions.app import FunctionError
+from rlhfless.functions.device import on_device
 from rlhfless.functions.schemas import TrainRequest, TrainResponse
 from rlhfless.functions.train_state import (
     CRITIC_PART,
@@ -15,6 +16,7 @@ from rlhfless.functions.train_state import (
 )
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.train.batch import TrainBatch
+from rlhfless.train.deepspeed_config import full_fp32_state_dict
 from rlhfless.train.update import PolicyTrainer
 from rlhfless.weights import DEFAULT_PART, WeightStore, load_from_store
 
@@ -28,9 +30,9 @@ class TrainerHandler:
         self.cache: VersionedCache[PolicyTrainer] = VersionedCache(store, self._load)
 
     def _load(self, version: int) -> PolicyTrainer:
-        model, _ = load_from_store(self.store, version)
+        model = on_device(load_from_store(self.store, version)[0])
         critic = (
-            load_critic_from_store(self.store, version)
+            on_device(load_critic_from_store(self.store, version))
             if self.spec.algorithm.name == "ppo" else None
         )
         trainer = PolicyTrainer(model, self.spec.algorithm, self.spec.trainer, critic,
@@ -66,9 +68,10 @@ class TrainerHandler:
         stats = trainer.step(batch)
         train_s = time.perf_counter() - started
         new_version = request.weights_version + 1
-        parts = {DEFAULT_PART: trainer.model.state_dict()}
+        # fp32 master weights (DeepSpeed bf16 / ZeRO shards gathered), on the CPU.
+        parts = {DEFAULT_PART: full_fp32_state_dict(trainer.model)}
         if trainer.critic is not None:
-            parts[CRITIC_PART] = trainer.critic.state_dict()
+            parts[CRITIC_PART] = full_fp32_state_dict(trainer.critic)
         save_optimizer_state(self.store, new_version, trainer.state_dict())
         # A version left by a step that was never checkpointed is replaced, not reused.
         self.store.save_parts(new_version, parts, {"trained_from": request.weights_version},

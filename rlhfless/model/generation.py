@@ -226,7 +226,7 @@ def _prefill(model, prompts, prefixes, prompt_of, logprobs):
         input_ids=p_ids,
         attention_mask=p_mask,
         position_ids=p_pos,
-        cache=cache,
+        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -244,7 +244,7 @@ def _prefill(model, prompts, prefixes, prompt_of, logprobs):
             input_ids=f_ids,
             attention_mask=mask,
             position_ids=f_pos,
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
         ).logits
         # the state predicting prefix token t: prompt's last for t = 0, prefix token t-1 after
@@ -264,7 +264,7 @@ def _decode_step(model, cache, rows: _Rows, tokens: torch.Tensor) -> torch.Tenso
         input_ids=tokens.unsqueeze(1),
         attention_mask=rows.mask,
         position_ids=rows.positions.unsqueeze(1),
-        cache=cache,
+        past_key_values=cache,
         use_cache=True,
     )
     rows.positions = rows.positions + 1

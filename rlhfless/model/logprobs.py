@@ -88,7 +88,8 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
     p_ids, p_mask, p_pos = left_pad(prompts, pad, device)
     cache = DynamicCache(config=model.config)
     h_prompt = backbone(
-        input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, cache=cache, use_cache=True
+        input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=cache,
+        use_cache=True,
     ).last_hidden_state
     index = torch.tensor(prompt_of, dtype=torch.long, device=device)
     last = h_prompt[:, -1][index]  # left padding: the last column is every prompt's last token
@@ -104,7 +105,7 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
         input_ids=r_ids,
         attention_mask=torch.cat([p_mask[index], r_mask], dim=1),
         position_ids=positions,
-        cache=cache,
+        past_key_values=cache,
         use_cache=True,
     ).last_hidden_state
     return torch.cat([last.unsqueeze(1), h_resp], dim=1)

@@ -7,16 +7,23 @@ import time
 
 import torch
 
+from rlhfless.functions.device import on_device
 from rlhfless.functions.schemas import ActorRequest, ActorResponse, RolloutSample
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.generation import generate, prompt_key
+from rlhfless.model.tokenizer import Tokenizer
 from rlhfless.weights import WeightStore, load_from_store
 
 
 class TransformersEngine:
     def __init__(self, store: WeightStore, dedup_prefill: bool = True):
-        self.models = VersionedCache(store, lambda v: load_from_store(store, v))
+        self.models = VersionedCache(store, lambda v: self._load(store, v))
         self.dedup_prefill = dedup_prefill
+
+    @staticmethod
+    def _load(store: WeightStore, version: int) -> tuple[torch.nn.Module, Tokenizer]:
+        model, tok = load_from_store(store, version)
+        return on_device(model), tok
 
     def loaded_version(self) -> int | None:
         return self.models.version
