@@ -20,7 +20,7 @@ def tiny_job(name: str, prompts: int, group: int, tokens: int, steps: int,
         "apiVersion": "rlhfless.io/v1alpha1", "kind": "RLHFJob", "metadata": {"name": name},
         "spec": {
             "model": {"source": "tiny", "tiny": {"nLayer": 2, "nEmbd": 128, "nHead": 4,
-                                                  "nPositions": 256}},
+                                                  "nPositions": 512}},
             "algorithm": {"name": "grpo", "groupSize": group, "lr": 0.003, "klBeta": 0.01,
                           "miniBatchSize": prompts * group},
             "dataset": {"kind": "arithmetic", "size": 4 * prompts, "promptsPerStep": prompts},

@@ -130,3 +130,12 @@ def test_trainer_publishes_next_version_and_refuses_unknown(tiny_store):
     bad = client.post("/invoke", json={**body, "request_id": "t2",
                                        "advantages": [[[1.0], [-1.0]]]})
     assert bad.status_code == 422 and "response lengths" in bad.json()["error"]
+
+
+def test_request_longer_than_the_model_is_a_422(tiny_store):
+    job, store = tiny_store
+    tok = load_tokenizer(store.base_dir / "tokenizer")
+    body = _actor_request(tok, max_new_tokens=500)  # the tiny model has 96 positions
+    reply = _client("actor", job, store).post("/invoke", json=body)
+    assert reply.status_code == 422
+    assert "cannot serve this request" in reply.json()["error"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from rlhfless.functions.metrics import FunctionMetrics
 from rlhfless.functions.schemas import REQUESTS
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+log = logging.getLogger("rlhfless.functions")
 
 
 def process_started_at() -> float:
@@ -161,6 +163,13 @@ def create_app(
         except FunctionError as exc:
             metrics.requests.labels(stage, "refused").inc()
             return _error(exc.status, exc.message)
+        except ValueError as exc:  # the request does not fit (e.g. longer than the model)
+            metrics.requests.labels(stage, "invalid").inc()
+            return _error(422, f"cannot serve this request: {exc}")
+        except Exception as exc:  # noqa: BLE001 - report, don't drop the connection
+            metrics.requests.labels(stage, "error").inc()
+            log.exception("request failed")
+            return _error(500, f"{type(exc).__name__}: {exc}")
         metrics.requests.labels(stage, "ok").inc()
         return JSONResponse(result)
 
