@@ -3,8 +3,9 @@
 Overhead = step wall time − time on the step's critical path spent inside functions (the
 slowest actor of each rollout round + the slowest scoring function + the trainer). It holds
 HTTP, JSON (de)serialisation, the driver's own work (tokenising, advantages) and scheduling.
-Functions are kept warm (long keep-alive, prewarm on) and the first steps (cold starts) are
-skipped, so this measures the steady state.
+Functions are kept warm (long keep-alive, no prewarm-driven release, so no cold start is
+exposed) and the first steps are skipped, so this measures the steady state of the runtime
+itself; exposed cold starts are a scheduling matter (see benchmarks/ablation.py).
 
     python benchmarks/runtime_overhead.py [--steps 6] [--skip 2]
 """
@@ -31,7 +32,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     for prompts, group, tokens in BATCHES:
         job = tiny_job("overhead", prompts, group, tokens, args.steps,
-                       {"costAware": False, "cutMigrate": False})
+                       {"costAware": False, "cutMigrate": False, "prewarm": False})
         rows = run_job(job)[args.skip:]
         step, inside = median(rows, "timing_s/step"), median(rows, "timing_s/in_functions")
         table.add_row(f"{prompts} × {group} × {tokens}", f"{step:.2f}", f"{inside:.2f}",

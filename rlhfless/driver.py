@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,8 +36,15 @@ from rlhfless.runtime.base import Runtime
 from rlhfless.scheduling.prewarm import PrewarmPlan
 from rlhfless.weights import WeightStore, materialize_base
 
+log = logging.getLogger("rlhfless.driver")
 StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 SCORING_STAGES = ("reference", "reward", "critic")
+
+
+def _log_prewarm_failure(task: asyncio.Future[None]) -> None:
+    """A failed prewarm only costs a cold start later (the request starts one on demand)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("prewarm failed: %s", task.exception())
 
 
 def _work_seconds(rollout: RolloutResult, scores: dict[str, dict], train_reply: dict
@@ -196,7 +204,8 @@ class Driver:
         finally:
             if prewarm is not None:
                 for stage in prewarm.scale_to_zero_after.get(phase, []):
-                    await self.runtime.scale(stage, 0)
+                    if stage not in pending:  # being prewarmed for its next turn: keep it
+                        await self.runtime.scale(stage, 0)
             for stage, task in pending.items():
                 if task.done() or not task.cancel():
                     continue
@@ -207,7 +216,9 @@ class Driver:
     async def _start_later(self, stage: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         # Once started, a cold start runs to the end even if its phase closes meanwhile.
-        await asyncio.shield(self.runtime.scale(stage, self._instances_wanted(stage)))
+        start = asyncio.ensure_future(self.runtime.scale(stage, self._instances_wanted(stage)))
+        start.add_done_callback(_log_prewarm_failure)
+        await asyncio.shield(start)
 
     def _instances_wanted(self, stage: str) -> int:
         if stage == "actor":

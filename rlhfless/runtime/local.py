@@ -142,7 +142,8 @@ class LocalRuntime:
             for inst in sorted(alive, key=lambda i: i.last_used):
                 if extra <= 0:
                     break
-                if not inst.busy:
+                # Busy or still starting instances are someone's: only idle ready ones go.
+                if not inst.busy and inst.ready_at is not None:
                     self._stop(inst)
                     extra -= 1
         async with self._changed:
