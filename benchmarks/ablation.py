@@ -53,7 +53,7 @@ def main() -> None:
                       f"{median(warm, 'sched/actors'):.0f}",
                       f"{median(warm, 'sched/migrated_samples'):.0f}",
                       f"{median(warm, 'perf/prefill_tokens_saved'):.0f}")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main() -> None:
         step, inside = median(rows, "timing_s/step"), median(rows, "timing_s/in_functions")
         table.add_row(f"{prompts} × {group} × {tokens}", f"{step:.2f}", f"{inside:.2f}",
                       f"{step - inside:.2f}", f"{inside / step:.1%}")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ from rlhfless.weights import WeightStore, materialize_base
 log = logging.getLogger("rlhfless.driver")
 StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 SCORING_STAGES = ("reference", "reward", "critic")
+# Order of each stage's phase within a step (rollout → score → train).
+PHASE_OF = {"actor": 0, "rollout": 0, "reference": 1, "reward": 1, "critic": 1, "score": 1,
+            "trainer": 2, "train": 2}
 
 
 def _log_prewarm_failure(task: asyncio.Future[None]) -> None:
@@ -111,13 +114,14 @@ class Driver:
         prefix = f"{self.job.metadata.name}-s{step}"
         items = await asyncio.to_thread(self._prompt_items, step)
         prewarm = self.planner.prewarm() if self.spec.scheduling.prewarm else None
+        last = step == self.spec.steps
 
         # 1. plan
         plan = self.planner.plan(items, warm_actors=self._alive("actor"))
         await self.runtime.scale("actor", plan.n_actors)
 
         # 2. rollout
-        async with self._phase("rollout", prewarm):
+        async with self._phase("rollout", prewarm, last):
             started = time.time()
             rollout = await run_rollout(
                 self.runtime, items, plan.bins, version, self._rollout_settings(step),
@@ -126,7 +130,7 @@ class Driver:
             timings["gen"] = time.time() - started
 
         # 3. score (reference, reward and critic run side by side)
-        async with self._phase("score", prewarm):
+        async with self._phase("score", prewarm, last):
             payloads = await asyncio.to_thread(
                 score_payloads, self.spec, items, rollout.samples, version, prefix,
                 self._tokenizer)
@@ -136,7 +140,7 @@ class Driver:
             scores = dict(zip(payloads, results, strict=True))
 
         # 4. advantages, 5. train
-        async with self._phase("train", prewarm):
+        async with self._phase("train", prewarm, last):
             request, learn_stats = await asyncio.to_thread(
                 build_train_request, self.spec, items, rollout.samples, scores, version,
                 f"{prefix}-train")
@@ -191,12 +195,15 @@ class Driver:
         return record
 
     @contextlib.asynccontextmanager
-    async def _phase(self, phase: str, prewarm: PrewarmPlan | None) -> AsyncIterator[None]:
+    async def _phase(self, phase: str, prewarm: PrewarmPlan | None,
+                     last_step: bool = False) -> AsyncIterator[None]:
         """Prewarm stages due during `phase`; release the phase's stages when it ends."""
         pending: dict[str, asyncio.Task[None]] = {}
         if prewarm is not None:
             for stage, start_phase in prewarm.start_phase.items():
-                if start_phase == phase and self._instances_wanted(stage):
+                if start_phase == phase and self._instances_wanted(stage) and not (
+                    last_step and PHASE_OF[stage] <= PHASE_OF.get(phase, 0)
+                ):  # nothing to prewarm for a step that will not run
                     pending[stage] = asyncio.create_task(
                         self._start_later(stage, prewarm.start_offsets[stage]))
         try:
