@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,17 +230,26 @@ def _first(annotations: dict[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
-def _int_ge0(annotations: dict[str, str], names: tuple[str, ...],
-             errors: list[str]) -> int:
+def _parsed(annotations: dict[str, str], errors: list[str], parse: Callable[[str], Any],
+            *names: str) -> tuple[str, str, Any] | None:
+    """(key, raw text, parsed value) of the first of `names` present; unparsable → error."""
     found = _first(annotations, *names)
     if found is None:
-        return 0
+        return None
     key, value = found
     try:
-        number = int(value)
+        return key, value, parse(value)
     except ValueError:
         errors.append(f"{key}: invalid value {value!r}")
+        return None
+
+
+def _int_ge0(annotations: dict[str, str], names: tuple[str, ...],
+             errors: list[str]) -> int:
+    found = _parsed(annotations, errors, int, *names)
+    if found is None:
         return 0
+    key, value, number = found
     if not 0 <= number <= 2**31 - 1:
         errors.append(f"{key}: {value} out of bounds [0, 2147483647]")
         return 0
@@ -259,65 +269,39 @@ def _check_annotations(annotations: dict[str, str], allow_zero_initial_scale: bo
                           f"{max_scale_limit}")
         if hi == 0:
             errors.append(f"max-scale=0 (unlimited) must be below {max_scale_limit}")
-    if (found := _first(annotations, "activation-scale")) is not None:
-        key, value = found
-        try:
-            activation = int(value)
-        except ValueError:
-            errors.append(f"{key}: invalid value {value!r}")
-        else:
-            if lo > activation:
-                errors.append(f"min-scale={lo} is greater than activation-scale={activation}")
-            elif hi != 0 and hi < activation:
-                errors.append(f"max-scale={hi} is less than activation-scale={activation}")
-            elif activation < 2:
-                errors.append(f"activation-scale={activation} must be greater than 1")
-    if (found := _first(annotations, "initial-scale", "initialScale")) is not None:
-        key, value = found
-        try:
-            initial = int(value)
-        except ValueError:
-            errors.append(f"{key}: invalid value {value!r}")
-        else:
-            if initial < 0:
-                errors.append(f"{key}={initial} must be at least 0")
-            elif initial == 0 and not allow_zero_initial_scale:
-                errors.append(f"{key}=0 not allowed by cluster (allow-zero-initial-scale)")
-    if (found := _first(annotations, "target")) is not None:
-        key, value = found
-        try:
-            if float(value) < 0.01:
-                errors.append(f"{key}: target {value} should be at least 0.01")
-        except ValueError:
-            errors.append(f"{key}: invalid value {value!r}")
-    if (found := _first(annotations, "target-utilization-percentage")) is not None:
-        key, value = found
-        try:
-            if not 1 <= float(value) <= 100:
-                errors.append(f"{key}: {value} out of bounds [1, 100]")
-        except ValueError:
-            errors.append(f"{key}: invalid value {value!r}")
-    if (found := _first(annotations, "window")) is not None:
-        key, value = found
-        try:
-            seconds = parse_go_duration(value)
-        except ValueError:
-            errors.append(f"{key}: invalid value {value!r}")
-        else:
-            if not 6 <= seconds <= 3600:
-                errors.append(f"{key}: {value} out of bounds [6s, 1h0m0s]")
-            elif not math.isclose(seconds, round(seconds)):
-                errors.append(f"{key}: must be specified with at most second precision")
+    if (found := _parsed(annotations, errors, int, "activation-scale")) is not None:
+        activation = found[2]
+        if lo > activation:
+            errors.append(f"min-scale={lo} is greater than activation-scale={activation}")
+        elif hi != 0 and hi < activation:
+            errors.append(f"max-scale={hi} is less than activation-scale={activation}")
+        elif activation < 2:
+            errors.append(f"activation-scale={activation} must be greater than 1")
+    if (found := _parsed(annotations, errors, int, "initial-scale", "initialScale")) is not None:
+        key, _, initial = found
+        if initial < 0:
+            errors.append(f"{key}={initial} must be at least 0")
+        elif initial == 0 and not allow_zero_initial_scale:
+            errors.append(f"{key}=0 not allowed by cluster (allow-zero-initial-scale)")
+    if (found := _parsed(annotations, errors, float, "target")) is not None:
+        key, value, target = found
+        if target < 0.01:
+            errors.append(f"{key}: target {value} should be at least 0.01")
+    if (found := _parsed(annotations, errors, float, "target-utilization-percentage")) is not None:
+        key, value, percent = found
+        if not 1 <= percent <= 100:
+            errors.append(f"{key}: {value} out of bounds [1, 100]")
+    if (found := _parsed(annotations, errors, parse_go_duration, "window")) is not None:
+        key, value, seconds = found
+        if not 6 <= seconds <= 3600:
+            errors.append(f"{key}: {value} out of bounds [6s, 1h0m0s]")
+        elif not math.isclose(seconds, round(seconds)):
+            errors.append(f"{key}: must be specified with at most second precision")
     for name in ("scale-to-zero-pod-retention-period", "scale-down-delay"):
-        if (found := _first(annotations, name)) is not None:
-            key, value = found
-            try:
-                seconds = parse_go_duration(value)
-            except ValueError:
-                errors.append(f"{key}: invalid value {value!r}")
-            else:
-                if not 0 <= seconds <= 3600:
-                    errors.append(f"{key}: {value} out of bounds [0s, 1h0m0s]")
+        if (found := _parsed(annotations, errors, parse_go_duration, name)) is not None:
+            key, value, seconds = found
+            if not 0 <= seconds <= 3600:
+                errors.append(f"{key}: {value} out of bounds [0s, 1h0m0s]")
     if (found := _first(annotations, "metric")) is not None:
         key, value = found
         klass = annotations.get(AUTOSCALING + "class", "kpa.autoscaling.knative.dev")
