@@ -31,7 +31,13 @@ from rlhfless.records import (
     idle_ratios,
 )
 from rlhfless.rewards.datasets import batch_for_step, load_dataset
-from rlhfless.rollout import PromptItem, RolloutResult, RolloutSettings, run_rollout
+from rlhfless.rollout import (
+    PromptItem,
+    RolloutResult,
+    RolloutSettings,
+    invoke_timed,
+    run_rollout,
+)
 from rlhfless.runtime.base import Runtime
 from rlhfless.scheduling.prewarm import PrewarmPlan
 from rlhfless.weights import WeightStore, materialize_base
@@ -39,6 +45,7 @@ from rlhfless.weights import WeightStore, materialize_base
 log = logging.getLogger("rlhfless.driver")
 StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 SCORING_STAGES = ("reference", "reward", "critic")
+TIMING_KEYS = {"reference": "ref", "trainer": "update_actor"}
 # Order of each stage's phase within a step (rollout → score → train).
 PHASE_OF = {"actor": 0, "rollout": 0, "reference": 1, "reward": 1, "critic": 1, "score": 1,
             "trainer": 2, "train": 2}
@@ -135,7 +142,8 @@ class Driver:
                 score_payloads, self.spec, items, rollout.samples, version, prefix,
                 self._tokenizer)
             results = await asyncio.gather(*(
-                self._timed(stage, payload, busy, timings) for stage, payload in payloads.items()
+                invoke_timed(self.runtime, stage, payload, busy)
+                for stage, payload in payloads.items()
             ))
             scores = dict(zip(payloads, results, strict=True))
 
@@ -144,7 +152,10 @@ class Driver:
             request, learn_stats = await asyncio.to_thread(
                 build_train_request, self.spec, items, rollout.samples, scores, version,
                 f"{prefix}-train")
-            reply = await self._timed("trainer", request, busy, timings, key="update_actor")
+            reply = await invoke_timed(self.runtime, "trainer", request, busy)
+        # verl-comparable names; each scoring stage and the trainer run once a step.
+        timings.update({TIMING_KEYS.get(b.stage, b.stage): b.end - b.start
+                        for b in busy if b.stage != "actor"})
         new_version = int(reply["weights_version"])
 
         # 6. record
@@ -262,16 +273,6 @@ class Driver:
             seed=self.spec.seed * 1_000_003 + step,
             cut_fraction=sched.tau if sched.cut_migrate and sched.tau < 1 else None,
         )
-
-    async def _timed(self, stage: str, payload: dict, busy: list[BusyInterval],
-                     timings: dict[str, float], key: str | None = None) -> dict:
-        start = time.time()
-        try:
-            return await self.runtime.invoke(stage, payload)
-        finally:
-            end = time.time()
-            busy.append(BusyInterval(stage, start, end))
-            timings[key or {"reference": "ref"}.get(stage, stage)] = end - start
 
     async def _scale_all(self, n: int) -> None:
         for stage in ("actor", *SCORING_STAGES, "trainer"):

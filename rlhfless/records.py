@@ -35,12 +35,6 @@ def cost_by_stage(
     return {stage: cost_breakdown(ls, t0, t1) for stage, ls in lives.items()}
 
 
-def gpu_seconds_by_stage(
-    usages: Iterable[InstanceUsage], t0: float, t1: float
-) -> dict[str, float]:
-    return {stage: c.gpu_seconds for stage, c in cost_by_stage(usages, t0, t1).items()}
-
-
 def idle_ratios(
     usages: Iterable[InstanceUsage], busy: Iterable[BusyInterval], t0: float, t1: float
 ) -> dict[str, float]:

@@ -32,7 +32,6 @@ class RolloutResult:
     actor_stats: list[dict[str, float]] = field(default_factory=list)
     migrated: int = 0
     migration_actors: int = 0
-    round_seconds: list[float] = field(default_factory=list)
     round_work_s: list[float] = field(default_factory=list)  # slowest function time per round
 
 
@@ -50,9 +49,10 @@ class RolloutSettings:
     cut_fraction: float | None
 
 
-async def _invoke_timed(
+async def invoke_timed(
     runtime: Runtime, stage: str, payload: dict, busy: list[BusyInterval]
 ) -> dict:
+    """`runtime.invoke`, recording the call as a busy interval of `stage`."""
     start = time.time()
     try:
         return await runtime.invoke(stage, payload)
@@ -93,10 +93,8 @@ async def run_rollout(
             for j in bin_
         ]
         payloads.append(_request(f"{request_prefix}-r0-{i}", version, prompts, settings, cut))
-    started = time.time()
-    replies = await asyncio.gather(*(_invoke_timed(runtime, "actor", p, busy) for p in payloads))
+    replies = await asyncio.gather(*(invoke_timed(runtime, "actor", p, busy) for p in payloads))
     result = RolloutResult(samples={item.key: [] for item in items})
-    result.round_seconds.append(time.time() - started)
     result.round_work_s.append(max(r["stats"].get("function_s", 0.0) for r in replies))
     unfinished: list[RolloutSample] = []
     for reply in replies:
@@ -125,11 +123,9 @@ async def run_rollout(
             payloads.append(
                 _request(f"{request_prefix}-r1-{i}", version, prompts, settings, None)
             )
-        started = time.time()
         replies = await asyncio.gather(
-            *(_invoke_timed(runtime, "actor", p, busy) for p in payloads)
+            *(invoke_timed(runtime, "actor", p, busy) for p in payloads)
         )
-        result.round_seconds.append(time.time() - started)
         result.round_work_s.append(max(r["stats"].get("function_s", 0.0) for r in replies))
         for reply in replies:
             result.actor_stats.append(reply["stats"])

@@ -43,7 +43,6 @@ class _Instance:
     stopping: bool = False
     busy: bool = False
     last_used: float = field(default_factory=time.time)
-    busy_seconds: float = 0.0
     log_path: Path | None = None
 
     @property
@@ -153,7 +152,6 @@ class LocalRuntime:
         last_error = "no attempt made"
         for _ in range(MAX_ATTEMPTS):
             inst = await self._acquire(stage)
-            started = time.time()
             try:
                 response = await self._client.post(f"{inst.url}/invoke", json=payload)
             except httpx.TransportError as exc:
@@ -161,9 +159,9 @@ class LocalRuntime:
                 # functions are idempotent per request id, so a retry never double-applies.
                 last_error = f"instance {inst.name} failed: {type(exc).__name__}"
                 self._stop(inst)
-                await self._release(inst, started)
+                await self._release(inst)
                 continue
-            await self._release(inst, started)
+            await self._release(inst)
             if response.status_code >= 400:
                 try:
                     message = response.json().get("error", response.text)
@@ -183,12 +181,6 @@ class LocalRuntime:
     def instances(self, stage: str | None = None) -> list[_Instance]:
         return [i for i in self._instances if stage is None or i.stage == stage]
 
-    def busy_seconds(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for inst in self._instances:
-            totals[inst.stage] = totals.get(inst.stage, 0.0) + inst.busy_seconds
-        return totals
-
     # -- internals -----------------------------------------------------------------------
     async def _acquire(self, stage: str) -> _Instance:
         async with self._changed:
@@ -207,9 +199,8 @@ class LocalRuntime:
         inst = await self._start(stage, busy=True)
         return inst
 
-    async def _release(self, inst: _Instance, started: float) -> None:
+    async def _release(self, inst: _Instance) -> None:
         now = time.time()
-        inst.busy_seconds += now - started
         inst.busy = False
         inst.last_used = now
         async with self._changed:
