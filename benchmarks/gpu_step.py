@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -79,7 +80,7 @@ def job_document(config: str, args: argparse.Namespace) -> dict[str, Any]:
         "spec": {
             "model": {"source": "gguf", "path": "smollm2"},
             "algorithm": {"name": "grpo", "groupSize": args.group, "lr": 2e-6, "klBeta": 0.01,
-                          "miniBatchSize": 64},
+                          "miniBatchSize": math.gcd(64, args.group * args.prompts)},
             "dataset": {"kind": "arithmetic", "size": 1024, "promptsPerStep": args.prompts,
                         "systemPrompt": "You are a careful math tutor. Answer briefly."},
             "reward": {"name": "exact_match", "args": {}},

@@ -22,8 +22,7 @@ def tiny_job(name: str = "t", **spec_overrides: object) -> RLHFJob:
     spec: dict[str, object] = {
         "model": {"source": "tiny", "tiny": {"nLayer": 1, "nEmbd": 32, "nHead": 2,
                                               "nPositions": 96, "seed": 0}},
-        "algorithm": {"name": "grpo", "groupSize": 4, "lr": 0.003, "klBeta": 0.01,
-                      "miniBatchSize": 64},
+        "algorithm": {"name": "grpo", "groupSize": 4, "lr": 0.003, "klBeta": 0.01},
         "dataset": {"kind": "repeat", "size": 4, "promptsPerStep": 4},
         "reward": {"name": "target_char", "args": {"char": "5"}},
         "generation": {"maxNewTokens": 8},
@@ -35,6 +34,10 @@ def tiny_job(name: str = "t", **spec_overrides: object) -> RLHFJob:
             spec[key] = {**spec[key], **value}  # type: ignore[dict-item]
         else:
             spec[key] = value
+    algorithm: dict = spec["algorithm"]  # type: ignore[assignment]
+    # One optimizer step over the whole batch unless a test asks for mini-batches.
+    algorithm.setdefault("miniBatchSize", algorithm["groupSize"]
+                         * spec["dataset"]["promptsPerStep"])  # type: ignore[index]
     return parse_job({"apiVersion": "rlhfless.io/v1alpha1", "kind": "RLHFJob",
                       "metadata": {"name": name}, "spec": spec})
 

@@ -13,16 +13,15 @@ import jsonschema
 import pytest
 import yaml
 
-from rlhfless.api.spec import parse_job, parse_spec
+from rlhfless.api.names import MAX_JOB_NAME, name_errors
+from rlhfless.api.spec import STAGES, parse_job, parse_spec
 from rlhfless.operator.manifests import (
     AUTOSCALING,
     JOB_ENV,
-    MAX_JOB_NAME,
     FunctionSettings,
     build_service,
     build_services,
     check_webhook_rules,
-    name_errors,
     parse_go_duration,
     stages_for,
 )
@@ -243,9 +242,10 @@ def test_job_names_must_fit_knative_names() -> None:
     assert name_errors("a" * MAX_JOB_NAME) == []
     assert name_errors("a" * (MAX_JOB_NAME + 1))
     assert name_errors("9lives")  # Knative Service names start with a letter
-    longest = build_service(parse_spec({}, "a" * MAX_JOB_NAME), "reference", namespace="n",
+    longest = max(STAGES, key=len)
+    service = build_service(parse_spec({}, "a" * MAX_JOB_NAME), longest, namespace="n",
                             uid=UID)
-    name = longest["metadata"]["name"]
+    name = service["metadata"]["name"]
     assert len(f"{name}-00001-private") == 63
 
 

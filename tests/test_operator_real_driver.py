@@ -20,7 +20,7 @@ from rlhfless.runtime.local import LocalRuntime
 SPEC = {
     "model": {"source": "tiny", "tiny": {"nLayer": 1, "nEmbd": 32, "nHead": 2,
                                          "nPositions": 64, "seed": 0}},
-    "algorithm": {"name": "grpo", "groupSize": 4, "lr": 0.003, "miniBatchSize": 64},
+    "algorithm": {"name": "grpo", "groupSize": 4, "lr": 0.003, "miniBatchSize": 8},
     "dataset": {"kind": "repeat", "size": 4, "promptsPerStep": 2},
     "reward": {"name": "target_char", "args": {"char": "5"}},
     "generation": {"maxNewTokens": 8},

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from rlhfless.api.imageref import MAX_NAME_LENGTH, NAME_LENGTH_PATTERN
+from rlhfless.api.names import JOB_NAME_PATTERN, MAX_JOB_NAME
 from rlhfless.api.spec import API_GROUP, KIND, JobSpec
 
 VERSION = "v1alpha1"
@@ -185,12 +187,19 @@ def _rule(rule: str, message: str, **extra: str) -> dict[str, str]:
 # Cross-field rules mirror the model validators in spec.py (the operator re-checks with
 # pydantic, so a cluster without CEL still rejects these jobs, only later and in .status).
 # Null values count as absent in Kubernetes CEL, so `has()` covers Optional fields.
+# Each message starts with the field it blames, relative to the rule's node.
 _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     (): [
         _rule(
             "self.model.source != 'tiny' || "
             "self.generation.maxNewTokens < self.model.tiny.nPositions",
             "generation.maxNewTokens must be below model.tiny.nPositions",
+        ),
+        _rule(
+            "(self.dataset.promptsPerStep * self.algorithm.groupSize) "
+            "% self.algorithm.miniBatchSize == 0",
+            "algorithm.miniBatchSize must divide the batch "
+            "(dataset.promptsPerStep × algorithm.groupSize)",
         ),
     ],
     ("model",): [
@@ -199,6 +208,15 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "self.source == 'tiny' || (has(self.path) && self.path != '')",
             "path is required when source is 'hf' or 'gguf'",
         ),
+        _rule("self.source != 'tiny' || !has(self.path)",
+              "path is only read when source is 'hf' or 'gguf'"),
+        _rule(
+            "!has(self.ggufFile) || "
+            "(self.source == 'gguf' && (!has(self.path) || self.path != 'smollm2'))",
+            "ggufFile is only read when source is 'gguf' and path is a directory",
+        ),
+        _rule("self.source != 'tiny' || self.dtype == 'float32'",
+              "dtype of a tiny model is float32"),
     ],
     ("model", "tiny"): [
         _rule("self.nEmbd % self.nHead == 0", "nEmbd must be divisible by nHead"),
@@ -206,7 +224,7 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ("algorithm",): [
         _rule(
             "!has(self.advantage) || (self.name == 'ppo') == (self.advantage == 'gae')",
-            "ppo needs advantage 'gae'; grpo uses 'grpo' or 'drgrpo'",
+            "advantage must be 'gae' for ppo, 'grpo' or 'drgrpo' for grpo",
         ),
     ],
     ("algorithm", "name"): [
@@ -220,6 +238,16 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
     ("scheduling",): [
         _rule("self.actors <= self.maxActors", "actors must not exceed maxActors"),
+    ],
+    ("trainer",): [
+        _rule("self.backend == 'deepspeed' || self.zeroStage == 0",
+              "zeroStage needs backend 'deepspeed'"),
+    ],
+    ("image",): [
+        # The schema's pattern is the reference grammar; this adds the name's length limit.
+        _rule(f"self.matches('{NAME_LENGTH_PATTERN}')",
+              f"image name (before the tag or digest) may have at most {MAX_NAME_LENGTH} "
+              "characters"),
     ],
 }
 
@@ -246,6 +274,16 @@ def status_schema() -> dict[str, Any]:
     conditions["x-kubernetes-list-map-keys"] = ["type"]
     conditions.pop("nullable", None)  # list-map keys may not sit under a nullable list
     return schema
+
+
+def metadata_schema() -> dict[str, Any]:
+    """The job name rule (rlhfless.api.names): the one metadata check a CRD may carry."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": MAX_JOB_NAME, "pattern": JOB_NAME_PATTERN},
+        },
+    }
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -293,7 +331,7 @@ def generate_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "metadata": metadata_schema(),
                                 "spec": {**spec_schema(), "default": {}},
                                 "status": status_schema(),
                             },

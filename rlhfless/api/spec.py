@@ -6,12 +6,15 @@ The YAML file and the Kubernetes custom resource share the same shape
 
 from __future__ import annotations
 
+import functools
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -19,21 +22,67 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from rlhfless.api.errors import FieldError, SpecError
+from rlhfless.api.imageref import MAX_REFERENCE_LENGTH, REFERENCE_PATTERN, check_image
+from rlhfless.api.names import name_errors, namespace_errors
+from rlhfless.api.quantity import MAX_QUANTITY_LENGTH, QUANTITY_PATTERN, check_quantity
+from rlhfless.api.yamlload import read_document
+
 API_GROUP = "rlhfless.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "RLHFJob"
 STAGES = ("actor", "reference", "reward", "critic", "trainer")
+INT64_MAX = 2**63 - 1  # the API server stores integers as int64
+
+
+def _exact_int(value: Any) -> Any:
+    """Strict mode for an integer Literal (pydantic matches False to 0 and 2.0 to 2)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+Quantity = Annotated[str, Field(max_length=MAX_QUANTITY_LENGTH,
+                                json_schema_extra={"pattern": QUANTITY_PATTERN}),
+                     AfterValidator(check_quantity)]
+ImageReference = Annotated[str, Field(max_length=MAX_REFERENCE_LENGTH,
+                                      json_schema_extra={"pattern": REFERENCE_PATTERN}),
+                           AfterValidator(check_image)]
+
+
+@functools.cache
+def _non_nullable(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(
+        field.alias or name for name, field in model.model_fields.items()
+        if field.annotation is not Any and type(None) not in typing.get_args(field.annotation)
+    )
 
 
 class SpecModel(BaseModel):
-    """Base: camelCase keys on the wire, unknown keys rejected, defaults filled."""
+    """Base: camelCase keys on the wire, unknown keys rejected, defaults filled.
+
+    Strict: no coercion ("3" is not 3, true is not 1), as the API server's schema; an
+    integer is a valid float (`lr: 1`), as `type: number` is there. A null value of a
+    non-nullable field counts as absent (its default applies), as the API server prunes it.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
-        populate_by_name=True,
+        validate_by_name=True,
+        validate_by_alias=True,
         extra="forbid",
         validate_default=True,
+        strict=True,
+        allow_inf_nan=False,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        prune = _non_nullable(cls)
+        return {k: v for k, v in data.items() if not (v is None and k in prune)}
 
 
 class TinyModelSpec(SpecModel):
@@ -42,12 +91,12 @@ class TinyModelSpec(SpecModel):
     n_embd: int = Field(128, ge=8, le=8192, description="Hidden size.")
     n_head: int = Field(4, ge=1, le=128, description="Attention heads.")
     n_positions: int = Field(512, ge=16, le=32768, description="Max sequence length.")
-    seed: int = Field(0, ge=0, description="Seed of the random initialisation.")
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of the random initialisation.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyModelSpec:
         if self.n_embd % self.n_head:
-            raise ValueError("nEmbd must be divisible by nHead")
+            raise FieldError("nEmbd", f"must be divisible by nHead ({self.n_head})")
         return self
 
 
@@ -60,16 +109,26 @@ class ModelSpec(SpecModel):
         description="Local directory (hf) or GGUF file (gguf); 'smollm2' names the bundled "
         "SmolLM2-135M-Instruct GGUF.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (gguf).")
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside the directory `path` (gguf)."
+    )
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype (float32 on CPU)."
+        "float32", description="Compute dtype of hf and gguf models (tiny: float32)."
     )
 
     @model_validator(mode="after")
-    def _path_when_needed(self) -> ModelSpec:
+    def _fields_that_apply(self) -> ModelSpec:
         if self.source in ("hf", "gguf") and not self.path:
-            raise ValueError(f"path is required when source is '{self.source}'")
+            raise FieldError("path", f"is required when source is '{self.source}'")
+        if self.source == "tiny" and self.path is not None:
+            raise FieldError("path", "is only read when source is 'hf' or 'gguf'")
+        if self.gguf_file is not None and (self.source != "gguf" or self.path == "smollm2"):
+            raise FieldError("ggufFile", "is only read when source is 'gguf' and path is a "
+                                         "directory (not 'smollm2')")
+        if self.source == "tiny" and self.dtype != "float32":
+            raise FieldError("dtype", "tiny models compute in float32; dtype applies to hf "
+                                      "and gguf models")
         return self
 
 
@@ -80,7 +139,9 @@ class AlgorithmSpec(SpecModel):
         None, description="Advantage estimator; default grpo for GRPO, gae for PPO."
     )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
-    kl_beta: float = Field(0.0, ge=0, description="KL penalty coefficient β vs the reference.")
+    kl_beta: float = Field(
+        0.0, ge=0, le=10, description="KL penalty coefficient β vs the reference."
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
     loss_agg: Literal[
         "token-mean", "seq-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
@@ -91,9 +152,11 @@ class AlgorithmSpec(SpecModel):
     critic_lr: float = Field(1e-5, gt=0, lt=1, description="Critic learning rate (PPO).")
     ppo_epochs: int = Field(1, ge=1, le=64, description="Passes over each batch.")
     mini_batch_size: int = Field(
-        16, ge=1, description="Responses per optimizer step (mini-batch)."
+        16, ge=1, le=INT64_MAX,
+        description="Responses per optimizer step; must divide the batch "
+        "(dataset.promptsPerStep × groupSize).",
     )
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(0.0, ge=0, le=10, description="Entropy bonus coefficient.")
     value_clip: float = Field(0.2, gt=0, description="Value-loss clip range (PPO).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 
@@ -102,9 +165,10 @@ class AlgorithmSpec(SpecModel):
         if self.advantage is None:
             self.advantage = "gae" if self.name == "ppo" else "grpo"
         if self.name == "ppo" and self.advantage != "gae":
-            raise ValueError("ppo needs advantage 'gae' (it trains a critic)")
+            raise FieldError("advantage", "ppo needs 'gae' (it trains a critic)")
         if self.name == "grpo" and self.advantage == "gae":
-            raise ValueError("grpo uses group advantages ('grpo' or 'drgrpo'), not 'gae'")
+            raise FieldError("advantage", "grpo uses group advantages ('grpo' or 'drgrpo'), "
+                                          "not 'gae'")
         return self
 
 
@@ -115,7 +179,7 @@ class DatasetSpec(SpecModel):
     path: str | None = Field(None, description="jsonl file (kind jsonl).")
     size: int = Field(256, ge=1, le=10_000_000, description="Prompts generated (built-ins).")
     prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per RL step.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=INT64_MAX)
     system_prompt: str | None = Field(None, description="Shared system prompt, if any.")
     difficulty: int = Field(1, ge=1, le=5, description="Arithmetic difficulty.")
 
@@ -129,7 +193,6 @@ class DatasetSpec(SpecModel):
 class RewardSpec(SpecModel):
     name: str = Field("exact_match", description="Registered rule-based reward.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
-    model_path: str | None = Field(None, description="Reward model directory (optional).")
 
     @model_validator(mode="after")
     def _known_reward(self) -> RewardSpec:
@@ -150,8 +213,9 @@ class GenerationSpec(SpecModel):
 
 class StageResources(SpecModel):
     gpus: int = Field(1, ge=0, le=16, description="GPUs per function instance.")
-    cpu: str = Field("4", description="CPU request (Kubernetes quantity).")
-    memory: str = Field("32Gi", description="Memory request (Kubernetes quantity).")
+    cpu: Quantity = Field("4", description="CPU request (Kubernetes quantity).")
+    memory: Quantity = Field("32Gi", description="Memory request and limit (Kubernetes "
+                             "quantity).")
 
 
 class ResourcesSpec(SpecModel):
@@ -183,19 +247,29 @@ class SchedulingSpec(SpecModel):
     @model_validator(mode="after")
     def _actors_within_max(self) -> SchedulingSpec:
         if self.actors > self.max_actors:
-            raise ValueError("actors must not exceed maxActors")
+            raise FieldError("actors", f"must not exceed maxActors ({self.max_actors})")
         return self
 
 
 class TrainerSpec(SpecModel):
     backend: Literal["torch", "deepspeed"] = Field("torch", description="Optimizer backend.")
-    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    zero_stage: Annotated[Literal[0, 2, 3], BeforeValidator(_exact_int)] = Field(
+        0, description="DeepSpeed ZeRO stage (backend deepspeed)."
+    )
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+    @model_validator(mode="after")
+    def _zero_needs_deepspeed(self) -> TrainerSpec:
+        if self.zero_stage and self.backend != "deepspeed":
+            raise FieldError("zeroStage", "needs backend 'deepspeed' (the torch backend has "
+                                          "no ZeRO)")
+        return self
 
 
 class CheckpointSpec(SpecModel):
-    every_steps: int = Field(1, ge=1, description="Checkpoint every this many steps.")
-    keep: int = Field(3, ge=1, description="Weight versions kept in the store.")
+    every_steps: int = Field(1, ge=1, le=INT64_MAX,
+                             description="Checkpoint every this many steps.")
+    keep: int = Field(3, ge=1, le=INT64_MAX, description="Weight versions kept in the store.")
 
 
 class JobSpec(SpecModel):
@@ -209,8 +283,8 @@ class JobSpec(SpecModel):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     steps: int = Field(10, ge=1, le=10_000_000, description="RL steps to run.")
-    seed: int = Field(0, ge=0, description="Seed of sampling and shuffling.")
-    image: str = Field(
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of sampling and shuffling.")
+    image: ImageReference = Field(
         "ghcr.io/rlhfless/rlhfless:0.1.0", description="Container image of the functions."
     )
     suspend: bool = Field(False, description="Stop after the current step and scale to zero.")
@@ -219,60 +293,96 @@ class JobSpec(SpecModel):
     def _batch_fits(self) -> JobSpec:
         tiny = self.model.tiny
         if self.model.source == "tiny" and self.generation.max_new_tokens >= tiny.n_positions:
-            raise ValueError("generation.maxNewTokens must be below model.tiny.nPositions")
+            raise FieldError("generation.maxNewTokens",
+                             f"must be below model.tiny.nPositions ({tiny.n_positions})")
+        # One optimizer step per mini-batch, all of equal size: a remainder would get a
+        # full step from fewer responses (verl refuses it too).
+        batch = self.dataset.prompts_per_step * self.algorithm.group_size
+        if batch % self.algorithm.mini_batch_size:
+            raise FieldError("algorithm.miniBatchSize",
+                             f"must divide the batch of dataset.promptsPerStep × "
+                             f"algorithm.groupSize = {batch} responses, got "
+                             f"{self.algorithm.mini_batch_size}")
         return self
 
 
+# What ObjectMeta holds; anything else in `metadata` is a typo the API server refuses.
+OBJECT_META_FIELDS = frozenset({
+    "name", "generateName", "namespace", "labels", "annotations", "uid", "resourceVersion",
+    "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+    "finalizers", "ownerReferences", "managedFields", "selfLink",
+})
+
+
+def _job_name(name: str) -> str:
+    errors = name_errors(name)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return name
+
+
+def _namespace(namespace: str) -> str:
+    errors = namespace_errors(namespace)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return namespace
+
+
 class Metadata(SpecModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    name: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-    namespace: str | None = None
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, AfterValidator(_job_name)] = Field(
+        ..., description="The job's name (rlhfless.api.names)."
+    )
+    namespace: Annotated[str, AfterValidator(_namespace)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _object_meta_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in OBJECT_META_FIELDS:
+                    raise FieldError(str(key), "unknown field")
+        return data
 
 
 class RLHFJob(SpecModel):
-    api_version: Literal["rlhfless.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["RLHFJob"] = KIND
+    api_version: Literal["rlhfless.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["RLHFJob"]
     metadata: Metadata
     spec: JobSpec = Field(default_factory=JobSpec)
-
-
-class SpecError(Exception):
-    """A job file or resource that does not validate; `errors` names each bad field."""
-
-    def __init__(self, errors: list[str], source: str = "job"):
-        self.errors = errors
-        self.source = source
-        super().__init__(f"{source}: " + "; ".join(errors))
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for item in loc:
-        if isinstance(item, int):
-            path += f"[{item}]"
-        else:
-            path += ("." if path else "") + to_camel(str(item))
+        path += f"[{item}]" if isinstance(item, int) else ("." if path else "") + str(item)
     return path or "(root)"
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
     messages = []
     for err in exc.errors():
-        path = _field_path(tuple(err["loc"]))
+        loc = tuple(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc, msg = (*loc, *cause.field.split(".")), cause.message
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        messages.append(f"{path}: {msg}")
+        messages.append(f"{_field_path(loc)}: {msg}")
     return messages
 
 
 def parse_job(document: Any, source: str = "job") -> RLHFJob:
-    """Validate a parsed YAML/JSON document; raise SpecError listing every bad field."""
+    """Validate a parsed YAML/JSON document; raise SpecError listing every bad field.
+
+    Keys are read by their wire (camelCase) names only, as the API server reads them.
+    """
     if not isinstance(document, dict):
         raise SpecError(["(root): expected a mapping with apiVersion, kind, metadata, spec"],
                         source)
     try:
-        return RLHFJob.model_validate(document)
+        return RLHFJob.model_validate(document, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc), source) from None
 
@@ -286,17 +396,9 @@ def parse_spec(spec: Any, name: str = "job", source: str = "spec") -> RLHFJob:
 
 
 def load_job(path: str | Path) -> RLHFJob:
-    """Read a job file; every problem (missing file, YAML syntax, bad field) is a SpecError."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError([f"cannot read {path}: {exc.strerror}"], str(path)) from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError([f"invalid YAML: {exc}"], str(path)) from None
-    return parse_job(document, str(path))
+    """Read a job file; every problem (unreadable, too large, not UTF-8, YAML syntax,
+    duplicate keys, alias bombs, bad fields) is a SpecError."""
+    return parse_job(read_document(path), str(path))
 
 
 def dump_job(job: RLHFJob) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from rlhfless.checkpoint import load_checkpoint
 from rlhfless.operator import status as st
 from rlhfless.operator.config import Hooks, JobContext
 from rlhfless.operator.kube import Kube
-from rlhfless.operator.manifests import build_services, name_errors, stages_for
+from rlhfless.operator.manifests import build_services, stages_for
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.records import StepRecord
 
@@ -78,17 +78,15 @@ def job_state(memo: Any) -> JobState:
 
 def validate(spec: Mapping[str, Any] | None, name: str,
              namespace: str) -> tuple[RLHFJob | None, list[str]]:
-    """The parsed job, or every reason it is invalid ("field.path: message")."""
-    errors = name_errors(name)
+    """The parsed job, or every reason it is invalid ("field.path: message"): the same
+    rules as `rlhfless validate`, the name's included."""
     document = {"apiVersion": API_VERSION, "kind": KIND,
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": copy.deepcopy(dict(spec or {}))}
     try:
-        job = parse_job(document, f"{namespace}/{name}")
+        return parse_job(document, f"{namespace}/{name}"), []
     except SpecError as exc:
-        more = [e for e in exc.errors if not (errors and e.startswith("metadata.name"))]
-        return None, errors + more
-    return (None, errors) if errors else (job, [])
+        return None, exc.errors
 
 
 def immutable_changes(before: RLHFJob | None, job: RLHFJob) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhfless.api.names import DNS1035_LABEL
 from rlhfless.api.spec import API_VERSION, KIND, RLHFJob, dump_job
 
 KNATIVE_API_VERSION = "serving.knative.dev/v1"
@@ -30,10 +31,7 @@ LABEL_JOB = "rlhfless.io/job"
 LABEL_STAGE = "rlhfless.io/stage"
 LABEL_KSVC = "serving.knative.dev/service"
 VISIBILITY_LABEL = "networking.knative.dev/visibility"
-# Knative names revisions "<service>-00001" and their private Services "<revision>-private";
-# both must stay DNS labels (63 chars), so "<job>-reference" may use at most 49.
-MAX_JOB_NAME = 63 - len("-00001-private") - len("-reference")
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035 = re.compile(DNS1035_LABEL)
 
 
 @dataclass(frozen=True)
@@ -71,18 +69,6 @@ def stage_max_scale(job: RLHFJob, stage: str) -> int:
     if stage == "actor":
         return job.spec.scheduling.max_actors
     return 1 if stage == "trainer" else 2
-
-
-def name_errors(name: str) -> list[str]:
-    """Why a job name cannot name its Knative Services (empty when it can)."""
-    errors = []
-    if not _DNS1035.match(name):
-        errors.append("metadata.name: must start with a letter and contain only lowercase "
-                      "letters, digits and '-' (a DNS-1035 label, as Knative Services need)")
-    if len(name) > MAX_JOB_NAME:
-        errors.append(f"metadata.name: at most {MAX_JOB_NAME} characters (Knative derives "
-                      f"revision and Service names from it), got {len(name)}")
-    return errors
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
