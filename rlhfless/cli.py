@@ -1,4 +1,8 @@
-"""`rlhfless` command line: run, validate, crd, operator, serve, simulate."""
+"""`rlhfless` command line: run, validate, crd, operator, serve, simulate.
+
+Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
+to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rlhfless.api.spec import RLHFJob, SpecError, load_job
+from rlhfless.api.spec import RLHFJob, SpecError, dump_job, load_job, parse_job
+
+EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
@@ -34,17 +40,44 @@ def _run_errors() -> tuple[type[Exception], ...]:
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Serverless synchronous RLHF (GRPO/PPO) for language models.")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # paths and commands stay copyable
+
+
+def _invalid(exc: SpecError) -> typer.Exit:
+    err_console.print(f"[bold red]{escape(exc.source)}: invalid job[/]")
+    for line in exc.errors:
+        err_console.print(f"  • {escape(line)}")
+    return typer.Exit(EXIT_INVALID)
 
 
 def _load_or_exit(path: Path) -> RLHFJob:
     try:
         return load_job(path)
     except SpecError as exc:
-        err_console.print(f"[bold red]{escape(exc.source)}: invalid job[/]")
-        for line in exc.errors:
-            err_console.print(f"  • {escape(line)}")
-        raise typer.Exit(2) from None
+        raise _invalid(exc) from None
+
+
+def _with_steps(job: RLHFJob, steps: int) -> RLHFJob:
+    """The job with `--steps` in place of spec.steps, validated as if the file said so."""
+    document = dump_job(job)
+    document["spec"]["steps"] = steps
+    try:
+        return parse_job(document, "--steps")
+    except SpecError as exc:
+        raise _invalid(exc) from None
+
+
+def _check_resumable(run_dir: Path) -> None:
+    """Refuse a malformed checkpoint before anything in the run directory is touched."""
+    from rlhfless.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(run_dir)
+    except CheckpointError as exc:
+        err_console.print(f"[bold red]cannot resume:[/] {escape(str(exc))}")
+        err_console.print("Nothing was changed. Restore the file, or start again with "
+                          "--overwrite (this deletes the run directory).")
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 @app.command()
@@ -63,35 +96,50 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory.")] = False,
     steps: Annotated[int | None, typer.Option(help="Override spec.steps.")] = None,
 ) -> None:
-    """Run a job on the embedded local runtime (each stage a local function process)."""
+    """Run a job on the embedded local runtime (each stage a local function process).
+
+    Exit codes: 0 done, 1 the run failed, 2 invalid input, 130 interrupted."""
     job = _load_or_exit(job_file)
     if steps is not None:
-        job.spec.steps = steps
+        job = _with_steps(job, steps)
+    if job.spec.suspend:
+        err_console.print(f"[red]{escape(str(job_file))}: spec.suspend is true[/]: a suspended "
+                          "job does not run. Set it to false to run it.")
+        raise typer.Exit(EXIT_INVALID)
     run_dir = run_dir or Path("runs") / job.metadata.name
     has_checkpoint = (run_dir / "checkpoint.json").exists()
     if has_checkpoint and not resume:
         if not overwrite:
             err_console.print(f"[red]{run_dir} already holds a run.[/] Use --resume to continue "
                               "it or --overwrite to start again.")
-            raise typer.Exit(2)
+            raise typer.Exit(EXIT_INVALID)
         shutil.rmtree(run_dir)
     elif run_dir.exists() and overwrite and not resume:
         shutil.rmtree(run_dir)
+    if resume:
+        _check_resumable(run_dir)
+    resume_hint = f"Resume with: rlhfless run {job_file} --resume"
     try:
-        completed = asyncio.run(_run_local(job, run_dir))
+        completed, interrupted = asyncio.run(_run_local(job, run_dir))
     except KeyboardInterrupt:
-        err_console.print("[yellow]Interrupted; the last completed step is checkpointed. "
-                          f"Resume with: rlhfless run {job_file} --resume[/]")
-        raise typer.Exit(130) from None
+        err_console.print(f"[yellow]Aborted; the last completed step is checkpointed. "
+                          f"{resume_hint}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except _run_errors() as exc:  # evaluated only when something went wrong
         err_console.print(f"[bold red]run failed:[/] {escape(str(exc))}")
         err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
                           f"checkpointed; continue with: rlhfless run {job_file} --resume")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FAILED) from None
     _summarise(run_dir, completed, job)
+    if interrupted and completed < job.spec.steps:
+        # A resumable stop is still a stop: scripts must not mistake it for a finished run.
+        err_console.print(f"[yellow]Stopped after step {completed} of {job.spec.steps}. "
+                          f"{resume_hint}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
-async def _run_local(job: RLHFJob, run_dir: Path) -> int:
+async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
+    """(steps completed, whether Ctrl-C asked to stop)."""
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
 
@@ -122,7 +170,8 @@ async def _run_local(job: RLHFJob, run_dir: Path) -> int:
                 f"{m['cost/gpu_seconds']:.1f} GPU-s"))
 
         with progress:
-            return await driver.run(stop=stop, on_step=on_step)
+            completed = await driver.run(stop=stop, on_step=on_step)
+    return completed, stop.is_set()
 
 
 def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:

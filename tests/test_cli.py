@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from rlhfless.checkpoint import load_checkpoint
 from rlhfless.cli import app
+from rlhfless.records import MetricsLog
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,3 +55,86 @@ def test_existing_run_is_not_overwritten_silently(tmp_path):
                                  str(run_dir)])
     assert result.exit_code == 2 and "--resume" in result.output
     assert (run_dir / "checkpoint.json").exists()
+
+
+def _tiny_job_file(tmp_path: Path, name: str, steps: int, extra: str = "") -> Path:
+    job = tmp_path / f"{name}.yaml"
+    job.write_text(f"""apiVersion: rlhfless.io/v1alpha1
+kind: RLHFJob
+metadata: {{name: {name}}}
+spec:
+  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
+  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
+  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
+  reward: {{name: target_char, args: {{char: "5"}}}}
+  generation: {{maxNewTokens: 8}}
+  scheduling: {{actors: 1, maxActors: 1, keepAliveS: 60}}
+  steps: {steps}
+{extra}""")
+    return job
+
+
+def test_a_malformed_checkpoint_stops_resume_before_anything_is_touched(tmp_path):
+    job = _tiny_job_file(tmp_path, "bad-cp", 3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = b'{"step": 1}\n{"step": 2}\n'
+    (run_dir / "metrics.jsonl").write_bytes(metrics)
+    (run_dir / "checkpoint.json").write_text(
+        '{"step": -2, "weights_version": 2, "scheduler": {}, "gpu_seconds_total": 1.0}')
+    result = runner.invoke(app, ["run", str(job), "--run-dir", str(run_dir), "--resume"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2, out
+    assert f"{run_dir / 'checkpoint.json'}: malformed checkpoint" in out
+    assert "step: must be a non-negative integer, got -2" in out and "Traceback" not in out
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing truncated
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.json", "metrics.jsonl"]
+
+
+def test_options_are_validated_like_the_file(tmp_path):
+    job = _tiny_job_file(tmp_path, "opts", 3)
+    for steps, why in (("0", "greater than or equal to 1"), ("100000000", "less than or equal")):
+        result = runner.invoke(app, ["run", str(job), "--steps", steps,
+                                     "--run-dir", str(tmp_path / "run")])
+        out = " ".join(result.output.split())
+        assert result.exit_code == 2 and "--steps: invalid job" in out, out
+        assert f"spec.steps: Input should be {why}" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_suspended_job_does_not_run(tmp_path):
+    job = _tiny_job_file(tmp_path, "sus", 3, "  suspend: true\n")
+    result = runner.invoke(app, ["run", str(job), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "spec.suspend is true" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
+    """A real `rlhfless run` in its own process group gets SIGINT, as a terminal's Ctrl-C
+    delivers it, once a step is checkpointed: it finishes the step in flight, leaves a
+    resumable checkpoint and exits 130."""
+    job = _tiny_job_file(tmp_path, "ctrl-c", 500)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhfless.cli", "run", str(job), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint.json").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step completed in 240 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    flat = " ".join(err.split())
+    assert "Traceback" not in out + err
+    step = load_checkpoint(run_dir).step
+    assert 1 <= step < 500
+    assert f"Stopped after step {step} of 500" in flat and "--resume" in flat
+    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(
+        range(1, step + 1))

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
+from crd_schema import apply_defaults, cel_failures, openapi, server_admits, spec_schema
 
 from rlhfless.api.crd import PHASES, PRINTER_COLUMNS, crd_yaml, generate_crd
 from rlhfless.api.spec import SpecError, dump_job, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def openapi() -> dict[str, Any]:
-    return generate_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-
-def spec_schema() -> dict[str, Any]:
-    return openapi()["properties"]["spec"]
 
 
 def test_checked_in_crd_matches_the_spec_model() -> None:
@@ -106,19 +95,6 @@ def test_enums_ranges_and_defaults_come_from_the_model() -> None:
     assert props["resources"]["properties"]["actor"]["default"] == {}
 
 
-def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
-    """The API server's defaulting: absent fields take their schema default, recursively."""
-    if isinstance(value, dict) and "properties" in schema:
-        out = dict(value)
-        for name, sub in schema["properties"].items():
-            if name not in out and "default" in sub:
-                out[name] = copy.deepcopy(sub["default"])
-            if name in out:
-                out[name] = apply_defaults(out[name], sub)
-        return out
-    return value
-
-
 def test_server_defaults_equal_the_model_defaults() -> None:
     defaulted = apply_defaults({}, spec_schema())
     model_defaults = dump_job(parse_spec({}))["spec"]
@@ -126,62 +102,6 @@ def test_server_defaults_equal_the_model_defaults() -> None:
     # Every default the model fills is one the server fills (except the derived advantage).
     model_defaults["algorithm"].pop("advantage")
     assert defaulted == model_defaults
-
-
-def _draft4(schema: Any) -> Any:
-    """OpenAPI `nullable` as JSON-schema draft 4 (the rest is already draft-4 compatible)."""
-    if isinstance(schema, list):
-        return [_draft4(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _draft4(v) for k, v in schema.items() if not k.startswith("x-")}
-    if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: _draft4(v) for k, v in schema["properties"].items()}
-    if out.pop("nullable", False):
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    return out
-
-
-def _cel_rules(schema: dict[str, Any], value: Any, path: str = "spec"):
-    """(path, rule, self) for each x-kubernetes-validations rule that applies to `value`."""
-    for rule in schema.get("x-kubernetes-validations", []):
-        yield path, rule, value
-    if isinstance(value, dict):
-        for name, sub in (schema.get("properties") or {}).items():
-            if name in value:
-                yield from _cel_rules(sub, value[name], f"{path}.{name}")
-
-
-@functools.cache
-def _cel_program(rule: str) -> Any:
-    celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CRD's CEL rules")
-    env = celpy.Environment()
-    return env.program(env.compile(rule))
-
-
-def cel_failures(spec: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    celpy = pytest.importorskip("celpy", reason="cel-python evaluates the CRD's CEL rules")
-    old_values = dict((p, v) for p, _, v in _cel_rules(spec_schema(), old)) if old else {}
-    failures = []
-    for path, rule, value in _cel_rules(spec_schema(), spec):
-        is_transition = "oldSelf" in rule["rule"]
-        if is_transition and path not in old_values:
-            continue  # transition rules only run on updates, with both values present
-        activation = {"self": celpy.json_to_cel(value)}
-        if is_transition:
-            activation["oldSelf"] = celpy.json_to_cel(old_values[path])
-        if not _cel_program(rule["rule"]).evaluate(activation):
-            failures.append(f"{path}: {rule['message']}")
-    return failures
-
-
-def server_admits(spec: dict[str, Any]) -> list[str]:
-    """Why the API server (schema, then CEL on the defaulted object) would refuse `spec`."""
-    validator = jsonschema.Draft4Validator(_draft4(spec_schema()))
-    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(spec)]
-    return errors or cel_failures(apply_defaults(spec, spec_schema()))
 
 
 VALID = [

@@ -48,6 +48,13 @@ def parse_quantity(text: str) -> Fraction:
     return min(value, MAX_VALUE)
 
 
+def quantity_is_text(value: object) -> object:
+    """A pydantic before-validator: a bare number is refused with the spelling that works."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f'quantities are strings here: write "{value}"')
+    return value
+
+
 def check_quantity(text: str) -> str:
     """A pydantic after-validator: the text unchanged when it parses."""
     parse_quantity(text)

@@ -25,8 +25,13 @@ from pydantic.alias_generators import to_camel
 from rlhfless.api.errors import FieldError, SpecError
 from rlhfless.api.imageref import MAX_REFERENCE_LENGTH, REFERENCE_PATTERN, check_image
 from rlhfless.api.names import name_errors, namespace_errors
-from rlhfless.api.quantity import MAX_QUANTITY_LENGTH, QUANTITY_PATTERN, check_quantity
-from rlhfless.api.yamlload import read_document
+from rlhfless.api.quantity import (
+    MAX_QUANTITY_LENGTH,
+    QUANTITY_PATTERN,
+    check_quantity,
+    quantity_is_text,
+)
+from rlhfless.api.yamlload import json_problem, read_document
 
 API_GROUP = "rlhfless.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -38,13 +43,13 @@ INT64_MAX = 2**63 - 1  # the API server stores integers as int64
 def _exact_int(value: Any) -> Any:
     """Strict mode for an integer Literal (pydantic matches False to 0 and 2.0 to 2)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("Input should be a valid integer")
+        raise ValueError(f"Input should be a valid integer, got {value!r}")
     return value
 
 
 Quantity = Annotated[str, Field(max_length=MAX_QUANTITY_LENGTH,
                                 json_schema_extra={"pattern": QUANTITY_PATTERN}),
-                     AfterValidator(check_quantity)]
+                     BeforeValidator(quantity_is_text), AfterValidator(check_quantity)]
 ImageReference = Annotated[str, Field(max_length=MAX_REFERENCE_LENGTH,
                                       json_schema_extra={"pattern": REFERENCE_PATTERN}),
                            AfterValidator(check_image)]
@@ -359,6 +364,11 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "(root)"
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     messages = []
     for err in exc.errors():
@@ -367,8 +377,13 @@ def _format_errors(exc: ValidationError) -> list[str]:
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, FieldError):
             loc, msg = (*loc, *cause.field.split(".")), cause.message
-        if err["type"] == "extra_forbidden":
+        kind = err["type"]
+        if kind == "extra_forbidden":
             msg = "unknown field"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"must be a mapping, got {_shown(err['input'])}"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            msg = f"{msg}, got {_shown(err['input'])}"  # e.g. '3' (a string) for an integer
         messages.append(f"{_field_path(loc)}: {msg}")
     return messages
 
@@ -381,6 +396,9 @@ def parse_job(document: Any, source: str = "job") -> RLHFJob:
     if not isinstance(document, dict):
         raise SpecError(["(root): expected a mapping with apiVersion, kind, metadata, spec"],
                         source)
+    problem = json_problem(document)
+    if problem is not None:
+        raise SpecError([problem], source)
     try:
         return RLHFJob.model_validate(document, by_alias=True, by_name=False)
     except ValidationError as exc:

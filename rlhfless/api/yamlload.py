@@ -164,10 +164,24 @@ def _check_expansion(root: Node) -> None:
                 stack.append((child, (*path, name), False))
 
 
+def json_problem(document: Any) -> str | None:
+    """The first thing in a decoded document that JSON cannot carry or that nests deeper
+    than MAX_DEPTH ("path: message"), or None. The operator applies it to what the API
+    server stored, so a document refused here is refused there too."""
+    try:
+        _check_json(document)
+    except _Refused as exc:
+        return f"{field_path(exc.path)}: {exc.message}"
+    return None
+
+
 def _check_json(value: Any, path: tuple[str | int, ...] = ()) -> None:
-    """Only what JSON can carry (depth and size are already bounded)."""
+    if len(path) > MAX_DEPTH:
+        raise _Refused((*path[:6], "…"), f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
         for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Refused((*path, str(key)), "mapping keys must be strings")
             _check_json(item, (*path, key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -188,9 +202,10 @@ def load_document(data: bytes, source: str = "job") -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError([_not_utf8(data, exc, source)], source) from None
-    loader = _Loader(text)
-    loader.name = source  # for the line marks in syntax errors
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # the reader refuses control characters right here
+        loader.name = source  # for the line marks in syntax errors
         node = loader.get_single_node()
         if node is None:
             return None
@@ -201,9 +216,13 @@ def load_document(data: bytes, source: str = "job") -> Any:
     except _Refused as exc:
         raise SpecError([f"{field_path(exc.path)}: {exc.message}"], source) from None
     except yaml.YAMLError as exc:
+        if getattr(exc, "context", None) == "expected a single document in the stream":
+            raise SpecError(["(file): more than one YAML document; give one job per file"],
+                            source) from None
         raise SpecError([f"invalid YAML: {exc}"], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _not_utf8(data: bytes, exc: UnicodeDecodeError, source: str) -> str:

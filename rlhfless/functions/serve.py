@@ -16,13 +16,11 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 import uvicorn
-import yaml
 
-from rlhfless.api.spec import STAGES, RLHFJob, SpecError, parse_job
+from rlhfless.api.spec import STAGES, RLHFJob, SpecError, load_job, parse_job
 from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
 from rlhfless.weights import WeightStore
 
@@ -31,12 +29,10 @@ JOB_ENV = "RLHFJOB_SPEC"
 
 def load_job_for_function(job_file: str | None) -> RLHFJob:
     if job_file:
-        document = yaml.safe_load(Path(job_file).read_text())
-    elif os.environ.get(JOB_ENV):
-        document = json.loads(os.environ[JOB_ENV])
-    else:
-        raise SpecError([f"no job: pass --job or set {JOB_ENV}"], "function")
-    return parse_job(document, job_file or JOB_ENV)
+        return load_job(job_file)  # read as every job file is (1e-05 is a number)
+    if os.environ.get(JOB_ENV):
+        return parse_job(json.loads(os.environ[JOB_ENV]), JOB_ENV)
+    raise SpecError([f"no job: pass --job or set {JOB_ENV}"], "function")
 
 
 def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
