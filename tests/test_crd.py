@@ -10,6 +10,7 @@ import yaml
 from crd_schema import apply_defaults, cel_failures, openapi, server_admits, spec_schema
 
 from rlhfless.api.crd import PHASES, PRINTER_COLUMNS, crd_yaml, generate_crd
+from rlhfless.api.names import JOB_NAME_PATTERN, MAX_JOB_NAME
 from rlhfless.api.spec import SpecError, dump_job, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,14 @@ def test_schema_is_structural() -> None:
     assert conditions["items"]["required"] == ["type", "status"]
 
 
+def test_the_name_rule_is_the_one_of_api_names() -> None:
+    assert openapi()["properties"]["metadata"] == {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": MAX_JOB_NAME,
+                                "pattern": JOB_NAME_PATTERN}},
+    }
+
+
 def test_status_schema_has_what_the_operator_reports() -> None:
     status = openapi()["properties"]["status"]["properties"]
     assert {"phase", "step", "reward", "costGpuSeconds", "conditions", "observedGeneration",
@@ -112,6 +121,15 @@ VALID = [
     {"model": {"source": "gguf", "path": "smollm2"}, "generation": {"maxNewTokens": 2000}},
     {"model": {"tiny": {"nEmbd": 30, "nHead": 3}}, "scheduling": {"actors": 4, "maxActors": 4}},
     {"dataset": {"kind": "jsonl", "path": "/data/gsm8k.jsonl"}, "reward": {"args": {"tol": 0.01}}},
+    # Edges of the rules both sides must accept alike.
+    {"resources": {"actor": {"cpu": "500m", "memory": "1.5Gi"}, "reward": {"cpu": "0.25"}}},
+    {"image": "localhost:5000/team/rlhfless@sha256:" + "a" * 64},
+    {"image": "registry.example.com/" + "a" * 234 + ":0.1.0"},  # a 255-character name
+    {"algorithm": {"klBeta": 10, "entropyCoef": 0}, "seed": 2**63 - 1},
+    {"trainer": {"backend": "deepspeed", "zeroStage": 2}},
+    {"model": {"source": "gguf", "path": "/models", "ggufFile": "m.gguf", "dtype": "bfloat16"}},
+    {"scheduling": {"keepAliveS": 30, "maxActors": None}, "generation": {"temperature": 1}},
+    {"algorithm": {"groupSize": 4, "miniBatchSize": 8}, "dataset": {"promptsPerStep": 6}},
 ]
 # Rejected by the model; each is also refused by the server (schema or CEL) before the
 # operator sees it. (Unknown reward names and unknown fields are the operator's to report.)
