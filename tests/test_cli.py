@@ -48,3 +48,25 @@ def test_existing_run_is_not_overwritten_silently(tmp_path):
                                  str(run_dir)])
     assert result.exit_code == 2 and "--resume" in result.output
     assert (run_dir / "checkpoint.json").exists()
+
+
+def test_manifests_print_what_the_operator_creates(tmp_path):
+    import yaml
+
+    def services(job_file) -> list[str]:
+        result = runner.invoke(app, ["manifests", str(job_file), "--namespace", "ml"])
+        assert result.exit_code == 0, result.output
+        docs = list(yaml.safe_load_all(result.output))
+        assert all(d["metadata"]["namespace"] == "ml" for d in docs)
+        return [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+
+    example = EXAMPLES / "tiny-grpo.yaml"
+    assert services(example) == ["tiny-grpo-actor", "tiny-grpo-reference", "tiny-grpo-reward",
+                                 "tiny-grpo-trainer"]  # klBeta 0.01: the KL term needs it
+    no_kl = tmp_path / "no-kl.yaml"
+    no_kl.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: 0"))
+    assert services(no_kl) == ["tiny-grpo-actor", "tiny-grpo-reward", "tiny-grpo-trainer"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: -1"))
+    result = runner.invoke(app, ["manifests", str(bad)])
+    assert result.exit_code == 2 and "spec.algorithm.klBeta" in result.output

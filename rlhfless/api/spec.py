@@ -19,10 +19,11 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from rlhfless.api.stages import StageTable, stage_table
+
 API_GROUP = "rlhfless.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "RLHFJob"
-STAGES = ("actor", "reference", "reward", "critic", "trainer")
 
 
 class SpecModel(BaseModel):
@@ -214,6 +215,11 @@ class JobSpec(SpecModel):
         "ghcr.io/rlhfless/rlhfless:0.1.0", description="Container image of the functions."
     )
     suspend: bool = Field(False, description="Stop after the current step and scale to zero.")
+
+    @property
+    def stages(self) -> StageTable:
+        """Which stage functions this job has (the one answer; see rlhfless.api.stages)."""
+        return stage_table(self)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> JobSpec:
