@@ -10,7 +10,7 @@ from typing import Any
 
 from rlhfless.api.spec import RLHFJob, parse_job
 from rlhfless.driver import Driver
-from rlhfless.records import MetricsLog
+from rlhfless.driver.records import MetricsLog
 from rlhfless.runtime.local import LocalRuntime
 
 

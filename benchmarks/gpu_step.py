@@ -109,7 +109,8 @@ def base_store(cache: Path) -> Path:
     """SmolLM2 dequantised into a store once; each run starts from hard links of it."""
     from types import SimpleNamespace
 
-    from rlhfless.weights import WeightStore, materialize_base
+    from rlhfless.model.materialize import materialize_base
+    from rlhfless.store import WeightStore
 
     store = WeightStore(cache / "store")
     materialize_base(SimpleNamespace(source="gguf", path="smollm2", gguf_file=None, tiny=None),
@@ -120,7 +121,7 @@ def base_store(cache: Path) -> Path:
 async def run_job(document: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     from rlhfless.api.spec import parse_job
     from rlhfless.driver import Driver
-    from rlhfless.records import MetricsLog
+    from rlhfless.driver.records import MetricsLog
     from rlhfless.runtime.local import LocalRuntime
 
     job = parse_job(document, "gpu_step")

@@ -1,4 +1,4 @@
-"""`rlhfless` command line: run, validate, crd, operator, serve, simulate.
+"""`rlhfless` command line: run, validate, manifests, crd, operator, serve, simulate.
 
 Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
 to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
@@ -26,12 +26,11 @@ EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
 
 def _run_errors() -> tuple[type[Exception], ...]:
     """Failures a user can act on: reported as one message, not a traceback."""
-    from rlhfless.checkpoint import CheckpointError
+    from rlhfless.driver.rollout import LostSamplesError
     from rlhfless.model.loading import ModelLoadError
     from rlhfless.rewards.datasets import DatasetError
-    from rlhfless.rollout import LostSamplesError
     from rlhfless.runtime.base import InvocationError
-    from rlhfless.weights import WeightStoreError
+    from rlhfless.store import CheckpointError, WeightStoreError
 
     return (CheckpointError, ModelLoadError, DatasetError, LostSamplesError, InvocationError,
             WeightStoreError)
@@ -69,7 +68,7 @@ def _with_steps(job: RLHFJob, steps: int) -> RLHFJob:
 
 def _check_resumable(run_dir: Path) -> None:
     """Refuse a malformed checkpoint before anything in the run directory is touched."""
-    from rlhfless.checkpoint import CheckpointError, load_checkpoint
+    from rlhfless.store import CheckpointError, load_checkpoint
 
     try:
         load_checkpoint(run_dir)
@@ -175,8 +174,8 @@ async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
 
 
 def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
-    from rlhfless.plots import write_plots
-    from rlhfless.records import MetricsLog
+    from rlhfless.driver.plots import write_plots
+    from rlhfless.driver.records import MetricsLog
 
     rows = MetricsLog(run_dir / "metrics.jsonl").read()
     plots = write_plots(rows, run_dir)
@@ -203,6 +202,31 @@ def crd() -> None:
     from rlhfless.api.crd import crd_yaml
 
     typer.echo(crd_yaml(), nl=False)
+
+
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+@app.command()
+def manifests(
+    job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")],
+    namespace: Annotated[str | None, typer.Option(
+        help="Namespace (default: the job's metadata.namespace, else 'default').")] = None,
+    uid: Annotated[str, typer.Option(
+        help="The RLHFJob's uid (the API server assigns it; owner references and the "
+             "job's folder on the weights volume use it).")] = PLACEHOLDER_UID,
+) -> None:
+    """Print every object the operator would create for this job, as YAML (no cluster)."""
+    import yaml
+
+    from rlhfless.knative.manifests import job_manifests
+    from rlhfless.operator.config import OperatorConfig
+
+    job = _load_or_exit(job_file)
+    ns = namespace or job.metadata.namespace or "default"
+    objects = job_manifests(job, namespace=ns, uid=uid,
+                            settings=OperatorConfig.from_env().functions)
+    typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
 
 
 @app.command()

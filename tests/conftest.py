@@ -44,7 +44,8 @@ def tiny_job(name: str = "t", **spec_overrides: object) -> RLHFJob:
 
 @pytest.fixture
 def tiny_store(tmp_path: Path):
-    from rlhfless.weights import WeightStore, materialize_base
+    from rlhfless.model.materialize import materialize_base
+    from rlhfless.store import WeightStore
 
     job = tiny_job()
     store = WeightStore(tmp_path / "store")

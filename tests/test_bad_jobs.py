@@ -26,16 +26,16 @@ from typing import Any
 import pytest
 import yaml
 from crd_schema import server_refusals
+from kmock_cluster import emulated_cluster
 from typer.testing import CliRunner
 
 from rlhfless.api.errors import SpecError
 from rlhfless.api.spec import load_job
 from rlhfless.api.yamlload import load_document
 from rlhfless.cli import app
+from rlhfless.knative.services import LABEL_JOB
 from rlhfless.operator.config import OperatorConfig
-from rlhfless.operator.manifests import LABEL_JOB
 from rlhfless.operator.metrics import OperatorMetrics
-from rlhfless.operator.testing import emulated_cluster
 
 CORPUS = Path(__file__).parent / "data" / "bad_jobs"
 CPU_SECONDS = 1.0

@@ -28,11 +28,12 @@ from helm_chart import (
     one,
     render,
 )
+from knative_webhook import check_webhook_rules
 
 from rlhfless.api.crd import crd_yaml, generate_crd
 from rlhfless.api.spec import load_job
+from rlhfless.knative.services import build_services
 from rlhfless.operator.config import OperatorConfig
-from rlhfless.operator.manifests import build_services, check_webhook_rules
 
 KUBE_VERSIONS = ("1.25", "1.37")  # Chart.yaml kubeVersion floor, newest schema available
 CUSTOM_KINDS = {"CustomResourceDefinition"}  # core, but validated against generate_crd too

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfless.checkpoint import (
+from rlhfless.store.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,

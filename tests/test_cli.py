@@ -11,9 +11,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from rlhfless.checkpoint import load_checkpoint
 from rlhfless.cli import app
-from rlhfless.records import MetricsLog
+from rlhfless.driver.records import MetricsLog
+from rlhfless.store import load_checkpoint
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -55,6 +55,28 @@ def test_existing_run_is_not_overwritten_silently(tmp_path):
                                  str(run_dir)])
     assert result.exit_code == 2 and "--resume" in result.output
     assert (run_dir / "checkpoint.json").exists()
+
+
+def test_manifests_print_what_the_operator_creates(tmp_path):
+    import yaml
+
+    def services(job_file) -> list[str]:
+        result = runner.invoke(app, ["manifests", str(job_file), "--namespace", "ml"])
+        assert result.exit_code == 0, result.output
+        docs = list(yaml.safe_load_all(result.output))
+        assert all(d["metadata"]["namespace"] == "ml" for d in docs)
+        return [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
+
+    example = EXAMPLES / "tiny-grpo.yaml"
+    assert services(example) == ["tiny-grpo-actor", "tiny-grpo-reference", "tiny-grpo-reward",
+                                 "tiny-grpo-trainer"]  # klBeta 0.01: the KL term needs it
+    no_kl = tmp_path / "no-kl.yaml"
+    no_kl.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: 0"))
+    assert services(no_kl) == ["tiny-grpo-actor", "tiny-grpo-reward", "tiny-grpo-trainer"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: -1"))
+    result = runner.invoke(app, ["manifests", str(bad)])
+    assert result.exit_code == 2 and "spec.algorithm.klBeta" in result.output
 
 
 def _tiny_job_file(tmp_path: Path, name: str, steps: int, extra: str = "") -> Path:

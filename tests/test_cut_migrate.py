@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from rlhfless.functions.schemas import REQUESTS
+from rlhfless.api.wire import REQUESTS
+from rlhfless.driver.rollout import PromptItem, RolloutSettings, run_rollout
 from rlhfless.functions.serve import build_handler
 from rlhfless.model.tokenizer import load_tokenizer
-from rlhfless.rollout import PromptItem, RolloutSettings, run_rollout
 from rlhfless.scheduling.migrate import plan_migration
 from rlhfless.scheduling.profile import Profile
 

@@ -192,7 +192,7 @@ def test_no_secrets_in_the_image() -> None:
 
 
 def test_healthcheck_and_entrypoint_match_the_chart_and_functions() -> None:
-    from rlhfless.operator.manifests import FUNCTION_PORT
+    from rlhfless.knative.services import FUNCTION_PORT
 
     values = yaml.safe_load((REPO / "charts" / "rlhfless" / "values.yaml").read_text())
     assert "rlhfless" in PYPROJECT["project"]["scripts"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rlhfless.model.export import EXPORT_RECORD, export_version, exported_record
-from rlhfless.weights import WeightStore, WeightStoreError, load_from_store, materialize_base
+from rlhfless.model.materialize import load_from_store, materialize_base
+from rlhfless.store import WeightStore, WeightStoreError
 
 
 def tiny_spec(seed: int = 0) -> SimpleNamespace:

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhfless.model.materialize import load_from_store, materialize_base
+from rlhfless.store import WeightStore
 from rlhfless.train.deepspeed_config import deepspeed_config, full_fp32_state_dict
-from rlhfless.weights import WeightStore, load_from_store, materialize_base
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from rlhfless.driver import Driver
+from rlhfless.driver.records import MetricsLog
 from rlhfless.functions.engines.vllm_engine import ENV_ARGS
-from rlhfless.records import MetricsLog
 from rlhfless.runtime.local import LocalRuntime
-from rlhfless.weights import WeightStore
+from rlhfless.store import WeightStore
 from tests.conftest import tiny_job
 
 ON_GPU = torch.cuda.is_available()

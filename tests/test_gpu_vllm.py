@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhfless.functions.schemas import ActorRequest, RolloutPrompt
+from rlhfless.api.wire import ActorRequest, RolloutPrompt
 from rlhfless.model.logprobs import sequence_logprobs
-from rlhfless.weights import WeightStore, load_from_store, materialize_base
+from rlhfless.model.materialize import load_from_store, materialize_base
+from rlhfless.store import WeightStore
 
 ON_GPU = torch.cuda.is_available()
 ON_CPU_OPT_IN = os.environ.get("RLHFLESS_VLLM_TESTS_ON_CPU") == "1"

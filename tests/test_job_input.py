@@ -35,9 +35,10 @@ def errors_of(data: bytes) -> list[str]:
 # -- the loader ------------------------------------------------------------------------------
 
 def test_scalars_resolve_as_kubectl_reads_them() -> None:
-    doc = load_document(b"a: 1e-5\nb: 2024-01-01\nc: 1.5\nd: 10\ne: yes\nf: '3'\ng: 1_000\n")
+    doc = load_document(b"a: 1e-5\nb: 2024-01-01\nc: 1.5\nd: 10\ne: yes\nf: '3'\ng: 1_000\n"
+                        b"h: =\ni: .5\nj: ~\n")
     assert doc == {"a": 1e-05, "b": "2024-01-01", "c": 1.5, "d": 10, "e": True, "f": "3",
-                   "g": 1000}
+                   "g": 1000, "h": "=", "i": 0.5, "j": None}
     assert isinstance(doc["a"], float) and isinstance(doc["d"], int)
 
 

@@ -10,18 +10,18 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from kmock_cluster import KSVC, PODS, Cluster, emulated_cluster
+from knative_webhook import check_webhook_rules
 
 from rlhfless.api.spec import parse_spec
-from rlhfless.operator.kube import Kube
-from rlhfless.operator.manifests import (
+from rlhfless.knative.kube import Kube
+from rlhfless.knative.runtime import KnativeRuntime
+from rlhfless.knative.services import (
     AUTOSCALING,
     FunctionSettings,
     build_services,
-    check_webhook_rules,
 )
-from rlhfless.operator.testing import KSVC, PODS, Cluster, emulated_cluster
 from rlhfless.runtime.base import InvocationError, Runtime
-from rlhfless.runtime.knative import KnativeRuntime
 
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},
                   "resources": {"actor": {"gpus": 2}}}, "kn")

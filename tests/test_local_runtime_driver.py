@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhfless.driver import Driver
-from rlhfless.records import MetricsLog
+from rlhfless.driver.records import MetricsLog
 from rlhfless.runtime.local import LocalRuntime
 from tests.conftest import tiny_job
 

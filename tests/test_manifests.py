@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
 import json
@@ -12,18 +11,17 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from knative_webhook import check_webhook_rules, parse_go_duration
 
 from rlhfless.api.names import MAX_JOB_NAME, name_errors
-from rlhfless.api.spec import STAGES, parse_job, parse_spec
-from rlhfless.operator.manifests import (
+from rlhfless.api.spec import parse_job, parse_spec
+from rlhfless.api.stages import STAGE_NAMES
+from rlhfless.api.wire import JOB_ENV
+from rlhfless.knative.services import (
     AUTOSCALING,
-    JOB_ENV,
     FunctionSettings,
     build_service,
     build_services,
-    check_webhook_rules,
-    parse_go_duration,
-    stages_for,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +30,7 @@ UID = "0f6b1c2d-3e4f-5a6b-7c8d-9e0f1a2b3c4d"
 
 JOBS = {
     "default-grpo": {},
+    "grpo-kl": {"algorithm": {"klBeta": 0.05}},
     "ppo-8-actors": {"algorithm": {"name": "ppo"},
                      "scheduling": {"actors": 4, "maxActors": 8, "keepAliveS": 120},
                      "resources": {"actor": {"gpus": 2, "cpu": "8", "memory": "64Gi"}}},
@@ -95,12 +94,19 @@ def test_services_are_valid_knative_services(job_name: str, svc_name: str,
     assert check_webhook_rules(service) == []
 
 
-def test_one_service_per_stage_and_the_critic_only_for_ppo() -> None:
-    assert stages_for(job("default-grpo")) == ("actor", "reference", "reward", "trainer")
-    ppo = build_services(job("ppo-8-actors"), namespace="ml", uid=UID)
-    assert [s["metadata"]["name"] for s in ppo] == [
-        "ppo-8-actors-actor", "ppo-8-actors-reference", "ppo-8-actors-reward",
-        "ppo-8-actors-critic", "ppo-8-actors-trainer"]
+def names(job_name: str) -> list[str]:
+    return [s["metadata"]["name"] for s in build_services(job(job_name), namespace="ml",
+                                                          uid=UID)]
+
+
+def test_one_service_per_deployed_stage() -> None:
+    # klBeta 0 (the default): the reference is never called, so it is never deployed.
+    assert names("default-grpo") == ["default-grpo-actor", "default-grpo-reward",
+                                     "default-grpo-trainer"]
+    assert names("grpo-kl") == ["grpo-kl-actor", "grpo-kl-reference", "grpo-kl-reward",
+                                "grpo-kl-trainer"]
+    assert names("ppo-8-actors") == ["ppo-8-actors-actor", "ppo-8-actors-reward",
+                                     "ppo-8-actors-critic", "ppo-8-actors-trainer"]
 
 
 def test_service_fields_follow_the_spec() -> None:
@@ -139,14 +145,6 @@ def test_service_fields_follow_the_spec() -> None:
     document = json.loads(env[JOB_ENV])
     assert document["metadata"] == {"name": "ppo-8-actors", "namespace": "ml"}
     assert parse_job(document).spec == j.spec
-
-
-def test_the_function_server_reads_the_same_environment_variable() -> None:
-    # Read the constant from the source: importing the server would import torch (seconds).
-    tree = ast.parse((REPO / "rlhfless" / "functions" / "serve.py").read_text())
-    served = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
-              and any(getattr(t, "id", None) == "JOB_ENV" for t in node.targets)]
-    assert served == [JOB_ENV]
 
 
 def test_cpu_only_stages_request_no_gpus_and_windows_stay_in_bounds() -> None:
@@ -242,7 +240,7 @@ def test_job_names_must_fit_knative_names() -> None:
     assert name_errors("a" * MAX_JOB_NAME) == []
     assert name_errors("a" * (MAX_JOB_NAME + 1))
     assert name_errors("9lives")  # Knative Service names start with a letter
-    longest = max(STAGES, key=len)
+    longest = max(STAGE_NAMES, key=len)
     service = build_service(parse_spec({}, "a" * MAX_JOB_NAME), longest, namespace="n",
                             uid=UID)
     name = service["metadata"]["name"]

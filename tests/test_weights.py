@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import rlhfless.weights as weights
+import rlhfless.store.weights as weights
 from rlhfless.model import CharTokenizer, load_base
-from rlhfless.weights import WeightStore, WeightStoreError, load_from_store, materialize_base
+from rlhfless.model.materialize import load_from_store, materialize_base
+from rlhfless.store import WeightStore, WeightStoreError
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:

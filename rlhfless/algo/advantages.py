@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rlhfless.algo.ops import masked_whiten
+from rlhfless.registry import lookup
 
 
 def _group_stats(rewards: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,8 +112,4 @@ ADVANTAGES: dict[str, Callable[..., Any]] = {
 
 def get_advantage_fn(name: str) -> Callable[..., Any]:
     """The registered estimator; unknown names raise ValueError listing the known ones."""
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        known = ", ".join(sorted(ADVANTAGES))
-        raise ValueError(f"unknown advantage estimator '{name}'; known: {known}") from None
+    return lookup(ADVANTAGES, name, "advantage estimator")

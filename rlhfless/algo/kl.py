@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rlhfless.registry import lookup
+
 # Bounds that keep exp() finite and one outlier token from swamping the penalty (as verl).
 _LOG_RATIO_LIMIT = 20.0
 _K3_LIMIT = 10.0
@@ -40,9 +42,4 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     """Per-token KL estimate by name; unknown names raise ValueError listing the known ones."""
-    try:
-        fn = KL_ESTIMATORS[estimator]
-    except KeyError:
-        known = ", ".join(sorted(KL_ESTIMATORS))
-        raise ValueError(f"unknown KL estimator '{estimator}'; known: {known}") from None
-    return fn(logp, ref_logp)
+    return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logp, ref_logp)

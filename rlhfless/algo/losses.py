@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from rlhfless.algo.ops import aggregate, masked_mean
+from rlhfless.registry import lookup
 
 # exp() of a log-ratio beyond this overflows nothing yet already means "clipped"; the clamp
 # keeps a single wild token from producing inf * 0 = NaN in the masked loss.
@@ -115,8 +116,4 @@ def value_loss(
 
 def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
     """The registered policy loss; unknown names raise ValueError listing the known ones."""
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        known = ", ".join(sorted(POLICY_LOSSES))
-        raise ValueError(f"unknown policy loss '{name}'; known: {known}") from None
+    return lookup(POLICY_LOSSES, name, "policy loss")

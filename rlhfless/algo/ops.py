@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rlhfless.registry import lookup
+
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of `x` where `mask` is 1."""
@@ -85,9 +87,4 @@ AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     """Reduce a [B, T] per-token loss to a scalar with the named aggregation."""
-    try:
-        fn = AGGREGATIONS[agg]
-    except KeyError:
-        known = ", ".join(sorted(AGGREGATIONS))
-        raise ValueError(f"unknown loss aggregation '{agg}'; known: {known}") from None
-    return fn(loss_mat, mask)
+    return lookup(AGGREGATIONS, agg, "loss aggregation")(loss_mat, mask)

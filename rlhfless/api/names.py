@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-LONGEST_STAGE = "reference"
+from rlhfless.api.stages import STAGE_NAMES
+
+LONGEST_STAGE = max(STAGE_NAMES, key=len)  # "reference"
 MAX_JOB_NAME = 63 - len("-00001-private") - len(f"-{LONGEST_STAGE}")  # 39
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # what Knative Service names are
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # what namespace names are

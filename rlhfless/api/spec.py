@@ -31,12 +31,12 @@ from rlhfless.api.quantity import (
     check_quantity,
     quantity_is_text,
 )
+from rlhfless.api.stages import StageTable, stage_table
 from rlhfless.api.yamlload import json_problem, read_document
 
 API_GROUP = "rlhfless.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "RLHFJob"
-STAGES = ("actor", "reference", "reward", "critic", "trainer")
 INT64_MAX = 2**63 - 1  # the API server stores integers as int64
 
 
@@ -293,6 +293,11 @@ class JobSpec(SpecModel):
         "ghcr.io/rlhfless/rlhfless:0.1.0", description="Container image of the functions."
     )
     suspend: bool = Field(False, description="Stop after the current step and scale to zero.")
+
+    @property
+    def stages(self) -> StageTable:
+        """Which stage functions this job has (the one answer; see rlhfless.api.stages)."""
+        return stage_table(self)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> JobSpec:

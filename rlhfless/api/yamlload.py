@@ -29,6 +29,8 @@ MAX_DOCUMENT_BYTES = 1_572_864  # etcd --max-request-bytes default (1.5 MiB)
 MAX_NODES = 100_000  # after alias expansion; a job has about a hundred
 MAX_DEPTH = 64  # nesting levels, after alias expansion
 _STR_TAG = "tag:yaml.org,2002:str"
+_DROPPED_TAGS = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp",
+                 "tag:yaml.org,2002:value")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # YAML 1.2 floats (what kubectl's decoder reads as numbers): exponent without a dot allowed.
 _FLOAT_RE = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
@@ -58,9 +60,10 @@ def field_path(path: tuple[str | int, ...]) -> str:
 class _Loader(yaml.SafeLoader):
     """SafeLoader that tracks where it is, bounds depth and refuses duplicate keys."""
 
+    # Dates stay strings, floats are re-added below in YAML 1.2 form, and a plain `=` is a
+    # string (PyYAML would resolve it to a tag it cannot construct).
     yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers
-                if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _DROPPED_TAGS]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from rlhfless.api.wire import ActorRequest, ActorResponse
 from rlhfless.functions.engines import make_engine
 from rlhfless.functions.engines.base import RolloutEngine
-from rlhfless.functions.schemas import ActorRequest, ActorResponse
-from rlhfless.weights import WeightStore
+from rlhfless.store import WeightStore
 
 
 class ActorHandler:
@@ -16,15 +16,7 @@ class ActorHandler:
 
     @classmethod
     def from_store(cls, store: WeightStore, engine: str, dedup_prefill: bool) -> ActorHandler:
-        if engine == "transformers":
-            from rlhfless.functions.engines.hf import TransformersEngine
-
-            return cls(TransformersEngine(store, dedup_prefill=dedup_prefill))
-        if engine == "vllm":
-            from rlhfless.functions.engines.vllm_engine import VLLMEngine
-
-            return cls(VLLMEngine(store, enable_prefix_caching=dedup_prefill))
-        return cls(make_engine(engine, store))
+        return cls(make_engine(engine, store, dedup_prefill))
 
     def loaded_version(self) -> int | None:
         return self.engine.loaded_version()

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rlhfless.api.wire import REQUESTS
 from rlhfless.functions.metrics import FunctionMetrics
-from rlhfless.functions.schemas import REQUESTS
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 log = logging.getLogger("rlhfless.functions")

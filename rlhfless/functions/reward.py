@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from rlhfless.api.spec import RewardSpec
-from rlhfless.functions.schemas import RewardRequest, RewardResponse
+from rlhfless.api.wire import RewardRequest, RewardResponse
 from rlhfless.rewards import compute_rewards
 
 

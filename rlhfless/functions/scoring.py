@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import torch
 
+from rlhfless.api.wire import ScoreRequest, ScoreResponse
 from rlhfless.functions.device import on_device
-from rlhfless.functions.schemas import ScoreRequest, ScoreResponse
-from rlhfless.functions.train_state import load_critic_from_store
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.logprobs import grouped_logprobs, sequence_logprobs
+from rlhfless.model.materialize import load_critic_from_store, load_from_store
 from rlhfless.model.value import ValueModel
-from rlhfless.weights import WeightStore, load_from_store
+from rlhfless.store import WeightStore
 
 Scorer = Callable[[ScoreRequest], tuple[list[list[list[float]]], int]]
 

@@ -20,11 +20,11 @@ import time
 import torch
 import uvicorn
 
-from rlhfless.api.spec import STAGES, RLHFJob, SpecError, load_job, parse_job
+from rlhfless.api.spec import RLHFJob, SpecError, load_job, parse_job
+from rlhfless.api.stages import STAGE_NAMES
+from rlhfless.api.wire import JOB_ENV
 from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
-from rlhfless.weights import WeightStore
-
-JOB_ENV = "RLHFJOB_SPEC"
+from rlhfless.store import WeightStore
 
 
 def load_job_for_function(job_file: str | None) -> RLHFJob:
@@ -58,7 +58,7 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
         from rlhfless.functions.trainer import TrainerHandler
 
         return TrainerHandler(store, spec)
-    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
 def preload(handler: StageHandler, store: WeightStore) -> None:
@@ -83,7 +83,7 @@ def _exit_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve one RLHFless stage function.")
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--store", required=True, help="weights store directory")

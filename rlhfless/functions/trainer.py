@@ -5,20 +5,15 @@ from __future__ import annotations
 import time
 
 from rlhfless.api.spec import JobSpec
+from rlhfless.api.wire import TrainRequest, TrainResponse
 from rlhfless.functions.app import FunctionError
 from rlhfless.functions.device import on_device
-from rlhfless.functions.schemas import TrainRequest, TrainResponse
-from rlhfless.functions.train_state import (
-    CRITIC_PART,
-    load_critic_from_store,
-    load_optimizer_state,
-    save_optimizer_state,
-)
 from rlhfless.functions.versions import VersionedCache
+from rlhfless.model.materialize import CRITIC_PART, load_critic_from_store, load_from_store
+from rlhfless.store import DEFAULT_PART, WeightStore, load_optimizer_state, save_optimizer_state
 from rlhfless.train.batch import TrainBatch
 from rlhfless.train.deepspeed_config import full_fp32_state_dict
 from rlhfless.train.update import PolicyTrainer
-from rlhfless.weights import DEFAULT_PART, WeightStore, load_from_store
 
 
 class TrainerHandler:
@@ -33,7 +28,7 @@ class TrainerHandler:
         model = on_device(load_from_store(self.store, version)[0])
         critic = (
             on_device(load_critic_from_store(self.store, version))
-            if self.spec.algorithm.name == "ppo" else None
+            if self.spec.stages.has("critic") else None
         )
         trainer = PolicyTrainer(model, self.spec.algorithm, self.spec.trainer, critic,
                                 seed=self.spec.seed + version)
@@ -49,10 +44,9 @@ class TrainerHandler:
         self.cache.get(latest)
 
     def _check(self, batch: TrainBatch) -> None:
-        algo = self.spec.algorithm
-        if algo.kl_beta > 0 and batch.ref_logprobs is None:
+        if self.spec.stages.has("reference") and batch.ref_logprobs is None:
             raise ValueError("klBeta > 0 needs ref_logprobs")
-        if algo.name == "ppo" and batch.returns is None:
+        if self.spec.stages.has("critic") and batch.returns is None:
             raise ValueError("ppo needs returns and old_values")
 
     def handle(self, request: TrainRequest) -> TrainResponse:

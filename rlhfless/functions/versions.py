@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from rlhfless.functions.app import FunctionError
-from rlhfless.weights import WeightStore, WeightStoreError
+from rlhfless.store import WeightStore, WeightStoreError
 
 T = TypeVar("T")
 

@@ -1,12 +1,6 @@
 """Model layer: loading (tiny | HF dir | GGUF), tokenizers, sampling, shared-prefix scoring."""
 
-from rlhfless.model.generation import (
-    GenerationResult,
-    choose_tokens,
-    generate,
-    prompt_key,
-    sample_uniform,
-)
+from rlhfless.model.generation import GenerationResult, generate
 from rlhfless.model.loading import (
     ModelLoadError,
     load_base,
@@ -22,6 +16,7 @@ from rlhfless.model.logprobs import (
     grouped_logprobs,
     sequence_logprobs,
 )
+from rlhfless.model.sampler import choose_tokens, prompt_key, sample_uniform
 from rlhfless.model.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from rlhfless.model.value import ValueModel
 

@@ -18,7 +18,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from rlhfless.weights import DEFAULT_PART, WeightStore, WeightStoreError, sha256_file
+from rlhfless.store import DEFAULT_PART, WeightStore, WeightStoreError, sha256_file
 
 EXPORT_RECORD = "rlhfless_export.json"
 WEIGHTS_FILE = "model.safetensors"

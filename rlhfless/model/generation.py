@@ -1,10 +1,11 @@
 """Batched sampling with a KV cache, reproducible per sample (so cut samples can migrate).
 
-Every random draw is a pure function of (seed, prompt key, sample index, token position): a
-sample gets the same tokens whatever else is in the batch, and a sample cut after k tokens
-and continued elsewhere (prompt + partial response as `prefixes`) gets the tokens it would
-have got uncut. Tokens are exact; log-probs of a continued sample equal the uncut ones to fp32
-rounding (the prefix's KV states are recomputed in one pass instead of token by token).
+Every random draw comes from `rlhfless.model.sampler`, a pure function of (seed, prompt key,
+sample index, token position): a sample gets the same tokens whatever else is in the batch,
+and a sample cut after k tokens and continued elsewhere (prompt + partial response as
+`prefixes`) gets the tokens it would have got uncut. Tokens are exact; log-probs of a
+continued sample equal the uncut ones to fp32 rounding (the prefix's KV states are
+recomputed in one pass instead of token by token).
 
 Each prompt's KV cache is computed once and gathered over its n samples (deduplicated
 prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not recomputed.
@@ -12,7 +13,6 @@ prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not r
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,32 +20,8 @@ import torch
 from transformers import DynamicCache
 
 from rlhfless.model.batching import check_length, left_pad, model_device, right_pad
+from rlhfless.model.sampler import choose_tokens, sample_uniform
 from rlhfless.model.tokenizer import Tokenizer
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_uniform(seed: int, key: int, sample: int, position: int) -> float:
-    """The uniform in [0, 1) that picks token `position` of sample `sample` of prompt `key`.
-
-    A counter-based hash instead of a stateful generator: no state to carry across a cut.
-    """
-    h = 0
-    for value in (seed, key, sample, position):
-        h = _splitmix64(h ^ (value & _MASK64))
-    return (h >> 11) * 2.0**-53
-
-
-def prompt_key(prompt_id: str) -> int:
-    """Stable 63-bit RNG key for a prompt id (use it as `keys` when samples may migrate)."""
-    return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") >> 1
 
 
 class GenerationResult(list):
@@ -66,29 +42,6 @@ class GenerationResult(list):
     @property
     def samples(self) -> list[dict[str, Any]]:
         return list(self)
-
-
-def choose_tokens(
-    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
-) -> torch.Tensor:
-    """Pick one token per row: greedy at temperature 0, else inverse-CDF with `uniforms`.
-
-    Row-wise only (no cross-row reduction), so a row's choice never depends on the batch.
-    """
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        # keep the smallest head whose mass reaches top_p (the first token always stays)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
-    cdf = probs.cumsum(-1)
-    target = uniforms.double().unsqueeze(1) * cdf[:, -1:]
-    picked = (cdf < target).sum(-1).clamp(max=probs.shape[-1] - 1)
-    if order is not None:
-        picked = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-    return picked
 
 
 class _Rows:

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rlhfless.api.spec import RLHFJob
-from rlhfless.operator.manifests import FunctionSettings, job_dir
+from rlhfless.knative.services import FunctionSettings, job_dir
 from rlhfless.operator.metrics import METRICS, OperatorMetrics
 from rlhfless.runtime.base import Runtime
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
 
-    from rlhfless.operator.kube import Kube
-    from rlhfless.records import StepRecord
+    from rlhfless.driver.records import StepRecord
+    from rlhfless.knative.kube import Kube
 
 
 def _bool(value: str | None, default: bool) -> bool:
@@ -91,7 +91,7 @@ ApiClientFactory = Callable[[], Awaitable["ApiClient"]]
 
 
 def knative_runtime(ctx: JobContext) -> AbstractAsyncContextManager[Runtime]:
-    from rlhfless.runtime.knative import KnativeRuntime
+    from rlhfless.knative.runtime import KnativeRuntime
 
     return KnativeRuntime(ctx.job, namespace=ctx.namespace, kube=ctx.kube,
                           settings=ctx.config.functions,

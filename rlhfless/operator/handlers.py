@@ -2,17 +2,20 @@
 
 1. created / resumed / spec changed → validate the spec (a bad one is reported as
    Ready=False, reason InvalidSpec, naming the field, and nothing is created), then
-   get-or-create one Knative Service per stage, owned by the job (deleting the job deletes
-   them through owner references).
-2. a daemon per job runs the driver with the runtime and patches the status after every
-   step. `spec.suspend: true` stops it after the current step and scales every stage to
-   zero; `false` resumes from the checkpoint. Any other spec change restarts the driver
-   after the current step. When kopf stops the daemon (job deleted, operator exiting) the
-   step in flight is abandoned; the next operator resumes after the last checkpointed step,
-   so no recorded step is ever repeated.
+   get-or-create the job's children (`knative.manifests`: one Knative Service per deployed
+   stage), owned by the job (deleting the job deletes them through owner references).
+2. a daemon per job acts on `decide(...)` (operator/decide.py): it reports an invalid
+   spec, suspends, reports success, backs off after failures, or runs the driver with the
+   runtime and patches the status after every step. `spec.suspend: true` stops it after
+   the current step and scales every stage to zero; `false` resumes from the checkpoint.
+   Any other spec change restarts the driver after the current step. When kopf stops the
+   daemon (job deleted, operator exiting) the step in flight is abandoned; the next
+   operator resumes after the last checkpointed step, so no recorded step is repeated.
 
 Handlers and daemon share a per-job `JobState` in kopf's per-object memo; only the daemon
-writes the status, so status patches never race each other.
+writes the status, so status patches never race each other. The handlers are registered at
+import on this module's `registry`; what differs between a cluster and a test (login, API
+client, runtime and driver factories) reaches them as `Hooks` in kopf's memo.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import kopf
 
 from rlhfless.api.crd import PLURAL, VERSION
 from rlhfless.api.spec import API_GROUP, API_VERSION, KIND, RLHFJob, SpecError, parse_job
-from rlhfless.checkpoint import load_checkpoint
+from rlhfless.driver.records import StepRecord
+from rlhfless.knative.kube import Kube
+from rlhfless.knative.manifests import job_manifests
 from rlhfless.operator import status as st
 from rlhfless.operator.config import Hooks, JobContext
-from rlhfless.operator.kube import Kube
-from rlhfless.operator.manifests import build_services, stages_for
+from rlhfless.operator.decide import Action, JobView, decide
 from rlhfless.operator.metrics import OperatorMetrics
-from rlhfless.records import StepRecord
+from rlhfless.store import load_checkpoint
 
 PREFIX = "rlhfless.io"
 log = logging.getLogger(__name__)
@@ -168,95 +172,125 @@ async def _wait_change(state: JobState, seen: int, stopped: kopf.DaemonStopped,
     return await _wait(lambda: state.version != seen, stopped, interval, timeout)
 
 
-def build_registry(hooks: Hooks | None = None) -> kopf.OperatorRegistry:
-    """A kopf registry with the RLHFJob handlers bound to `hooks` (one per operator)."""
-    hooks = hooks or Hooks()
-    config = hooks.config
-    registry = kopf.OperatorRegistry()
-    resource = (API_GROUP, VERSION, PLURAL)
+registry = kopf.OperatorRegistry()
+RESOURCE = (API_GROUP, VERSION, PLURAL)
+HOOKS_KEY = "hooks"
 
-    kopf.on.login(registry=registry)(hooks.login or kopf.login_via_async_client)
 
-    @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        configure(settings)
-        memo["kube"] = Kube(await hooks.api_client())
+def operator_memo(hooks: Hooks) -> kopf.Memo:
+    """The memo kopf hands every handler (copied per job): how to reach the cluster, build
+    runtimes and drivers."""
+    return kopf.Memo({HOOKS_KEY: hooks})
 
-    @kopf.on.cleanup(registry=registry)
-    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        kube = memo.get("kube")
-        if kube is not None:
-            await kube.api.close()
 
-    @kopf.on.create(*resource, registry=registry, backoff=5)
-    @kopf.on.resume(*resource, registry=registry, backoff=5)
-    @kopf.on.update(*resource, field="spec", registry=registry, backoff=5)
-    async def reconcile(spec: kopf.Spec, meta: kopf.Meta, name: str, namespace: str, uid: str,
-                        memo: kopf.Memo, logger: logging.Logger, old: Any = None,
-                        **_: Any) -> None:
-        """Validate, then get-or-create the stage functions; tell the daemon."""
-        state = job_state(memo)
-        generation = meta.get("generation")
-        job, errors = validate(spec, name, namespace)
-        if job is not None:
-            # Compare with the job that last ran here (an operator restart forgets it: then
-            # with the last spec kopf handled).
-            before = state.accepted
-            if before is None and isinstance(old, Mapping):
-                before, _ = validate(old, name, namespace)
-            errors = immutable_changes(before, job)
-            job = None if errors else job
-        if job is None:
-            logger.warning("invalid spec, nothing created: %s", "; ".join(errors))
-            state.update(None, errors, [], generation)
-            return
-        kube: Kube = memo["kube"]
-        manifests = build_services(job, namespace=namespace, uid=uid, settings=config.functions)
-        services = [m["metadata"]["name"] for m in manifests]
-        if state.job is not None and state.services == services:
-            # A change to a running job (suspend, steps, ...): tell the daemon first, so it
-            # stops after the current step instead of after the Services are rolled.
-            state.update(job, None, services, generation)
-        for manifest in manifests:
-            _, verb = await kube.apply_service(manifest)
-            if verb != "unchanged":
-                logger.info("Knative Service %s %s", manifest["metadata"]["name"], verb)
+def _hooks(memo: Any) -> Hooks:
+    return memo[HOOKS_KEY]
+
+
+@kopf.on.login(registry=registry)
+async def login(memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> Any:
+    """The hooks' login (tests: the emulated cluster), else kubernetes_asyncio's config."""
+    hooks = _hooks(memo)
+    if hooks.login is not None:
+        return hooks.login(logger=logger, **kwargs)
+    return await kopf.login_via_async_client(logger=logger, **kwargs)
+
+
+@kopf.on.startup(registry=registry)
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
+    memo["kube"] = Kube(await _hooks(memo).api_client())
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    kube = memo.get("kube")
+    if kube is not None:
+        await kube.api.close()
+
+
+@kopf.on.create(*RESOURCE, registry=registry, backoff=5)
+@kopf.on.resume(*RESOURCE, registry=registry, backoff=5)
+@kopf.on.update(*RESOURCE, field="spec", registry=registry, backoff=5)
+async def reconcile(spec: kopf.Spec, meta: kopf.Meta, name: str, namespace: str, uid: str,
+                    memo: kopf.Memo, logger: logging.Logger, old: Any = None,
+                    **_: Any) -> None:
+    """Validate, then get-or-create the job's children; tell the daemon."""
+    state = job_state(memo)
+    generation = meta.get("generation")
+    job, errors = validate(spec, name, namespace)
+    if job is not None:
+        # Compare with the job that last ran here (an operator restart forgets it: then
+        # with the last spec kopf handled).
+        before = state.accepted
+        if before is None and isinstance(old, Mapping):
+            before, _ = validate(old, name, namespace)
+        errors = immutable_changes(before, job)
+        job = None if errors else job
+    if job is None:
+        logger.warning("invalid spec, nothing created: %s", "; ".join(errors))
+        state.update(None, errors, [], generation)
+        return
+    kube: Kube = memo["kube"]
+    manifests = job_manifests(job, namespace=namespace, uid=uid,
+                              settings=_hooks(memo).config.functions)
+    services = [m["metadata"]["name"] for m in manifests if m["kind"] == "Service"]
+    if state.job is not None and state.services == services:
+        # A change to a running job (suspend, steps, ...): tell the daemon first, so it
+        # stops after the current step instead of after the Services are rolled.
         state.update(job, None, services, generation)
+    for manifest in manifests:
+        _, verb = await kube.apply_service(manifest)
+        if verb != "unchanged":
+            logger.info("%s %s %s", manifest["kind"], manifest["metadata"]["name"], verb)
+    state.update(job, None, services, generation)
 
-    @kopf.daemon(*resource, registry=registry, cancellation_backoff=2.0,
-                 cancellation_timeout=30.0)
-    async def run_job(name: str, namespace: str, uid: str, status: kopf.Status,
-                      memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: logging.Logger,
-                      **_: Any) -> None:
-        """Run the driver whenever the job is valid, not suspended and not done."""
-        state = job_state(memo)
-        kube: Kube = memo["kube"]
-        reporter = _Reporter(kube, namespace, name, list(status.get("conditions") or []),
-                             hooks.metrics)
-        run_dir, store_dir = config.job_paths(namespace, name, uid)
-        interval = config.watch_interval_s
-        failures, failed_version = 0, -1
-        try:
-            while await _wait(lambda: state.version > 0, stopped, interval):
-                seen, job = state.version, state.job
-                if seen != failed_version:
-                    failures = 0
-                if job is None:
-                    await reporter.write(st.invalid_spec(reporter.conditions, state.errors or [],
-                                                         state.generation))
-                    await _wait_change(state, seen, stopped, interval)
-                    continue
+
+@kopf.daemon(*RESOURCE, registry=registry, cancellation_backoff=2.0, cancellation_timeout=30.0)
+async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo: kopf.Memo,
+                  stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
+    """Act on `decide(...)` whenever the job changes: report, suspend, or run the driver."""
+    hooks, state, kube = _hooks(memo), job_state(memo), memo["kube"]
+    config = hooks.config
+    reporter = _Reporter(kube, namespace, name, list(status.get("conditions") or []),
+                         hooks.metrics)
+    run_dir, store_dir = config.job_paths(namespace, name, uid)
+    interval = config.watch_interval_s
+    failures, failed_version, retry_due, last_error = 0, -1, False, ""
+    try:
+        while await _wait(lambda: state.version > 0, stopped, interval):
+            seen, job = state.version, state.job
+            if seen != failed_version:
+                failures, retry_due = 0, False
+            view = JobView(valid=job is not None, suspend=bool(job and job.spec.suspend),
+                           steps_done=_safe_steps(run_dir), steps=job.spec.steps if job else 0,
+                           failures=0 if retry_due else failures,
+                           max_retries=config.max_retries)
+            action = decide(view)
+            if action is Action.INVALID:
+                await reporter.write(st.invalid_spec(reporter.conditions, state.errors or [],
+                                                     state.generation))
+            elif action is Action.RETRY:
+                await reporter.write(st.failed(reporter.conditions, last_error,
+                                               state.generation, config.retry_backoff_s))
+                retry_due = not await _wait_change(state, seen, stopped, interval,
+                                                   config.retry_backoff_s)
+                continue
+            elif action is Action.GIVE_UP:
+                await reporter.write(st.failed(reporter.conditions, last_error,
+                                               state.generation, None))
+            else:
+                assert job is not None
                 ctx = JobContext(job, namespace, name, uid, run_dir, store_dir, kube, config)
-                done = -1
+                retry_due = False
                 try:
-                    done = completed_steps(run_dir)
-                    if job.spec.suspend:
+                    if action is Action.SUSPEND:
                         await _scale_to_zero(ctx, hooks)
-                        await reporter.write(st.suspended(reporter.conditions, done,
-                                                          state.generation))
-                    elif done >= job.spec.steps:
-                        await reporter.write(st.succeeded(reporter.conditions, done,
-                                                          state.generation))
+                        await reporter.write(st.suspended(reporter.conditions,
+                                                          view.steps_done, state.generation))
+                    elif action is Action.SUCCEEDED:
+                        await reporter.write(st.succeeded(reporter.conditions,
+                                                          view.steps_done, state.generation))
                     elif await _drive(ctx, hooks, state, seen, stopped, reporter) == "stopped":
                         return
                     elif state.version == seen and completed_steps(run_dir) < job.spec.steps:
@@ -264,29 +298,22 @@ def build_registry(hooks: Hooks | None = None) -> kopf.OperatorRegistry:
                                            f"of {job.spec.steps} steps")
                     else:
                         continue  # finished, suspended or changed: decide again right away
-                except Exception as exc:  # a failed step or checkpoint: report, back off, retry
-                    progressed = done >= 0 and _safe_steps(run_dir) > done
-                    failures = 1 if progressed else failures + 1  # count failures in a row
-                    failed_version = seen
-                    retry = config.retry_backoff_s if failures <= config.max_retries else None
+                except Exception as exc:  # a failed step or checkpoint: decide on a retry
+                    progressed = _safe_steps(run_dir) > view.steps_done >= 0
+                    failures = 1 if progressed else failures + 1  # failures in a row
+                    failed_version, last_error = seen, f"{type(exc).__name__}: {exc}"
                     logger.exception("job failed (attempt %d)", failures)
-                    await reporter.write(st.failed(reporter.conditions, f"{type(exc).__name__}: "
-                                                   f"{exc}", state.generation, retry))
-                    if retry is not None:
-                        await _wait_change(state, seen, stopped, interval, retry)
-                        continue
-                await _wait_change(state, seen, stopped, interval)
-        finally:
-            reason = stopped.reason
-            if reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in reason:
-                hooks.metrics.forget(namespace, name)
-
-    return registry
+                    continue
+            await _wait_change(state, seen, stopped, interval)
+    finally:
+        reason = stopped.reason
+        if reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in reason:
+            hooks.metrics.forget(namespace, name)
 
 
 async def _scale_to_zero(ctx: JobContext, hooks: Hooks) -> None:
     async with hooks.runtime_factory(ctx) as runtime:
-        for stage in stages_for(ctx.job):
+        for stage in ctx.job.spec.stages.deployed:
             await runtime.scale(stage, 0)
 
 

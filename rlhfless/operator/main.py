@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from rlhfless.operator.config import Hooks
-from rlhfless.operator.handlers import build_registry
+from rlhfless.operator.handlers import operator_memo, registry
 
 
 def operator_kwargs(namespace: str | None, liveness: str | None) -> dict[str, Any]:
@@ -25,7 +25,7 @@ async def serve(hooks: Hooks, *, namespace: str | None = None, liveness: str | N
                 stop_flag: asyncio.Event | None = None,
                 ready_flag: asyncio.Event | None = None) -> None:
     """The operator as a coroutine in the current event loop (embedding and tests)."""
-    await kopf.operator(registry=build_registry(hooks), stop_flag=stop_flag,
+    await kopf.operator(registry=registry, memo=operator_memo(hooks), stop_flag=stop_flag,
                         ready_flag=ready_flag, **operator_kwargs(namespace, liveness))
 
 
@@ -38,4 +38,4 @@ def run_operator(namespace: str | None = None, liveness: str | None = None,
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if metrics_port:
         hooks.metrics.serve(metrics_port)
-    kopf.run(registry=build_registry(hooks), **operator_kwargs(namespace, liveness))
+    kopf.run(registry=registry, memo=operator_memo(hooks), **operator_kwargs(namespace, liveness))

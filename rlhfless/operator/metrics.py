@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rlhfless.api.crd import PHASES
-from rlhfless.records import StepRecord
+from rlhfless.driver.records import StepRecord
 from rlhfless.runtime.base import InstanceUsage
 
 METRIC_NAMES: tuple[str, ...] = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rlhfless.records import StepRecord
+from rlhfless.driver.records import StepRecord
 
 READY = "Ready"
 RUNNING = "Running"

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from rlhfless.registry import lookup
 from rlhfless.rewards.rules import exact_match, format_reward, length_penalty, target_char
 
 
@@ -59,11 +60,7 @@ REWARDS: dict[str, RewardFn] = {
 
 def get_reward(name: str) -> RewardFn:
     """The registered reward; an unknown name raises ValueError listing the known ones."""
-    try:
-        return REWARDS[name]
-    except KeyError:
-        known = ", ".join(sorted(REWARDS))
-        raise ValueError(f"unknown reward '{name}'; known: {known}") from None
+    return lookup(REWARDS, name, "reward")
 
 
 def check_reward_args(name: str, args: Mapping[str, Any]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from rlhfless.api.spec import STAGES, RLHFJob, dump_job
+from rlhfless.api.spec import RLHFJob, dump_job
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
 
 READY_TIMEOUT_S = 300.0
@@ -99,12 +99,8 @@ class LocalRuntime:
         self._exits: list[asyncio.Task[None]] = []
         self._job_file = self.run_dir / "job.json"
         self._logs = self.run_dir / "logs"
-        self._max = {s: self._stage_max(s) for s in STAGES}
-
-    def _stage_max(self, stage: str) -> int:
-        if stage == "actor":
-            return self.job.spec.scheduling.max_actors
-        return 1 if stage == "trainer" else 2
+        self._stages = job.spec.stages
+        self._max = {s.name: s.max_scale for s in self._stages if s.deployed}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> LocalRuntime:
@@ -132,6 +128,10 @@ class LocalRuntime:
     # -- the Runtime protocol ------------------------------------------------------------
     async def scale(self, stage: str, n: int) -> None:
         """Start instances until `n` are alive; with fewer wanted, stop idle extras now."""
+        if stage not in self._max:
+            if n == 0:
+                return  # a stage this job never deploys: nothing to release
+            raise InvocationError(stage, self._not_deployed(stage))
         alive = [i for i in self._instances if i.stage == stage and i.alive]
         if n > len(alive):
             starts = [self._start(stage) for _ in range(min(n, self._max[stage]) - len(alive))]
@@ -149,6 +149,8 @@ class LocalRuntime:
             self._changed.notify_all()
 
     async def invoke(self, stage: str, payload: Payload) -> Payload:
+        if stage not in self._max:
+            raise InvocationError(stage, self._not_deployed(stage))
         last_error = "no attempt made"
         for _ in range(MAX_ATTEMPTS):
             inst = await self._acquire(stage)
@@ -182,6 +184,9 @@ class LocalRuntime:
         return [i for i in self._instances if stage is None or i.stage == stage]
 
     # -- internals -----------------------------------------------------------------------
+    def _not_deployed(self, stage: str) -> str:
+        return f"not a stage of this job (its stages: {', '.join(self._max)})"
+
     async def _acquire(self, stage: str) -> _Instance:
         async with self._changed:
             while True:
@@ -216,7 +221,7 @@ class LocalRuntime:
         name = f"{stage}-{next(self._counter)}"
         port = _free_port()
         log_path = self._logs / f"{name}.log"
-        gpus = getattr(self.job.spec.resources, stage).gpus
+        gpus = self._stages[stage].gpus
         cmd = [
             sys.executable, "-m", "rlhfless.functions.serve",
             "--stage", stage, "--port", str(port), "--host", "127.0.0.1",

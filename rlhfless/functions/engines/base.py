@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from rlhfless.functions.schemas import ActorRequest, ActorResponse
+from rlhfless.api.wire import ActorRequest, ActorResponse
 
 
 class RolloutEngine(Protocol):

@@ -7,12 +7,14 @@ import time
 
 import torch
 
+from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
 from rlhfless.functions.device import on_device
-from rlhfless.functions.schemas import ActorRequest, ActorResponse, RolloutSample
 from rlhfless.functions.versions import VersionedCache
-from rlhfless.model.generation import generate, prompt_key
+from rlhfless.model.generation import generate
+from rlhfless.model.materialize import load_from_store
+from rlhfless.model.sampler import prompt_key
 from rlhfless.model.tokenizer import Tokenizer
-from rlhfless.weights import WeightStore, load_from_store
+from rlhfless.store import WeightStore
 
 
 class TransformersEngine:

@@ -56,51 +56,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from rlhfless.functions.schemas import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.export import export_version
-from rlhfless.model.generation import prompt_key
+from rlhfless.model.sampler import MASK64, prompt_key, sample_uniforms, splitmix64
 from rlhfless.model.tokenizer import load_tokenizer
-from rlhfless.weights import WeightStore
+from rlhfless.store import WeightStore
 
 SAMPLER_ARG = "rlhfless_sampler"  # key in SamplingParams.extra_args read by CounterSampler
 SAMPLER_FQCN = "rlhfless.functions.engines.vllm_engine:CounterSampler"
 ENV_ARGS = "RLHFLESS_VLLM_ARGS"  # JSON object of extra vLLM EngineArgs (deployment knob)
-_MASK64 = (1 << 64) - 1
 _SEED_BITS = 62  # seed_base + sample index stays a non-negative 63-bit int
 
 
 # ---- randomness (pure) --------------------------------------------------------------------------
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def seed_base(seed: int, key: str) -> int:
     """vLLM seed of sample 0 of prompt `key`; sample i uses `seed_base + i`."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ prompt_key(key)) >> (64 - _SEED_BITS)
-
-
-def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arrays wrap modulo 2**64
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def sample_uniforms(
-    seeds: Sequence[int], keys: Sequence[int], samples: Sequence[int], positions: Sequence[int]
-) -> np.ndarray:
-    """`rlhfless.model.generation.sample_uniform` over many rows at once (same values)."""
-    h = np.zeros(len(keys), dtype=np.uint64)
-    for column in (seeds, keys, samples, positions):
-        values = np.array([int(v) & _MASK64 for v in column], dtype=np.uint64)
-        h = _splitmix64_np(h ^ values)
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return splitmix64(splitmix64(seed & MASK64) ^ prompt_key(key)) >> (64 - _SEED_BITS)
 
 
 # ---- request planning (pure) --------------------------------------------------------------------
@@ -183,7 +155,7 @@ def sampling_kwargs(
         # vLLM's own sampler sees a single finite logit per row; the draw happens in
         # CounterSampler with the request's temperature and top-p.
         kwargs.update(temperature=1.0, top_p=1.0, extra_args={SAMPLER_ARG: {
-            "seed": request.seed & _MASK64,
+            "seed": request.seed & MASK64,
             "key": prompt_key(plan.key),
             "seed_base": plan.seed - plan.sample_indices[0],
             "offset": len(plan.prefix),
@@ -364,7 +336,7 @@ def counter_sample(logits: Any, draws: Mapping[int, tuple[SamplerSpec, int]]) ->
     log-probs before logits processors run, so the returned log-probs are unaffected."""
     import torch
 
-    from rlhfless.model.generation import choose_tokens
+    from rlhfless.model.sampler import choose_tokens
 
     by_setting: dict[tuple[float, float], list[int]] = {}
     for row, (spec, _) in sorted(draws.items()):

@@ -25,12 +25,12 @@ from typing import Any
 import kmock
 import kopf
 from kubernetes_asyncio import client
+from rbac_recorder import ApiCall, api_calls
 
 from rlhfless.api.crd import PLURAL, VERSION
 from rlhfless.api.spec import API_GROUP, API_VERSION, KIND
 from rlhfless.operator.config import Hooks
 from rlhfless.operator.main import serve
-from rlhfless.operator.rbac import ApiCall, api_calls
 
 JOBS = f"{API_GROUP}/{VERSION}/{PLURAL}"
 KSVC = "serving.knative.dev/v1/services"

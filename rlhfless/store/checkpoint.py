@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from rlhfless.store.atomic import write_json_atomic
 
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -27,20 +27,6 @@ class Checkpoint:
     weights_version: int = 0
     scheduler: dict[str, Any] = field(default_factory=dict)
     gpu_seconds_total: float = 0.0
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:

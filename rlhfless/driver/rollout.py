@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from rlhfless.functions.schemas import ActorRequest, RolloutPrompt, RolloutSample
-from rlhfless.records import BusyInterval
+from rlhfless.api.wire import ActorRequest, RolloutPrompt, RolloutSample
+from rlhfless.driver.records import BusyInterval
 from rlhfless.runtime.base import Runtime
 
 

@@ -24,15 +24,13 @@ from typing import Any
 import httpx
 
 from rlhfless.api.spec import RLHFJob
-from rlhfless.operator.kube import Kube, parse_time
-from rlhfless.operator.manifests import (
+from rlhfless.knative.kube import Kube, parse_time
+from rlhfless.knative.services import (
     AUTOSCALING,
     GPU_RESOURCE,
     LABEL_KSVC,
     FunctionSettings,
     service_name,
-    stage_max_scale,
-    stages_for,
 )
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
 
@@ -105,7 +103,7 @@ class KnativeRuntime:
         self.namespace = namespace
         self.kube = kube
         self.settings = settings or FunctionSettings()
-        self.stages = stages_for(job)
+        self.stages = job.spec.stages.deployed
         self.meter_interval_s = meter_interval_s
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
@@ -160,7 +158,7 @@ class KnativeRuntime:
         initial = 0 if self.settings.allow_zero_initial_scale else 1
         patch = {"spec": {"template": {"metadata": {"annotations": {
             AUTOSCALING + "min-scale": str(n),
-            AUTOSCALING + "max-scale": str(max(n, stage_max_scale(self.job, stage))),
+            AUTOSCALING + "max-scale": str(max(n, self.job.spec.stages[stage].max_scale)),
             AUTOSCALING + "initial-scale": str(max(n, initial)),
         }}}}}
         await self.kube.patch_service(self.namespace, name, patch)

@@ -1,16 +1,17 @@
-"""Versioned weight store shared by every stage function.
+"""Versioned weights shared by every stage function; the store owns its layout.
 
 Layout under `root`:
     base/            config.json, tokenizer files, base.json (how to rebuild the model)
     v{n}/            {part}.safetensors (default part "model") + manifest.json
+    optim/v{n}.pt    the trainer's optimizer state after producing v{n} (store.optimizer)
 A version directory is written in a hidden temp directory and renamed into place, so a
 reader sees a version completely or not at all. manifest.json records every file's sha256;
 `load` verifies them, so a truncated or corrupted file is reported, never half-loaded.
+Only `prune` deletes versions (version 0, the reference policy, always stays).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from rlhfless.store.atomic import atomic_dir, fsync_dir, fsync_file
 
 MANIFEST = "manifest.json"
 DEFAULT_PART = "model"
@@ -42,19 +45,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _dedupe_shared(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
@@ -140,18 +130,15 @@ class WeightStore:
         final = self.path(version)
         if final.exists() and not overwrite:
             raise WeightStoreError(f"version {version} already exists at {final}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        staging = final.with_name(f".new-{final.name}-{uuid.uuid4().hex[:8]}")
+        with atomic_dir(staging) as tmp:
             files: dict[str, dict[str, Any]] = {}
             for name, tensors in parts.items():
                 kept, aliases = _dedupe_shared(tensors)
                 file = tmp / f"{name}.safetensors"
                 save_file(kept, str(file), metadata={"format": "pt"})
                 file.chmod(0o644)  # readable by every stage function, whoever runs it
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                fsync_file(file)
                 files[file.name] = {
                     "sha256": sha256_file(file),
                     "bytes": file.stat().st_size,
@@ -165,29 +152,39 @@ class WeightStore:
             }
             manifest_path = tmp / MANIFEST
             manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            with open(manifest_path, "rb+") as handle:
-                os.fsync(handle.fileno())
-            _fsync_dir(tmp)
-            self._publish(tmp, final, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            fsync_file(manifest_path)
+        try:
+            self._publish(staging, final, overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return final
 
-    def _publish(self, tmp: Path, final: Path, overwrite: bool) -> None:
+    def _publish(self, staged: Path, final: Path, overwrite: bool) -> None:
         old = None
         if final.exists() and overwrite:
             old = self.root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
         try:
-            os.rename(tmp, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
+            os.rename(staged, final)  # atomic on one filesystem; fails if `final` appeared
         except OSError as exc:
             if old is not None:
                 os.rename(old, final)
             raise WeightStoreError(f"cannot publish version at {final}: {exc}") from exc
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    # ---- pruning ---------------------------------------------------------------------------
+    def prune(self, current: int, keep: int) -> list[int]:
+        """Delete versions older than the `keep` newest up to `current` (never version 0,
+        the reference policy), with their optimizer state. Returns the versions deleted."""
+        from rlhfless.store.optimizer import prune_optimizer_states
+
+        gone = [v for v in self.versions() if 0 < v <= current - keep]
+        for v in gone:
+            shutil.rmtree(self.path(v), ignore_errors=True)
+        prune_optimizer_states(self, set(self.versions()))
+        return gone
 
     # ---- reading ---------------------------------------------------------------------------
     def manifest(self, version: int) -> dict[str, Any]:
@@ -237,101 +234,3 @@ class WeightStore:
         for alias, target in entry.get("aliases", {}).items():
             tensors[alias] = tensors[target]
         return tensors, dict(manifest.get("meta", {}))
-
-
-# ---- the base model in the store ---------------------------------------------------------------
-def _spec_record(spec: Any) -> dict[str, Any]:
-    tiny = getattr(spec, "tiny", None)
-    tiny_record = None
-    if spec.source == "tiny" and tiny is not None:
-        fields = ("vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "seed")
-        tiny_record = {k: getattr(tiny, k) for k in fields}
-    return {
-        "source": spec.source,
-        "path": getattr(spec, "path", None),
-        "gguf_file": getattr(spec, "gguf_file", None),
-        "tiny": tiny_record,
-    }
-
-
-def materialize_base(
-    spec: Any, store: WeightStore, loaded: tuple[torch.nn.Module, Any] | None = None
-) -> Path:
-    """Write the base model as version 0 (+ base/ config and tokenizer); returns v0's dir.
-
-    Idempotent: a store that already holds this base returns at once; one holding a different
-    base is an error. Afterwards `load_from_store` rebuilds the model without the original
-    source (a GGUF is dequantised once here, not in every stage function). `loaded` is the
-    (model, tokenizer) of `spec` when the caller already has it (skips a second load).
-    """
-    record = _spec_record(spec)
-    base_json = store.base_dir / "base.json"
-    if base_json.is_file() and store.exists(0):
-        stored = json.loads(base_json.read_text())["spec"]
-        if stored != record:
-            raise WeightStoreError(
-                f"weight store {store.root} already holds a different base model: {stored}"
-            )
-        return store.path(0)
-
-    from rlhfless.model.loading import load_base
-
-    model, tok = loaded if loaded is not None else load_base(spec)
-    # A dequantised GGUF still carries its quantization_config; the stored weights are
-    # plain floats, so drop it (otherwise transformers refuses to save or misloads).
-    config = copy.deepcopy(model.config)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    store.root.mkdir(parents=True, exist_ok=True)
-    tmp = store.root / f".tmp-base-{uuid.uuid4().hex[:8]}"
-    try:
-        config.save_pretrained(str(tmp))
-        tok.save(tmp / "tokenizer")
-        info = {
-            "spec": record,
-            "architecture": type(model).__name__,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "tokenizer": tok.kind,
-        }
-        (tmp / "base.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-        if store.base_dir.exists():
-            shutil.rmtree(store.base_dir)  # a base without v0 is a leftover of a failed run
-        os.rename(tmp, store.base_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return store.save(0, model.state_dict(), {"base": record}, overwrite=store.exists(0))
-
-
-def load_from_store(
-    store: WeightStore, version: int | None = None, part: str = DEFAULT_PART
-) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, tokenizer) for a stored version (default: the latest)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rlhfless.model.tokenizer import load_tokenizer
-
-    if version is None:
-        version = store.latest()
-        if version is None:
-            raise WeightStoreError(f"weight store {store.root} holds no versions")
-    base = store.base_dir
-    if not (base / "config.json").is_file():
-        raise WeightStoreError(f"weight store {store.root} has no base (run materialize_base)")
-    tensors, _ = store.load(version, part)
-    info = json.loads((base / "base.json").read_text())
-    config = AutoConfig.from_pretrained(str(base), local_files_only=True)
-    dtype = getattr(torch, info.get("dtype", "float32"))
-    # Parameters on the meta device (no random init), then adopt the stored tensors.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()  # a tied lm_head may be absent from the tensors; it follows the embedding
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing or result.unexpected_keys:
-        raise WeightStoreError(
-            f"version {version} does not fit the base model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return model.eval(), load_tokenizer(base / "tokenizer")

@@ -12,15 +12,15 @@ from typing import Any
 import torch
 
 from rlhfless.api.spec import JobSpec
-from rlhfless.functions.schemas import (
+from rlhfless.api.wire import (
     RewardItem,
     RewardRequest,
     RolloutSample,
     ScoreRequest,
     TrainRequest,
 )
+from rlhfless.driver.rollout import PromptItem
 from rlhfless.model.tokenizer import Tokenizer
-from rlhfless.rollout import PromptItem
 from rlhfless.train.batch import make_train_batch
 
 Groups = list[list[list[int]]]
@@ -29,10 +29,6 @@ PerToken = list[list[list[float]]]
 
 def _groups(items: list[PromptItem], samples: dict[str, list[RolloutSample]]) -> Groups:
     return [[s.response for s in samples[item.key]] for item in items]
-
-
-def needs_reference(spec: JobSpec) -> bool:
-    return spec.algorithm.kl_beta > 0
 
 
 def score_payloads(
@@ -47,7 +43,7 @@ def score_payloads(
     groups = _groups(items, samples)
     dedup = spec.scheduling.dedup_prefill
     payloads: dict[str, dict[str, Any]] = {}
-    if needs_reference(spec):
+    if spec.stages.has("reference"):
         # The reference policy is the initial weights, version 0, for the whole job.
         payloads["reference"] = ScoreRequest(
             request_id=f"{prefix}-ref", weights_version=0, prompts=prompts, groups=groups,
@@ -60,7 +56,7 @@ def score_payloads(
             for item in items for s in samples[item.key]
         ],
     ).model_dump(mode="json")
-    if spec.algorithm.name == "ppo":
+    if spec.stages.has("critic"):
         payloads["critic"] = ScoreRequest(
             request_id=f"{prefix}-critic", weights_version=version, prompts=prompts,
             groups=groups, dedup_prefill=dedup,

@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TokenIds = list[int]
+# How a function instance on a cluster receives its job: the custom resource as JSON.
+JOB_ENV = "RLHFJOB_SPEC"
 MAX_BATCH = 65536
 
 

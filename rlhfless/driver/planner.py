@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from rlhfless.api.spec import JobSpec
-from rlhfless.functions.schemas import RolloutSample
-from rlhfless.rollout import PromptItem, RolloutResult
+from rlhfless.api.wire import RolloutSample
+from rlhfless.driver.rollout import PromptItem, RolloutResult
 from rlhfless.runtime.base import InstanceUsage
 from rlhfless.scheduling.assign import assign
 from rlhfless.scheduling.migrate import plan_migration, remaining_estimate
@@ -147,7 +147,7 @@ class Planner:
         return metrics
 
     def prewarm(self) -> PrewarmPlan:
-        return prewarm_plan(self.phase_s, self.cold_start_s)
+        return prewarm_plan(self.phase_s, self.cold_start_s, phases=self.spec.stages.phases())
 
     # -- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

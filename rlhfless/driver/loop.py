@@ -1,0 +1,183 @@
+"""The driver loop: one synchronous RL step at a time, as a short list of calls.
+
+    plan → rollout → score → advantages → train → record
+
+It knows the runtime interface, not Knative or processes; the scheduling policies are pure
+functions behind `Planner`; the math lives in `rlhfless.algo`; which stages exist comes from
+the job's stage table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rlhfless.api.spec import RLHFJob
+from rlhfless.driver.learn import build_train_request, score_payloads
+from rlhfless.driver.metrics import StepTrace, step_metrics, timeline, work_seconds
+from rlhfless.driver.planner import Planner
+from rlhfless.driver.prewarm import PhasePrewarmer
+from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
+from rlhfless.driver.rollout import PromptItem, RolloutSettings, invoke_timed, run_rollout
+from rlhfless.model.materialize import materialize_base
+from rlhfless.model.tokenizer import load_tokenizer
+from rlhfless.rewards.datasets import batch_for_step, load_dataset
+from rlhfless.runtime.base import Runtime
+from rlhfless.store import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    WeightStore,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+StepCallback = Callable[[StepRecord], Awaitable[None] | None]
+
+
+class Driver:
+    def __init__(self, job: RLHFJob, runtime: Runtime, run_dir: Path,
+                 store_dir: Path | None = None):
+        self.job = job
+        self.spec = job.spec
+        self.runtime = runtime
+        self.run_dir = Path(run_dir)
+        self.store = WeightStore(store_dir or self.run_dir / "store")
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
+        self.planner = Planner(self.spec, self.checkpoint.scheduler)
+        self._tokenizer = None
+        self._dataset: list[dict] | None = None
+
+    @property
+    def completed_steps(self) -> int:
+        return self.checkpoint.step
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None,
+                  on_step: StepCallback | None = None) -> int:
+        """Run until spec.steps are done or `stop` is set (checked between steps)."""
+        # Loading a model (materialising v0) is blocking work: keep the event loop free
+        # (the operator runs this driver inside kopf's loop).
+        await asyncio.to_thread(self._prepare)
+        while self.checkpoint.step < self.spec.steps:
+            if stop is not None and stop.is_set():
+                break
+            record = await self.step(self.checkpoint.step + 1)
+            if on_step is not None:
+                result = on_step(record)
+                if inspect.isawaitable(result):
+                    await result
+        await self._scale_all(0)
+        return self.checkpoint.step
+
+    def _prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.store.versions():
+            materialize_base(self.spec.model, self.store)
+        # A step that ran but was never checkpointed is redone: forget its traces.
+        self.metrics_log.truncate_after(self.checkpoint.step)
+        self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
+        self._dataset = load_dataset(self.spec.dataset)
+
+    async def step(self, step: int) -> StepRecord:
+        t0 = time.time()
+        busy: list[BusyInterval] = []
+        version = self.checkpoint.weights_version
+        prefix = f"{self.job.metadata.name}-s{step}"
+        items = await asyncio.to_thread(self._prompt_items, step)
+        phases = PhasePrewarmer(
+            self.runtime, self.planner.prewarm() if self.spec.scheduling.prewarm else None,
+            self._instances_wanted, last_step=step == self.spec.steps)
+
+        plan = self.planner.plan(items, warm_actors=self._alive("actor"))
+        await self.runtime.scale("actor", plan.n_actors)
+        async with phases.phase("rollout"):
+            started = time.time()
+            rollout = await run_rollout(
+                self.runtime, items, plan.bins, version, self._rollout_settings(step),
+                prefix, busy, self.planner.migration_bins,
+            )
+            gen_s = time.time() - started
+
+        async with phases.phase("score"):  # reference, reward and critic side by side
+            payloads = await asyncio.to_thread(
+                score_payloads, self.spec, items, rollout.samples, version, prefix,
+                self._tokenizer)
+            replies = await asyncio.gather(*(invoke_timed(self.runtime, stage, payload, busy)
+                                             for stage, payload in payloads.items()))
+            scores = dict(zip(payloads, replies, strict=True))
+
+        async with phases.phase("train"):  # advantages here, the update in the trainer
+            request, learn_stats = await asyncio.to_thread(
+                build_train_request, self.spec, items, rollout.samples, scores, version,
+                f"{prefix}-train")
+            reply = await invoke_timed(self.runtime, "trainer", request, busy)
+
+        trace = StepTrace(t0, time.time(), gen_s, busy, self.runtime.meter(), rollout, scores,
+                          reply)
+        sched = self.planner.observe(items, rollout, trace.usages, work_seconds(trace), t0)
+        metrics = step_metrics(trace, learn_stats, plan.decisions, sched)
+        return self._record(step, trace, metrics, int(reply["weights_version"]))
+
+    def _record(self, step: int, trace: StepTrace, metrics: dict[str, Any],
+                new_version: int) -> StepRecord:
+        """Append the step to metrics.jsonl; checkpoint (and prune old versions) when due."""
+        self.checkpoint = Checkpoint(
+            step=step,
+            weights_version=new_version,
+            scheduler=self.planner.state_dict(),
+            gpu_seconds_total=self.checkpoint.gpu_seconds_total + metrics["cost/gpu_seconds"],
+        )
+        record = StepRecord(
+            step=step, metrics=metrics, reward_mean=metrics["reward/mean"],
+            gpu_seconds_total=self.checkpoint.gpu_seconds_total, weights_version=new_version,
+            checkpoint=str(self.run_dir / CHECKPOINT_FILE),
+            timeline=timeline(trace.usages, trace.t0, trace.t1),
+        )
+        self.metrics_log.append(record)
+        if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
+            save_checkpoint(self.run_dir, self.checkpoint)
+            self.store.prune(new_version, self.spec.checkpoint.keep)
+        return record
+
+    def _instances_wanted(self, stage: str) -> int:
+        if not self.spec.stages.has(stage):
+            return 0
+        if stage == "actor":
+            return self.planner.last_plan.n_actors if self.planner.last_plan else 1
+        return 1
+
+    def _alive(self, stage: str) -> int:
+        return sum(1 for u in self.runtime.meter() if u.stage == stage and u.ended_at is None)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _prompt_items(self, step: int) -> list[PromptItem]:
+        assert self._dataset is not None and self._tokenizer is not None
+        rows = batch_for_step(self._dataset, step - 1, self.spec.dataset.prompts_per_step,
+                              self.spec.seed)
+        items = []
+        for row in rows:
+            text = self._tokenizer.render_prompt(row["prompt"], self.spec.dataset.system_prompt)
+            items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
+                                    prompt_ids=self._tokenizer.encode(text),
+                                    meta={"answer": row.get("answer")}))
+        return items
+
+    def _rollout_settings(self, step: int) -> RolloutSettings:
+        gen, sched = self.spec.generation, self.spec.scheduling
+        return RolloutSettings(
+            group_size=self.spec.algorithm.group_size,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            seed=self.spec.seed * 1_000_003 + step,
+            cut_fraction=sched.tau if sched.cut_migrate and sched.tau < 1 else None,
+        )
+
+    async def _scale_all(self, n: int) -> None:
+        for stage in self.spec.stages.deployed:
+            await self.runtime.scale(stage, n)
