@@ -30,7 +30,7 @@ from rlhfless.records import (
     cost_by_stage,
     idle_ratios,
 )
-from rlhfless.rewards.datasets import batch_for_step, load_dataset
+from rlhfless.rewards.datasets import batch_for_step, chat_messages, load_dataset, reward_meta
 from rlhfless.rollout import (
     PromptItem,
     RolloutResult,
@@ -40,6 +40,7 @@ from rlhfless.rollout import (
 )
 from rlhfless.runtime.base import Runtime
 from rlhfless.scheduling.prewarm import PrewarmPlan
+from rlhfless.tracking import open_sinks
 from rlhfless.weights import WeightStore, materialize_base
 
 log = logging.getLogger("rlhfless.driver")
@@ -102,6 +103,7 @@ class Driver:
                 if inspect.isawaitable(result):
                     await result
         await self._scale_all(0)
+        self.metrics_log.close()
         return self.checkpoint.step
 
     def _prepare(self) -> None:
@@ -110,8 +112,10 @@ class Driver:
             materialize_base(self.spec.model, self.store)
         # A step that ran but was never checkpointed is redone: forget its traces.
         self.metrics_log.truncate_after(self.checkpoint.step)
+        self.metrics_log.sinks = open_sinks(self.spec.logging, self.job.metadata.name,
+                                            self.run_dir, self.checkpoint.step)
         self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
-        self._dataset = load_dataset(self.spec.dataset)
+        self._dataset = load_dataset(self.spec.dataset, self.spec.reward)
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
@@ -257,10 +261,10 @@ class Driver:
                               self.spec.seed)
         items = []
         for row in rows:
-            text = self._tokenizer.render_prompt(row["prompt"], self.spec.dataset.system_prompt)
+            text = self._tokenizer.render_chat(chat_messages(row, self.spec.dataset.system_prompt))
             items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
                                     prompt_ids=self._tokenizer.encode(text),
-                                    meta={"answer": row.get("answer")}))
+                                    meta=reward_meta(row)))
         return items
 
     def _rollout_settings(self, step: int) -> RolloutSettings:

@@ -214,8 +214,8 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
     ("dataset",): [
         _rule(
-            "self.kind != 'jsonl' || (has(self.path) && self.path != '')",
-            "path is required when kind is 'jsonl'",
+            "self.kind in ['arithmetic', 'repeat'] || (has(self.path) && self.path != '')",
+            "path is required when kind is 'parquet', 'jsonl' or 'hf-disk'",
         ),
     ],
     ("scheduling",): [
