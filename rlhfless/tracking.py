@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,14 +115,14 @@ class WandbSink:
         except ImportError:
             raise TrackingError("logging.backends names wandb, but the wandb package is not "
                                 "installed (pip install 'rlhfless[wandb]')") from None
-        run_id = ids.get("wandb") or wandb.util.generate_id()
+        run_id = ids.get("wandb") or uuid.uuid4().hex[:12]
         ids.set("wandb", run_id)
         # create_new: several jobs' drivers may share one process (the operator).
         self.run = wandb.init(project=project, name=run_name, id=run_id, dir=str(run_dir),
                               mode=mode, resume="allow", reinit="create_new")
 
     def write(self, step: int, row: Mapping[str, Any]) -> None:
-        self.run.log(scalars(row), step=step)
+        self.run.log(scalars(row), step=step, commit=True)
 
     def close(self) -> None:
         self.run.finish()

@@ -31,10 +31,10 @@ def _cues(choices: str) -> tuple[re.Pattern[str], ...]:
         re.compile(rf"(?i:answer)\s*:\s*({any_case})\s*[.!]?\s*(?:$|\n)"),
         # **C**, **(C)**, **C.**
         re.compile(rf"\*\*\s*\(?({any_case})[).:]?\s*\*\*"),
-        # "option C", "choice (D)"
-        re.compile(rf"(?i:option|choice)\s+\(?({up}){end}"),
         # a line that is only the letter: "C", "(C)", "C."
         re.compile(rf"(?m)^\s*\(?({up})[).:]?\s*$"),
+        # "option C", "choice (D)"
+        re.compile(rf"(?i:option|choice)\s+\(?({up}){end}"),
         # "(C)" anywhere
         re.compile(rf"\(({up})\)"),
     )
