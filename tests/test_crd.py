@@ -192,6 +192,10 @@ VALID = [
     {"model": {"source": "gguf", "path": "smollm2"}, "generation": {"maxNewTokens": 2000}},
     {"model": {"tiny": {"nEmbd": 30, "nHead": 3}}, "scheduling": {"actors": 4, "maxActors": 4}},
     {"dataset": {"kind": "jsonl", "path": "/data/gsm8k.jsonl"}, "reward": {"args": {"tol": 0.01}}},
+    {"dataset": {"kind": "parquet", "path": "/data/train.parquet",
+                 "fields": {"prompt": "question", "answer": "meta.gold"}},
+     "reward": {"name": "math", "workers": 4}, "logging": {"backends": ["mlflow", "wandb"]}},
+    {"dataset": {"kind": "hf-disk", "path": "/data/ds", "split": "test"}},
 ]
 # Rejected by the model; each is also refused by the server (schema or CEL) before the
 # operator sees it. (Unknown reward names and unknown fields are the operator's to report.)
@@ -211,6 +215,11 @@ INVALID = [
     {"generation": {"topP": 0}},
     {"generation": {"maxNewTokens": 600}},
     {"dataset": {"kind": "jsonl"}},
+    {"dataset": {"kind": "parquet"}},
+    {"dataset": {"kind": "hf-disk", "path": ""}},
+    {"dataset": {"kind": "csv", "path": "/data/x.csv"}},
+    {"logging": {"backends": ["tensorboard"]}},
+    {"reward": {"workers": 0}},
     {"trainer": {"zeroStage": 1}},
     {"suspend": "maybe"},
     {"steps": "ten"},

@@ -141,3 +141,17 @@ def test_compute_rewards_scores_math_concurrently_in_order():
     out = compute_rewards(spec, [""] * 9, responses, metas)
     assert out == [float(i % 2) for i in range(9)]
 
+
+
+def test_reward_function_starts_a_math_helper_before_serving():
+    from rlhfless.functions.reward import RewardHandler
+    from rlhfless.functions.serve import preload
+
+    math_pool().close()
+    assert math_pool().size() == 0
+    handler = RewardHandler(RewardSpec(name="combined", args={"weights": {"math": 1.0}}))
+    preload(handler, type("Store", (), {"latest": staticmethod(lambda: 0)})())
+    assert math_pool().size() == 1
+    restarts = math_pool().restarts
+    assert MATH("q", "#### 3", {"answer": "3"}) == 1.0
+    assert math_pool().size() == 1 and math_pool().restarts == restarts  # it was used

@@ -116,7 +116,7 @@ def get_reward(name: str) -> RewardFn:
 def answer_check(reward_spec: RewardSpecLike) -> AnswerCheck:
     """What `reward_spec`'s reward needs from each dataset row's ground truth."""
     checks = []
-    for name, args in _leaves(reward_spec.name, dict(reward_spec.args or {})):
+    for name, args in leaf_rewards(reward_spec.name, dict(reward_spec.args or {})):
         check = ANSWER_CHECKS.get(name)
         if check is None:
             continue
@@ -134,7 +134,7 @@ def answer_check(reward_spec: RewardSpecLike) -> AnswerCheck:
     return check
 
 
-def _leaves(name: str, args: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def leaf_rewards(name: str, args: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The (name, args) of the rewards a spec runs: combined's components, else itself."""
     if name != "combined":
         return [(name, dict(args))]
@@ -146,7 +146,7 @@ def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
     (listing those it does), or argument values it rejects (a dry run on empty text: the
     rules are total on any text, so only bad arguments can make it fail)."""
     _check_arg_names(name, args)
-    if any(leaf not in REWARDS for leaf, _ in _leaves(name, args)):
+    if any(leaf not in REWARDS for leaf, _ in leaf_rewards(name, args)):
         return  # an installed reward need not be total on empty text: names only
     try:
         get_reward(name)("", "", {}, **args)
@@ -194,7 +194,7 @@ def compute_rewards(
         return float(fn(prompt, response, dict(meta or {}), **args))
 
     items = list(zip(prompts, responses, metas, strict=True))
-    concurrent = any(n in CONCURRENT for n, _ in _leaves(reward_spec.name, args))
+    concurrent = any(n in CONCURRENT for n, _ in leaf_rewards(reward_spec.name, args))
     workers = min(len(items), _workers(reward_spec)) if concurrent else 1
     if workers <= 1:
         return [score(item) for item in items]
@@ -204,4 +204,4 @@ def compute_rewards(
 
 def _workers(reward_spec: RewardSpecLike) -> int:
     configured = getattr(reward_spec, "workers", None)
-    return int(configured) if configured else max(1, os.cpu_count() or 1)
+    return int(configured) if configured else max(1, len(os.sched_getaffinity(0)))

@@ -119,6 +119,14 @@ class WorkerPool:
             self._idle.append(worker)
         return reply
 
+    def prestart(self, n: int = 1) -> None:
+        """Start workers ahead of the first request (their imports are part of a cold start)."""
+        while self.size() < n:
+            worker = _Worker(self.argv, self.env)
+            with self._lock:
+                self._all.add(worker)
+                self._idle.append(worker)
+
     def size(self) -> int:
         with self._lock:
             return len(self._all)
