@@ -94,16 +94,18 @@ class Driver:
         # Loading a model (materialising v0) is blocking work: keep the event loop free
         # (the operator runs this driver inside kopf's loop).
         await asyncio.to_thread(self._prepare)
-        while self.checkpoint.step < self.spec.steps:
-            if stop is not None and stop.is_set():
-                break
-            record = await self.step(self.checkpoint.step + 1)
-            if on_step is not None:
-                result = on_step(record)
-                if inspect.isawaitable(result):
-                    await result
+        try:
+            while self.checkpoint.step < self.spec.steps:
+                if stop is not None and stop.is_set():
+                    break
+                record = await self.step(self.checkpoint.step + 1)
+                if on_step is not None:
+                    result = on_step(record)
+                    if inspect.isawaitable(result):
+                        await result
+        finally:
+            self.metrics_log.close()  # flush the trackers, however the run ends
         await self._scale_all(0)
-        self.metrics_log.close()
         return self.checkpoint.step
 
     def _prepare(self) -> None:
@@ -112,10 +114,10 @@ class Driver:
             materialize_base(self.spec.model, self.store)
         # A step that ran but was never checkpointed is redone: forget its traces.
         self.metrics_log.truncate_after(self.checkpoint.step)
-        self.metrics_log.sinks = open_sinks(self.spec.logging, self.job.metadata.name,
-                                            self.run_dir, self.checkpoint.step)
         self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
         self._dataset = load_dataset(self.spec.dataset, self.spec.reward)
+        self.metrics_log.sinks = open_sinks(self.spec.logging, self.job.metadata.name,
+                                            self.run_dir, self.checkpoint.step)
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
