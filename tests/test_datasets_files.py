@@ -250,3 +250,18 @@ def test_validate_reads_a_local_dataset_with_the_reward(tmp_path):
     assert code == 2 and "row 0: 'reward_model.ground_truth' must be one letter" in out
     code, out = validate(tmp_path / "elsewhere.parquet")
     assert code == 0 and "not on this machine" in out
+
+
+def test_a_bad_dataset_stops_the_run_before_the_first_step(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhfless.driver import Driver
+    from tests.conftest import tiny_job
+
+    bad = write_parquet(tmp_path / "bad.parquet", [{"question": "q"}])
+    job = tiny_job("bad", dataset={"kind": "parquet", "path": str(bad)},
+                   reward={"name": "math", "args": {}})
+    driver = Driver(job, SimpleNamespace(), tmp_path / "run")
+    with pytest.raises(DatasetError, match="no column 'prompt'"):
+        driver._prepare()
+    assert not (tmp_path / "run" / "tensorboard").exists()  # nothing opened for a failed start
