@@ -1,4 +1,4 @@
-"""`rlhfless` command line: run, validate, manifests, crd, operator, serve, simulate.
+"""`rlhfless` command line: run, validate, manifests, export, crd, operator, serve, simulate.
 
 Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
 to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
@@ -27,13 +27,14 @@ EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
 def _run_errors() -> tuple[type[Exception], ...]:
     """Failures a user can act on: reported as one message, not a traceback."""
     from rlhfless.driver.rollout import LostSamplesError
+    from rlhfless.driver.tracking import TrackingError
     from rlhfless.model.loading import ModelLoadError
     from rlhfless.rewards.datasets import DatasetError
     from rlhfless.runtime.base import InvocationError
     from rlhfless.store import CheckpointError, WeightStoreError
 
     return (CheckpointError, ModelLoadError, DatasetError, LostSamplesError, InvocationError,
-            WeightStoreError)
+            WeightStoreError, TrackingError)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -81,10 +82,29 @@ def _check_resumable(run_dir: Path) -> None:
 
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")]) -> None:
-    """Check a job file and report every spec error."""
+    """Check a job file and report every spec error (and its dataset, when it is here)."""
     job = _load_or_exit(job_file)
+    dataset_note = _check_dataset_here(job)
     console.print(f"[green]{job_file}: valid[/] (job {job.metadata.name}, "
-                  f"{job.spec.algorithm.name}, {job.spec.steps} steps)")
+                  f"{job.spec.algorithm.name}, {job.spec.steps} steps{dataset_note})")
+
+
+def _check_dataset_here(job: RLHFJob) -> str:
+    """Read a file dataset that exists on this machine with the job's reward, so a missing
+    column or an unusable ground truth shows now rather than at the first step."""
+    from rlhfless.rewards.datasets import FILE_KINDS, DatasetError, load_dataset
+
+    ds = job.spec.dataset
+    if ds.kind not in FILE_KINDS:
+        return ""
+    if not Path(str(ds.path)).exists():
+        return f"; dataset {ds.path} is not on this machine: it is checked when the job starts"
+    try:
+        items = load_dataset(ds, job.spec.reward)
+    except DatasetError as exc:
+        err_console.print(f"[bold red]dataset: {escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    return f"; dataset: {len(items)} prompts"
 
 
 @app.command()
@@ -194,6 +214,25 @@ def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
     console.print(f"reward {first:.3f} → {last:.3f}; metrics: {run_dir / 'metrics.jsonl'}")
     for p in plots:
         console.print(f"plot: {p}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holding store/), or a store.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the Hugging Face model to.")],
+    version: Annotated[int | None, typer.Option(
+        help="Weights version (default: the checkpointed one, else the newest).")] = None,
+) -> None:
+    """Write a trained version as a Hugging Face model directory (transformers, vLLM)."""
+    from rlhfless.model.export import export_run
+    from rlhfless.store import WeightStoreError
+
+    try:
+        written, chosen = export_run(run_dir, out, version)
+    except WeightStoreError as exc:
+        err_console.print(f"[bold red]export failed:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None  # a run dir or version that is not there
+    console.print(f"[green]exported version {chosen}[/] of {run_dir} to {written}")
 
 
 @app.command()

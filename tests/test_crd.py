@@ -130,6 +130,10 @@ VALID = [
     {"model": {"source": "gguf", "path": "/models", "ggufFile": "m.gguf", "dtype": "bfloat16"}},
     {"scheduling": {"keepAliveS": 30, "maxActors": None}, "generation": {"temperature": 1}},
     {"algorithm": {"groupSize": 4, "miniBatchSize": 8}, "dataset": {"promptsPerStep": 6}},
+    {"dataset": {"kind": "parquet", "path": "/data/train.parquet",
+                 "fields": {"prompt": "question", "answer": "meta.gold"}},
+     "reward": {"name": "math", "workers": 4}, "logging": {"backends": ["mlflow", "wandb"]}},
+    {"dataset": {"kind": "hf-disk", "path": "/data/ds", "split": "test"}},
 ]
 # Rejected by the model; each is also refused by the server (schema or CEL) before the
 # operator sees it. (Unknown reward names and unknown fields are the operator's to report.)
@@ -149,6 +153,11 @@ INVALID = [
     {"generation": {"topP": 0}},
     {"generation": {"maxNewTokens": 600}},
     {"dataset": {"kind": "jsonl"}},
+    {"dataset": {"kind": "parquet"}},
+    {"dataset": {"kind": "hf-disk", "path": ""}},
+    {"dataset": {"kind": "csv", "path": "/data/x.csv"}},
+    {"logging": {"backends": ["tensorboard"]}},
+    {"reward": {"workers": 0}},
     {"trainer": {"zeroStage": 1}},
     {"suspend": "maybe"},
     {"steps": "ten"},

@@ -118,3 +118,68 @@ def test_smollm2_export_loads_with_tokenizer_and_same_logits(tmp_path):
     assert hf_tok.encode(text, add_special_tokens=False) == ids
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert torch.allclose(hf_logits(out, ids), store_logits(store, 0, ids), atol=1e-5)
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(str(out), local_files_only=True)
+    assert generation.eos_token_id == tok.eos_token_id
+
+
+def _run_dir(store: WeightStore, tmp_path, checkpointed: int | None):
+    """A run directory as `rlhfless run` leaves it: store/ and (maybe) checkpoint.json."""
+    from rlhfless.store import Checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.rename(store.root, run / "store")
+    if checkpointed is not None:
+        save_checkpoint(run, Checkpoint(step=checkpointed, weights_version=checkpointed))
+    return run
+
+
+def test_cli_export_writes_a_model_transformers_loads(store, tmp_path):
+    from transformers import GenerationConfig
+    from typer.testing import CliRunner
+
+    from rlhfless.cli import app
+
+    ids = [72, 105, 33, 10, 65, 66]
+    run = _run_dir(store, tmp_path, checkpointed=0)
+    moved = WeightStore(run / "store")
+    runner = CliRunner()
+    # default: the checkpointed version (0 here, although 1 exists)
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "exported version 0" in result.output
+    assert torch.equal(hf_logits(tmp_path / "ckpt", ids), store_logits(moved, 0, ids))
+    result = runner.invoke(app, ["export", str(run), "--version", "1", "--out",
+                                 str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "hf"
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {
+        p.name for p in out.iterdir()}
+    assert torch.equal(hf_logits(out, ids), store_logits(moved, 1, ids))
+    generation = GenerationConfig.from_pretrained(str(out), local_files_only=True)
+    assert generation.eos_token_id == 0 and generation.pad_token_id == 1  # the char tokenizer's
+    assert (out / "char_tokenizer.json").is_file()  # tiny models keep their char tokenizer
+    # a copy, not a link into the store (the export may outlive the run directory)
+    assert os.stat(out / "model.safetensors").st_ino != os.stat(
+        moved.path(1) / "model.safetensors").st_ino
+
+
+def test_cli_export_errors_are_clear(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhfless.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "holds no weight store" in " ".join(result.output.split())
+    run = _run_dir(store, tmp_path, checkpointed=None)
+    result = runner.invoke(app, ["export", str(run), "--version", "9", "--out",
+                                 str(tmp_path / "o")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "version 9 not found" in text and "[0, 1]" in text
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+    # no checkpoint: the newest version
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "latest")])
+    assert result.exit_code == 0 and "exported version 1" in result.output

@@ -115,7 +115,8 @@ def test_compute_rewards_with_spec_and_namespace():
 
 
 def test_unknown_reward_and_bad_args_are_clear():
-    with pytest.raises(ValueError, match="unknown reward 'bleu'; known: combined, exact_match"):
+    with pytest.raises(ValueError,
+                       match="unknown reward 'bleu'; known: code_tests, combined, exact_match"):
         compute_rewards(SimpleNamespace(name="bleu", args={}), ["p"], ["r"], None)
     with pytest.raises(ValueError, match="unknown args: chr; accepts: char"):
         compute_rewards(SimpleNamespace(name="target_char", args={"chr": "a"}), ["p"], ["r"])

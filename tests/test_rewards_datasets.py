@@ -75,7 +75,7 @@ def test_load_dataset_kinds_and_system_prompt(tmp_path):
     [
         ('{"prompt": "a"}\n{oops\n', r"d\.jsonl:2: invalid JSON"),
         ('["a"]\n', r"d\.jsonl:1: expected a JSON object"),
-        ('{"answer": "1"}\n', r"d\.jsonl:1: 'prompt' must be a non-empty string"),
+        ('{"answer": "1"}\n', r"d\.jsonl:1: no field 'prompt' \(dataset\.fields\.prompt\)"),
         ('{"prompt": 3}\n', r"'prompt' must be a non-empty string"),
         ('{"prompt": "a", "answer": [1]}\n', r"'answer' must be a string or a number"),
         ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": "1"}\n',

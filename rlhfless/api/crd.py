@@ -232,9 +232,11 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
     ("dataset",): [
         _rule(
-            "self.kind != 'jsonl' || (has(self.path) && self.path != '')",
-            "path is required when kind is 'jsonl'",
+            "self.kind in ['arithmetic', 'repeat'] || (has(self.path) && self.path != '')",
+            "path is required when kind is 'parquet', 'jsonl' or 'hf-disk'",
         ),
+        _rule("!(self.kind in ['arithmetic', 'repeat']) || !has(self.path)",
+              "path is only read when kind is 'parquet', 'jsonl' or 'hf-disk'"),
     ],
     ("scheduling",): [
         _rule("self.actors <= self.maxActors", "actors must not exceed maxActors"),

@@ -177,11 +177,42 @@ class AlgorithmSpec(SpecModel):
         return self
 
 
-class DatasetSpec(SpecModel):
-    kind: Literal["arithmetic", "jsonl", "repeat"] = Field(
-        "arithmetic", description="Built-in arithmetic generator, a jsonl file, or a toy set."
+DATASET_FILE_KINDS = ("parquet", "jsonl", "hf-disk")
+
+
+class DatasetFields(SpecModel):
+    """Where each field of a prompt lives in a file's rows; a dot reaches into a nested
+    column (verl's `reward_model.ground_truth`)."""
+
+    prompt: str = Field(
+        "prompt", min_length=1,
+        description="Column holding the prompt: a string or a list of chat messages "
+        "({role, content}).",
     )
-    path: str | None = Field(None, description="jsonl file (kind jsonl).")
+    answer: str | None = Field(
+        None, min_length=1,
+        description="Column holding the ground truth; default 'reward_model.ground_truth' "
+        "when the file has that column, else 'answer'.",
+    )
+    id: str | None = Field(
+        None, min_length=1,
+        description="Column holding a unique prompt id; default 'id' when present, else "
+        "<file name>-<row>.",
+    )
+
+
+class DatasetSpec(SpecModel):
+    kind: Literal["arithmetic", "repeat", "parquet", "jsonl", "hf-disk"] = Field(
+        "arithmetic",
+        description="Built-in arithmetic generator, a toy set, or a local file: parquet "
+        "(verl's schema by default), jsonl, or a directory written by datasets' save_to_disk.",
+    )
+    path: str | None = Field(None, description="Local file or directory (parquet, jsonl, "
+                             "hf-disk).")
+    fields: DatasetFields = Field(default_factory=DatasetFields,
+                                  description="Column mapping for file datasets.")
+    split: str = Field("train", min_length=1,
+                       description="Split to read when an hf-disk directory holds several.")
     size: int = Field(256, ge=1, le=10_000_000, description="Prompts generated (built-ins).")
     prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per RL step.")
     seed: int = Field(0, ge=0, le=INT64_MAX)
@@ -189,15 +220,23 @@ class DatasetSpec(SpecModel):
     difficulty: int = Field(1, ge=1, le=5, description="Arithmetic difficulty.")
 
     @model_validator(mode="after")
-    def _path_for_jsonl(self) -> DatasetSpec:
-        if self.kind == "jsonl" and not self.path:
-            raise ValueError("path is required when kind is 'jsonl'")
+    def _path_for_files(self) -> DatasetSpec:
+        if self.kind in DATASET_FILE_KINDS and not self.path:
+            raise FieldError("path", f"is required when kind is '{self.kind}'")
+        if self.kind not in DATASET_FILE_KINDS and self.path:
+            raise FieldError("path", f"kind '{self.kind}' reads no file; remove path or use "
+                                     f"one of {', '.join(DATASET_FILE_KINDS)}")
         return self
 
 
 class RewardSpec(SpecModel):
     name: str = Field("exact_match", description="Registered rule-based reward.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="Responses scored at once by rewards that run outside the interpreter "
+        "(math, code_tests); default: the CPU count.",
+    )
 
     @model_validator(mode="after")
     def _known_reward(self) -> RewardSpec:
@@ -277,6 +316,31 @@ class CheckpointSpec(SpecModel):
     keep: int = Field(3, ge=1, le=INT64_MAX, description="Weight versions kept in the store.")
 
 
+class LoggingSpec(SpecModel):
+    """TensorBoard event files are always written to the run directory; these add trackers."""
+
+    backends: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="Trackers that also receive every step's metrics."
+    )
+    project: str | None = Field(
+        None, min_length=1,
+        description="MLflow experiment / W&B project; default: the job name.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, min_length=1,
+        description="MLflow tracking URI; default: a file store in the run directory.",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode; offline writes the run under the run directory."
+    )
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> LoggingSpec:
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError("backends lists a tracker twice")
+        return self
+
+
 class JobSpec(SpecModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
@@ -287,6 +351,7 @@ class JobSpec(SpecModel):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
     steps: int = Field(10, ge=1, le=10_000_000, description="RL steps to run.")
     seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of sampling and shuffling.")
     image: ImageReference = Field(

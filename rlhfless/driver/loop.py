@@ -23,9 +23,10 @@ from rlhfless.driver.planner import Planner
 from rlhfless.driver.prewarm import PhasePrewarmer
 from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
 from rlhfless.driver.rollout import PromptItem, RolloutSettings, invoke_timed, run_rollout
+from rlhfless.driver.tracking import open_sinks
 from rlhfless.model.materialize import materialize_base
 from rlhfless.model.tokenizer import load_tokenizer
-from rlhfless.rewards.datasets import batch_for_step, load_dataset
+from rlhfless.rewards.datasets import batch_for_step, chat_messages, load_dataset, reward_meta
 from rlhfless.runtime.base import Runtime
 from rlhfless.store import (
     CHECKPOINT_FILE,
@@ -63,14 +64,17 @@ class Driver:
         # Loading a model (materialising v0) is blocking work: keep the event loop free
         # (the operator runs this driver inside kopf's loop).
         await asyncio.to_thread(self._prepare)
-        while self.checkpoint.step < self.spec.steps:
-            if stop is not None and stop.is_set():
-                break
-            record = await self.step(self.checkpoint.step + 1)
-            if on_step is not None:
-                result = on_step(record)
-                if inspect.isawaitable(result):
-                    await result
+        try:
+            while self.checkpoint.step < self.spec.steps:
+                if stop is not None and stop.is_set():
+                    break
+                record = await self.step(self.checkpoint.step + 1)
+                if on_step is not None:
+                    result = on_step(record)
+                    if inspect.isawaitable(result):
+                        await result
+        finally:
+            self.metrics_log.close()  # flush the trackers, however the run ends
         await self._scale_all(0)
         return self.checkpoint.step
 
@@ -81,7 +85,9 @@ class Driver:
         # A step that ran but was never checkpointed is redone: forget its traces.
         self.metrics_log.truncate_after(self.checkpoint.step)
         self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
-        self._dataset = load_dataset(self.spec.dataset)
+        self._dataset = load_dataset(self.spec.dataset, self.spec.reward)
+        self.metrics_log.sinks = open_sinks(self.spec.logging, self.job.metadata.name,
+                                            self.run_dir, self.checkpoint.step)
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
@@ -161,10 +167,10 @@ class Driver:
                               self.spec.seed)
         items = []
         for row in rows:
-            text = self._tokenizer.render_prompt(row["prompt"], self.spec.dataset.system_prompt)
+            text = self._tokenizer.render_chat(chat_messages(row, self.spec.dataset.system_prompt))
             items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
                                     prompt_ids=self._tokenizer.encode(text),
-                                    meta={"answer": row.get("answer")}))
+                                    meta=reward_meta(row)))
         return items
 
     def _rollout_settings(self, step: int) -> RolloutSettings:

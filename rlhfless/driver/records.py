@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfless.driver.tracking import MetricSink, close_all, write_all
 from rlhfless.runtime.base import InstanceUsage
 from rlhfless.scheduling.cost import CostBreakdown, Lifetime, clip, cost_breakdown
 
@@ -67,10 +68,12 @@ class StepRecord:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; a resumed run appends after the last recorded step."""
+    """Append-only metrics.jsonl; a resumed run appends after the last recorded step. Each
+    row also goes to `sinks` (TensorBoard, MLflow, W&B: see rlhfless.driver.tracking)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sinks: list[MetricSink] | None = None):
         self.path = Path(path)
+        self.sinks: list[MetricSink] = sinks or []
 
     def append(self, record: StepRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,11 @@ class MetricsLog:
                **record.metrics, "timeline": record.timeline}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        write_all(self.sinks, record.step, row)
+
+    def close(self) -> None:
+        close_all(self.sinks)
+        self.sinks = []
 
     def read(self) -> list[dict[str, object]]:
         if not self.path.exists():

@@ -1,4 +1,4 @@
-"""The reward function: rule-based rewards on decoded text (no weights, no GPU)."""
+"""The reward function: rewards on decoded text (no weights, no GPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from rlhfless.api.spec import RewardSpec
 from rlhfless.api.wire import RewardRequest, RewardResponse
 from rlhfless.rewards import compute_rewards
+from rlhfless.rewards.registry import leaf_rewards
 
 
 class RewardHandler:
@@ -17,6 +18,14 @@ class RewardHandler:
 
     def loaded_version(self) -> int | None:
         return None
+
+    def warm(self, latest: int) -> None:
+        """Start a math-verify helper before serving, so the first request does not pay for
+        its imports (they count in the function's cold start instead)."""
+        if any(name == "math" for name, _ in leaf_rewards(self.spec.name, self.spec.args)):
+            from rlhfless.rewards.mathverify import math_pool
+
+            math_pool().prestart()
 
     def handle(self, request: RewardRequest) -> RewardResponse:
         started = time.perf_counter()

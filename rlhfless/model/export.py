@@ -1,6 +1,7 @@
 """Export one weight-store version as a plain Hugging Face model directory.
 
     out/config.json          the base config (no quantization_config: the store holds floats)
+    out/generation_config.json  its special token ids (bos, eos, pad)
     out/model.safetensors    the version's weights (a hard link to the store file when possible)
     out/<tokenizer files>    the base tokenizer (HF tokenizers only; tiny models have none)
     out/rlhfless_export.json which store version this directory holds
@@ -22,6 +23,7 @@ from rlhfless.store import DEFAULT_PART, WeightStore, WeightStoreError, sha256_f
 
 EXPORT_RECORD = "rlhfless_export.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def export_version(
@@ -63,6 +65,8 @@ def export_version(
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / GENERATION_CONFIG).write_text(
+            json.dumps(_generation_config(config), indent=2, sort_keys=True))
         _copy_tokenizer(store.base_dir / "tokenizer", tmp)
         if aliases and not config.get("tie_word_embeddings", True):
             # Shared tensors the config does not re-tie must be spelled out for a loader.
@@ -75,6 +79,26 @@ def export_version(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               version: int | None = None) -> tuple[Path, int]:
+    """Export a run's weights (default: the checkpointed version, else the newest) as a
+    copy (the export must not share files with a store it may outlive); (dir, version)."""
+    run_dir = Path(run_dir)
+    root = run_dir / "store" if (run_dir / "store").is_dir() else run_dir
+    store = WeightStore(root)
+    if not store.versions():
+        raise WeightStoreError(f"{run_dir} holds no weight store (expected {run_dir / 'store'} "
+                               "with at least one version)")
+    if version is None:
+        from rlhfless.store import load_checkpoint
+
+        checkpoint = load_checkpoint(run_dir)
+        version = (checkpoint.weights_version
+                   if checkpoint is not None and store.exists(checkpoint.weights_version)
+                   else store.versions()[-1])
+    return export_version(store, version, out_dir, link=False), version
 
 
 def exported_record(directory: str | os.PathLike) -> dict | None:
@@ -103,6 +127,12 @@ def _base_config(store: WeightStore) -> dict:
     if info.get("dtype"):
         config["dtype"] = info["dtype"]
     return config
+
+
+def _generation_config(config: dict) -> dict:
+    """What `generate` needs from the model config (transformers reads the rest as defaults)."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return {k: config[k] for k in keys if config.get(k) is not None}
 
 
 def _copy_tokenizer(source: Path, dest: Path) -> None:

@@ -19,6 +19,21 @@ class Tokenizer(Protocol):
 
     def render_prompt(self, user_text: str, system: str | None = None) -> str: ...
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+
+
+def _plain_chat(messages: list[dict[str, str]]) -> str:
+    """A conversation as plain text, for models without a chat template."""
+    head = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
+    turns = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
+                    for m in messages if m["role"] != "system")
+    return f"{head}{turns}Assistant:"
+
+
+def _as_messages(user_text: str, system: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": user_text}]
+
 
 class CharTokenizer:
     """One token per ASCII character (vocabulary 128), for tiny random models.
@@ -47,8 +62,10 @@ class CharTokenizer:
         return "".join(chr(i) if 0 <= i < 128 else "?" for i in ids if i not in special)
 
     def render_prompt(self, user_text: str, system: str | None = None) -> str:
-        head = f"{system}\n\n" if system else ""
-        return f"{head}User: {user_text}\nAssistant:"
+        return self.render_chat(_as_messages(user_text, system))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return _plain_chat(messages)
 
     def save(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -82,12 +99,12 @@ class HFTokenizer:
         return self.hf.decode(ids, skip_special_tokens=True)
 
     def render_prompt(self, user_text: str, system: str | None = None) -> str:
+        return self.render_chat(_as_messages(user_text, system))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.hf, "chat_template", None):
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": user_text})
             return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head = f"{system}\n\n" if system else ""
-        return f"{head}User: {user_text}\nAssistant:"
+        return _plain_chat(messages)
 
     def save(self, directory: str | Path) -> None:
         self.hf.save_pretrained(str(directory))

@@ -1,16 +1,21 @@
-"""Rule-based rewards (registry keyed by name) and the prompt datasets they score."""
+"""Rewards (registry keyed by name, plus installed entry points) and the prompt datasets
+they score."""
 
 from rlhfless.rewards.arithmetic import generate_problems
 from rlhfless.rewards.datasets import (
     DatasetError,
     batch_for_step,
+    chat_messages,
     load_dataset,
     load_jsonl,
+    load_table,
     repeat_prompts,
+    reward_meta,
 )
 from rlhfless.rewards.registry import (
     REWARDS,
     RewardFn,
+    answer_check,
     check_reward_args,
     combined,
     compute_rewards,
@@ -22,7 +27,9 @@ __all__ = [
     "REWARDS",
     "DatasetError",
     "RewardFn",
+    "answer_check",
     "batch_for_step",
+    "chat_messages",
     "check_reward_args",
     "combined",
     "compute_rewards",
@@ -31,6 +38,8 @@ __all__ = [
     "get_reward",
     "load_dataset",
     "load_jsonl",
+    "load_table",
     "parse_number",
     "repeat_prompts",
+    "reward_meta",
 ]

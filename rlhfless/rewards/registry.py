@@ -1,12 +1,23 @@
-"""The reward registry and the batch entry point the reward function calls."""
+"""The reward registry and the batch entry point the reward function calls.
+
+Built-in rewards live in `REWARDS`; users add theirs as Python entry points in the
+`rlhfless.rewards` group of a package installed into the image (see `plugins`). A spec names
+a reward, never a module path, so nothing a job file says is ever imported.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from rlhfless.registry import lookup
+from rlhfless.rewards.choice import check_choice_ground_truth, multiple_choice
+from rlhfless.rewards.code_tests import check_tests_ground_truth, code_tests
+from rlhfless.rewards.mathverify import math_equivalence
+from rlhfless.rewards.plugins import load_plugin, plugin_entry_points
 from rlhfless.rewards.rules import exact_match, format_reward, length_penalty, target_char
 
 
@@ -18,6 +29,26 @@ class RewardFn(Protocol):
 class RewardSpecLike(Protocol):
     name: str
     args: dict[str, Any]
+
+
+# A ground-truth check returns what is wrong with a dataset row's answer, or None.
+AnswerCheck = Callable[[Any], str | None]
+
+
+def number_or_text(value: Any) -> str | None:
+    """Rule rewards compare with a string or a number ("" or missing: nothing to match)."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return None
+    return f"must be a string or a number, got {type(value).__name__}"
+
+
+def _math_ground_truth(value: Any) -> str | None:
+    problem = number_or_text(value)
+    if problem is None and (value is None or not str(value).strip()):
+        return "is missing or empty; reward 'math' needs an answer to compare with"
+    return problem and f"{problem} (reward 'math')"
 
 
 def _components(args: Mapping[str, Any]) -> list[tuple[str, float, dict[str, Any]]]:
@@ -55,12 +86,59 @@ REWARDS: dict[str, RewardFn] = {
     "length_penalty": length_penalty,
     "target_char": target_char,
     "combined": combined,
+    "math": math_equivalence,
+    "multiple_choice": multiple_choice,
+    "code_tests": code_tests,
 }
+# What each built-in reward needs from a dataset row's ground truth (absent: anything goes).
+ANSWER_CHECKS: dict[str, Callable[..., str | None]] = {
+    "exact_match": number_or_text,
+    "math": _math_ground_truth,
+    "multiple_choice": check_choice_ground_truth,
+    "code_tests": check_tests_ground_truth,
+}
+# Rewards that wait on other processes (sandboxed programs, a math worker): the items of a
+# batch are scored side by side on a thread pool, so one slow response never holds the rest.
+CONCURRENT = {"math", "code_tests"}
 
 
 def get_reward(name: str) -> RewardFn:
-    """The registered reward; an unknown name raises ValueError listing the known ones."""
-    return lookup(REWARDS, name, "reward")
+    """The registered reward (built-in first, then installed entry points); an unknown name
+    raises ValueError listing the known ones."""
+    if name in REWARDS:
+        return REWARDS[name]
+    installed = plugin_entry_points()
+    if name not in installed:
+        lookup({**REWARDS, **dict.fromkeys(installed)}, name, "reward")  # raises, listing all
+    return load_plugin(name)
+
+
+def answer_check(reward_spec: RewardSpecLike) -> AnswerCheck:
+    """What `reward_spec`'s reward needs from each dataset row's ground truth."""
+    checks = []
+    for name, args in leaf_rewards(reward_spec.name, dict(reward_spec.args or {})):
+        check = ANSWER_CHECKS.get(name)
+        if check is None:
+            continue
+        wanted = inspect.signature(check).parameters
+        extra = {k: v for k, v in args.items() if k in wanted and k != "value"}
+        checks.append((check, extra))
+
+    def check(value: Any) -> str | None:
+        for fn, extra in checks:
+            problem = fn(value, **extra)
+            if problem is not None:
+                return problem
+        return None
+
+    return check
+
+
+def leaf_rewards(name: str, args: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The (name, args) of the rewards a spec runs: combined's components, else itself."""
+    if name != "combined":
+        return [(name, dict(args))]
+    return [(n, a) for n, _, a in _components(args)]
 
 
 def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
@@ -68,6 +146,8 @@ def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
     (listing those it does), or argument values it rejects (a dry run on empty text: the
     rules are total on any text, so only bad arguments can make it fail)."""
     _check_arg_names(name, args)
+    if any(leaf not in REWARDS for leaf, _ in leaf_rewards(name, args)):
+        return  # an installed reward need not be total on empty text: names only
     try:
         get_reward(name)("", "", {}, **args)
     except (TypeError, KeyError, AttributeError) as exc:
@@ -108,7 +188,20 @@ def compute_rewards(
     check_reward_args(reward_spec.name, args)
     fn = get_reward(reward_spec.name)
     metas = metas if metas is not None else [None] * len(responses)
-    return [
-        float(fn(p, r, dict(m or {}), **args))
-        for p, r, m in zip(prompts, responses, metas, strict=True)
-    ]
+
+    def score(item: tuple[str, str, Mapping[str, Any] | None]) -> float:
+        prompt, response, meta = item
+        return float(fn(prompt, response, dict(meta or {}), **args))
+
+    items = list(zip(prompts, responses, metas, strict=True))
+    concurrent = any(n in CONCURRENT for n, _ in leaf_rewards(reward_spec.name, args))
+    workers = min(len(items), _workers(reward_spec)) if concurrent else 1
+    if workers <= 1:
+        return [score(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward") as pool:
+        return list(pool.map(score, items))
+
+
+def _workers(reward_spec: RewardSpecLike) -> int:
+    configured = getattr(reward_spec, "workers", None)
+    return int(configured) if configured else max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,14 @@
+"""Write the sample datasets the examples read (verl's parquet schema; nothing downloaded).
+
+    python scripts/make_example_data.py [OUT_DIR]      # default: examples/data
+"""
+
+import sys
+from pathlib import Path
+
+from rlhfless.rewards.samples import write_samples
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "examples/data"
+    for name, path in write_samples(out).items():
+        print(f"{name}: {path}")
