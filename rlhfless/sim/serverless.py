@@ -109,8 +109,8 @@ class ServerlessSim:
         predicted = s.length_prediction and self.predictor.known_fraction(ids) >= 0.5
         if s.length_prediction:
             pred_mean, pred_max = self.predictor.predict(ids)
-        else:  # every group looks the same: the predictor's prior
-            pred_mean = pred_max = np.full(len(ids), self.predictor.default())
+        else:  # every group looks the same: the worst case, as the driver plans it
+            pred_mean = pred_max = np.full(len(ids), float(w.max_len))
         streaming = cfg.step_mode == "stream"
         handoff = s.cut_migrate and s.tau < 1 and cfg.cut_mode == "stream"
         handoff_tau = s.tau if handoff else None
