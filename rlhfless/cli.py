@@ -301,15 +301,19 @@ def serve(
 
 @app.command()
 def simulate(
-    experiment: Annotated[str, typer.Option(help="paper|ablation|sensitivity|frontier|all")]
-    = "paper",
+    experiment: Annotated[str, typer.Option(
+        help="headline|testbed|planner|coldstart|ablation|frontier|sensitivity|all")]
+    = "headline",
     out: Annotated[Path, typer.Option(help="Directory for tables and plots.")]
     = Path("benchmarks/results"),
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Simulate RLHFless vs serverful baselines on a modelled GPU cluster."""
-    from rlhfless.sim.cli import simulate_command
+    from rlhfless.sim.cli import CHOICES, simulate_command
 
+    if experiment not in CHOICES:
+        raise typer.BadParameter(f"choose one of {', '.join(CHOICES)}",
+                                 param_hint="--experiment")
     simulate_command(experiment=experiment, out=out, seed=seed)
 
 

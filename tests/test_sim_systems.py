@@ -33,21 +33,25 @@ def _uniform(cfg: SimConfig, length: int = 300, prompt: int = 100, epochs: int =
 
 
 RLHFLESS_MODES = [
-    ("barrier", {}),
-    ("global", {}),
-    ("stream", {}),
-    ("barrier", {"cut_migrate": False}),
-    ("barrier", {"cost_aware": False, "assignment": "round-robin"}),
+    ("stream", "barrier", {}),
+    ("stream", "global", {}),
+    ("stream", "stream", {}),
+    ("stream", "stream", {"cut_migrate": False}),
+    ("stream", "stream", {"cost_aware": False, "assignment": "round-robin"}),
+    ("stream", "stream", {"prewarm": False, "length_prediction": False}),
+    ("barrier", "stream", {}),
+    ("barrier", "barrier", {"cut_migrate": False}),
 ]
 
 
-@pytest.mark.parametrize("mode,sched", RLHFLESS_MODES)
-def test_rlhfless_generates_every_token_once(mode, sched):
-    cfg = replace(_cfg(**sched), cut_mode=mode)
+@pytest.mark.parametrize("step_mode,cut,sched", RLHFLESS_MODES)
+def test_rlhfless_generates_every_token_once(step_mode, cut, sched):
+    cfg = replace(_cfg(**sched), cut_mode=cut, step_mode=step_mode)
     w = _small(cfg)
     for r in run_system("rlhfless", cfg, w):
         assert r.tokens == int(w.lengths[r.epoch].sum())  # one step per epoch here
         assert r.step_s > 0 and r.gpu_s > 0
+        assert r.peak_gpus <= cfg.gpus  # quota mode (the default)
 
 
 @pytest.mark.parametrize("step_fn", [verl_step, rlhfuse_step])
@@ -73,8 +77,10 @@ def test_every_request_finishes_once_with_migration():
 
 
 def test_stream_cut_hands_off_once_and_releases_cut_actors():
-    """Stream cut: samples move at most once, every one ends once at full length, and cut
-    actors are released when they hand off, before the rollout ends."""
+    """Hand-off cut: a cut actor's unfinished samples all go to the running actor with the
+    fewest samples in flight; samples move at most once, every one ends once at full
+    length, and cut actors are released when they hand off, before the rollout ends."""
+    from rlhfless.sim import actors as actors_mod
     from rlhfless.sim.actors import ActorLife, run_stream
 
     cfg = replace(_cfg(cost_aware=False, tau=0.5), cut_mode="stream")
@@ -86,12 +92,22 @@ def test_stream_cut_hands_off_once_and_releases_cut_actors():
         e.add([r for g in groups[i::4] for r in g], 0.0)
         actors.append(ActorLife(e, 0.0, 0.0))
     reqs = [r for g in groups for r in g]
+    handoffs = []
+    migrate = actors_mod._migrate
 
-    def plan(unfinished, n_from):
-        return [list(range(len(unfinished)))]  # everything to one continuing actor
+    def spy(batch, target, now):
+        running = [a.engine.unfinished() for a in actors
+                   if a.engine.unfinished() and a is not target]
+        handoffs.append((len(batch), target.engine.unfinished(), running))
+        migrate(batch, target, now)
 
-    out = run_stream(actors, lambda n: max(1, n // 2), plan, keep_alive=30.0)
-    assert out.migrated > 0
+    actors_mod._migrate = spy
+    try:
+        out = run_stream(actors, lambda n: max(1, n // 2), keep_alive=30.0)
+    finally:
+        actors_mod._migrate = migrate
+    assert out.migrated > 0 and handoffs
+    assert sum(n for n, _, _ in handoffs) == out.migrated  # one target per hand-off
     assert all(r.migrations <= 1 for r in reqs)
     assert all(r.generated == r.length for r in reqs)
     assert sum(e.stats.finished for e in (a.engine for a in actors)) == len(reqs)
@@ -101,16 +117,21 @@ def test_stream_cut_hands_off_once_and_releases_cut_actors():
         assert a.busy[-1][1] <= a.release + 1e-9
 
 
-def test_stream_cut_planned_step_bills_no_more_than_barrier():
-    cfg = _cfg(cost_aware=False, tau=0.5)
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_handoff_cut_saves_actor_gpu_seconds(nodes):
+    """Released at their cut, handing actors bill less than running every bin to its end."""
+    cfg = _cfg(nodes=nodes, cost_aware=False, tau=0.5)
     w = _small(cfg)
-    gpu_s = {m: sum(r.gpu_s for r in run_system("rlhfless", replace(cfg, cut_mode=m), w))
-             for m in ("barrier", "stream")}
-    assert gpu_s["stream"] <= gpu_s["barrier"] * 1.02
+
+    def actor_gpu_s(cut: bool) -> float:
+        c = replace(cfg, sched=cfg.sched.model_copy(update={"cut_migrate": cut}))
+        return sum(r.gpu_s - r.extra["learner_gpu_s"] for r in run_system("rlhfless", c, w))
+
+    assert actor_gpu_s(True) < actor_gpu_s(False)
 
 
 def test_keep_warm_only_when_cheaper_than_prewarm():
-    from rlhfless.sim.policies import keep_or_prewarm
+    from rlhfless.scheduling.prewarm import keep_or_prewarm
 
     # released 5 s and 50 s before they are needed; a prewarm costs 12 s
     keep, at = keep_or_prewarm([95.0, 50.0], 2, 100.0, 12.0)
@@ -136,7 +157,8 @@ def test_uniform_lengths_closed_form_and_agreement():
     L decode iterations at batch B — for verl and for RLHFless with the same actor count.
     With dedup off (same FLOPs in scoring + training) whole steps then differ only by the
     per-step overheads (reshard vs weight load + publish, exposed cold starts): within 5%."""
-    cfg = _cfg(nodes=1, cost_aware=False, assignment="round-robin", cut_migrate=False)
+    cfg = replace(_cfg(nodes=1, cost_aware=False, assignment="round-robin", cut_migrate=False),
+                  step_mode="barrier", pool="shared")
     w = _uniform(cfg, length=3000, prompt=500)
     b = cfg.prompts_per_step * cfg.group_size // cfg.max_replicas  # samples per replica
     groups_per_replica = b // cfg.group_size
@@ -175,7 +197,9 @@ def test_same_seed_same_results_other_seed_differs():
 
 
 def test_keep_alive_is_billed_and_quota_caps_the_pool():
-    cfg = _cfg(nodes=2, cost_aware=False)
+    """Barrier step: idle actors linger keep-alive seconds (billed); the quota caps the
+    pool, the shared pool lets prewarmed stages overlap the running ones."""
+    cfg = replace(_cfg(nodes=2, cost_aware=False), step_mode="barrier", pool="shared")
     w = _small(cfg)
     short = run_system("rlhfless", replace(
         cfg, sched=cfg.sched.model_copy(update={"keep_alive_s": 0.0})), w)
@@ -188,14 +212,19 @@ def test_keep_alive_is_billed_and_quota_caps_the_pool():
     assert max(r.peak_gpus for r in shared) > cfg.gpus  # prewarm overlaps phases
 
 
-def test_dedup_prefill_saves_scoring_and_training_time():
-    cfg = _cfg(nodes=2, cost_aware=False, cut_migrate=False)
+@pytest.mark.parametrize("step_mode", ["barrier", "stream"])
+def test_dedup_prefill_saves_learner_time(step_mode):
+    cfg = replace(_cfg(nodes=2, cost_aware=False, cut_migrate=False), step_mode=step_mode)
     w = _small(cfg, family="gsm8k")
     on = run_system("rlhfless", cfg, w)
     off = run_system("rlhfless", replace(
         cfg, sched=cfg.sched.model_copy(update={"dedup_prefill": False})), w)
     for a, b in zip(on, off, strict=True):
-        assert a.phases["score"] + a.phases["train"] < b.phases["score"] + b.phases["train"]
+        if step_mode == "barrier":
+            assert a.phases["score"] + a.phases["train"] < b.phases["score"] + b.phases["train"]
+        else:  # the same learner size does less work
+            assert (a.extra["learner_busy_s"] * a.extra["learner_gpus"]
+                    < b.extra["learner_busy_s"] * b.extra["learner_gpus"])
 
 
 def test_make_groups_keeps_groups_whole():
@@ -209,9 +238,9 @@ def test_make_groups_keeps_groups_whole():
 
 def test_results_are_saved_as_csv_markdown_and_png(tmp_path):
     rows = [{"variant": "full", "step_s": 10.0, "gpu_s": 100.0, "speedup": 1.2,
-             "gpu_s_saving": 0.3, "actors": 4.0, "peak_gpus": 8},
+             "saving": 0.3, "actors": 4.0, "peak_gpus": 8},
             {"variant": "no prewarm", "step_s": 11.0, "gpu_s": 90.0, "speedup": 1.1,
-             "gpu_s_saving": 0.4, "actors": 4.0, "peak_gpus": 8}]
+             "saving": 0.4, "actors": 4.0, "peak_gpus": 8}]
     paths = save("ablation", rows, tmp_path)
     assert [p.suffix for p in paths] == [".csv", ".md", ".png"]
     assert paths[0].read_text().count("\n") == 3

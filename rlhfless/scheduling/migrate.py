@@ -2,7 +2,9 @@
 
 Cut rule (used inside the actor): an actor holding ``total`` samples returns once
 ``cut_threshold(total, tau) = ceil(tau * total)`` of them are finished, unless all are.
-``tau = 1`` never cuts.
+``tau = 1`` never cuts. In the streaming step's hand-off cut the unfinished samples go
+whole to the running actor with the fewest samples in flight; `plan_migration` below is for
+cuts that re-plan the tail over several actors (one global cut, or a barrier).
 
 Migration plan (used by the driver): the unfinished samples come back with their partial
 responses; each is continued (prompt + partial response re-prefilled, same weights version,
@@ -10,7 +12,10 @@ same random stream) on fewer actors than before, so the rest scale to zero. Ever
 a unit of the time model (`rlhfless.scheduling.workmodel`): ``lmax = tokens`` = its predicted
 remaining length, one sequence, ``prefill`` = its prompt + partial response tokens. With
 ``keys`` the samples of one prompt stay together (one unit: the engine can reuse the cached
-prompt). The number of target actors is chosen like the rollout's actor count
+prompt). With ``context=True`` each unit also carries the KV reads of its continuation
+(``ctx`` = Σ context_tokens(prefix, remaining)), which the profile's ``tpot_per_ctx_s``
+prices — long partial responses are slow to continue, not only slow to re-prefill. The
+number of target actors is chosen like the rollout's actor count
 (`rlhfless.scheduling.scaling`), among 1 .. n_from − 1, with the targets counted as warm
 (they are the cut actors, kept instead of released), and the units are assigned
 length-aware. Every item index appears in exactly one bin.
@@ -26,7 +31,7 @@ import numpy as np
 
 from rlhfless.scheduling.profile import Profile
 from rlhfless.scheduling.scaling import ScalingRow, choose_from_candidates
-from rlhfless.scheduling.workmodel import Workload
+from rlhfless.scheduling.workmodel import Workload, context_tokens
 
 
 def cut_threshold(total: int, tau: float) -> int:
@@ -68,7 +73,7 @@ class MigrationPlan:
 
 def migration_units(remaining: Sequence[float] | np.ndarray,
                     prefill_tokens: Sequence[float] | np.ndarray | None = None,
-                    keys: Sequence[Hashable] | None = None,
+                    keys: Sequence[Hashable] | None = None, context: bool = False,
                     ) -> tuple[Workload, list[list[int]]]:
     """Units of the time model for unfinished samples, and the item indices in each unit."""
     rem = np.asarray(remaining, dtype=float).reshape(-1)
@@ -85,11 +90,13 @@ def migration_units(remaining: Sequence[float] | np.ndarray,
         for i, key in enumerate(keys):
             by_key.setdefault(key, []).append(i)
         members = list(by_key.values())
+    reads = context_tokens(pre, rem) if context else np.zeros_like(rem)
     work = Workload(
         lmax=np.array([rem[m].max() for m in members]) if members else np.zeros(0),
         tokens=np.array([rem[m].sum() for m in members]) if members else np.zeros(0),
         seqs=np.array([float(len(m)) for m in members]),
         prefill=np.array([pre[m].sum() for m in members]) if members else np.zeros(0),
+        ctx=np.array([reads[m].sum() for m in members]) if members else np.zeros(0),
     )
     return work, members
 
@@ -97,11 +104,15 @@ def migration_units(remaining: Sequence[float] | np.ndarray,
 def plan_migration(remaining: Sequence[float] | np.ndarray, n_from: int, profile: Profile, *,
                    lam: float = 0.5, prefill_tokens: Sequence[float] | np.ndarray | None = None,
                    keys: Sequence[Hashable] | None = None,
-                   max_targets: int | None = None) -> MigrationPlan:
-    """Choose how many of the `n_from` cut actors continue the unfinished items, and bins."""
+                   max_targets: int | None = None, context: bool = True) -> MigrationPlan:
+    """Choose how many of the `n_from` cut actors continue the unfinished items, and bins.
+
+    ``context`` (default on) adds the continuation's KV reads (see the module docstring);
+    it changes nothing while ``profile.tpot_per_ctx_s`` is 0.
+    """
     if n_from < 1:
         raise ValueError("n_from must be >= 1")
-    work, members = migration_units(remaining, prefill_tokens, keys)
+    work, members = migration_units(remaining, prefill_tokens, keys, context)
     if len(work) == 0:
         return MigrationPlan(n_targets=0, bins=[], table=[])
     upper = min(len(work), max(1, n_from - 1))
@@ -110,3 +121,4 @@ def plan_migration(remaining: Sequence[float] | np.ndarray, n_from: int, profile
     decision = choose_from_candidates(work, range(1, upper + 1), profile, lam, warm=n_from)
     bins = [[i for unit in unit_bin for i in members[unit]] for unit_bin in decision.bins]
     return MigrationPlan(n_targets=decision.n, bins=bins, table=decision.table)
+

@@ -15,6 +15,9 @@ rollout), each run by some stages. From measured phase durations and cold starts
 
 Phases missing from ``phase_durations`` count as 0 s; stages missing from ``cold_starts``
 as 0 s cold start. A stage may belong to one phase only.
+
+`keep_or_prewarm` makes the same choice per instance, for instances released at different
+times (e.g. actors cut at different moments) that are needed again at one time.
 """
 
 from __future__ import annotations
@@ -78,3 +81,17 @@ def prewarm_plan(phase_durations: Mapping[str, float], cold_starts: Mapping[str,
             start_offsets[stage] = max(0.0, t - starts[p])
     return PrewarmPlan(start_phase=start_phase, start_offsets=start_offsets,
                        scale_to_zero_after=release, keep_warm=keep_warm, exposed_s=exposed)
+
+
+def keep_or_prewarm(releases: Sequence[float], n_needed: int, ready_by: float,
+                    lead: float) -> tuple[list[float], float | None]:
+    """The cheaper way to have `n_needed` instances ready at `ready_by`, per instance: stay
+    alive from its own release (billed ``ready_by − release``), or scale to zero and be
+    prewarmed `lead` seconds before (cold start + margin, billed ``lead``).
+
+    Returns the releases of the instances kept warm (latest first) and when to prewarm the
+    rest (None if none is needed).
+    """
+    latest = sorted(releases, reverse=True)[:max(0, n_needed)]
+    keep = [r for r in latest if ready_by - r <= lead]
+    return keep, (ready_by - lead if len(keep) < n_needed else None)

@@ -6,7 +6,8 @@
   sequences decoding at once, ``tpot(b) = tpot_base_s + tpot_per_seq_s * b``. The base term is
   reading the weights once per iteration (memory bound), the per-sequence term is each
   sequence's matmul FLOPs and KV reads. A measured table is fitted to this law by least
-  squares (`Profile.from_tpot_table`).
+  squares (`Profile.from_tpot_table`); samples measured at several contexts also give the
+  context term below (`Profile.from_tpot_samples`).
 * ``prefill_tok_per_s``: prompt tokens per second of prefill.
 * ``cold_start_s``: from "scale up" to "ready to serve" (container, weights, engine init).
 * ``keep_alive_s``: idle seconds an instance stays (billed) before it scales to zero.
@@ -15,6 +16,9 @@
 * ``batching``: "continuous" — finished sequences leave the batch (vLLM; our transformers
   engine also drops finished rows); "static" — the whole bin is one batch until its longest
   sequence ends. `rlhfless.scheduling.workmodel` turns these into bin times.
+* ``kv_tokens`` (optional): KV-cache tokens one instance holds. An iteration holds at most
+  that much context, so a bin of continuous batching needs at least Σ context / kv_tokens
+  iterations (sequences wait for memory, or are preempted and recomputed). None = unlimited.
 * ``tpot_per_ctx_s`` (optional, default 0): seconds per iteration per context token held by
   the running sequences — the KV-cache reads, which grow as contexts grow. With it an
   iteration costs ``a + c·b + k·(Σ context of the b sequences)``; a tpot(b) table measured at
@@ -23,11 +27,14 @@
 
 `ProfileEstimator` refines a prior profile from what the driver measures:
 
-* ``observe_generation(seconds, decode_steps, tokens, prefill_tokens)`` per actor call, where
-  ``tokens`` is the number of sequence-iterations decoded (Σ over iterations of running
-  sequences; with continuous batching that is the number of new tokens, with static batching
-  ``batch_size * decode_steps``). The model is
-  ``seconds = prefill_tokens / prefill_tok_per_s + a * decode_steps + c * tokens``, fitted by
+* ``observe_generation(seconds, decode_steps, tokens, prefill_tokens, context_tokens)`` per
+  actor call, where ``tokens`` is the number of sequence-iterations decoded (Σ over iterations
+  of running sequences; with continuous batching that is the number of new tokens, with static
+  batching ``batch_size * decode_steps``) and ``context_tokens`` the context read over those
+  iterations (Σ over iterations of the running sequences' prompt + tokens so far; 0 when the
+  engine does not report it, which leaves ``tpot_per_ctx_s`` at its prior). The model is
+  ``seconds = prefill_tokens / prefill_tok_per_s + a * decode_steps + c * tokens
+  + k * context_tokens``, fitted by
   ridge regression on *relative* residuals, pulled toward the prior (which weighs as
   ``prior_weight`` observations in each coefficient, however far off it is) and with
   exponential forgetting (``forget``) so the estimate follows a drifting system. A
@@ -42,7 +49,7 @@ All state is plain floats (``state_dict`` is JSON-serialisable) so a resumed job
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -72,6 +79,7 @@ class Profile:
     max_batch: int | None = None
     batching: Batching = "continuous"
     tpot_per_ctx_s: float = 0.0
+    kv_tokens: float | None = None
 
     def __post_init__(self) -> None:
         if self.tpot_base_s < 0 or self.tpot_per_seq_s < 0 or self.tpot_per_ctx_s < 0:
@@ -86,6 +94,8 @@ class Profile:
             raise ValueError("gpus_per_actor must be >= 0")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1 or None")
+        if self.kv_tokens is not None and not self.kv_tokens > 0:
+            raise ValueError("kv_tokens must be > 0 or None")
         if self.batching not in ("continuous", "static"):
             raise ValueError("batching must be 'continuous' or 'static'")
 
@@ -114,6 +124,27 @@ class Profile:
                 a, c = 0.0, float((b @ t) / (b @ b))
         return cls(tpot_base_s=float(a), tpot_per_seq_s=float(c), **fields)
 
+    @classmethod
+    def from_tpot_samples(cls, samples: Sequence[Sequence[float]], **fields: Any) -> Profile:
+        """Fit ``tpot = a + c·b + k·context`` to measured rows ``(batch, context, seconds)``.
+
+        ``context`` is the total context tokens the ``batch`` running sequences hold (their
+        KV cache read by the iteration). Non-negative least squares (a coefficient that would
+        go negative is dropped and the rest refitted), so a noisy table stays physical. Rows
+        all at one context give k = 0 (and the same a, c as `from_tpot_table`).
+        """
+        rows = np.asarray(samples, dtype=float)
+        if rows.ndim != 2 or rows.shape[1] != 3 or len(rows) == 0:
+            raise ValueError("tpot samples must be rows of (batch, context_tokens, seconds)")
+        if not np.all(np.isfinite(rows)) or np.any(rows < 0):
+            raise ValueError("tpot samples must be finite and >= 0")
+        design = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1]])
+        coef = _nonneg_lstsq(design, rows[:, 2])
+        if coef[0] == 0 and coef[1] == 0:
+            raise ValueError("tpot samples give no positive batch law")
+        return cls(tpot_base_s=float(coef[0]), tpot_per_seq_s=float(coef[1]),
+                   tpot_per_ctx_s=float(coef[2]), **fields)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -122,11 +153,25 @@ class Profile:
         return cls(**dict(data))
 
 
+def _nonneg_lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (active set over at most 3 columns)."""
+    n = design.shape[1]
+    active = [j for j in range(n) if np.ptp(design[:, j]) > 0 or j == 0]
+    coef = np.zeros(n)
+    while active:
+        sol, *_ = np.linalg.lstsq(design[:, active], target, rcond=None)
+        if np.all(sol >= 0):
+            coef[active] = sol
+            return coef
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
 class ProfileEstimator:
     """Online estimate of a `Profile` from measured actor calls and cold starts."""
 
-    # Coefficient order in the regression: prefill seconds/token, a, c.
-    _N = 3
+    # Coefficient order in the regression: prefill seconds/token, a, c, k (context).
+    _N = 4
 
     def __init__(self, prior: Profile | None = None, prior_weight: float = 1.0,
                  forget: float = 0.95):
@@ -148,14 +193,16 @@ class ProfileEstimator:
 
     def _theta0(self) -> np.ndarray:
         p = self.prior
-        return np.array([1.0 / p.prefill_tok_per_s, p.tpot_base_s, p.tpot_per_seq_s])
+        return np.array([1.0 / p.prefill_tok_per_s, p.tpot_base_s, p.tpot_per_seq_s,
+                         p.tpot_per_ctx_s])
 
     def observe_generation(self, seconds: float, decode_steps: float, tokens: float,
-                           prefill_tokens: float = 0.0) -> None:
-        """One actor call: wall seconds, decode iterations, sequence-iterations, prompt tokens."""
+                           prefill_tokens: float = 0.0, context_tokens: float = 0.0) -> None:
+        """One actor call: wall seconds, decode iterations, sequence-iterations, prompt tokens
+        and (if the engine reports it) context tokens read."""
         if not (seconds > 0 and np.isfinite(seconds)):
             return  # nothing to learn from a zero or broken timing
-        feats = np.array([prefill_tokens, decode_steps, tokens], dtype=float)
+        feats = np.array([prefill_tokens, decode_steps, tokens, context_tokens], dtype=float)
         if np.any(feats < 0) or not np.all(np.isfinite(feats)) or not feats.any():
             return
         # Relative residuals: every call counts the same whatever its size.
@@ -177,7 +224,7 @@ class ProfileEstimator:
         self.n_cold_start += 1
 
     def _coefficients(self) -> np.ndarray:
-        """(seconds per prefill token, a, c): ridge fit toward the prior, floored.
+        """(seconds per prefill token, a, c, k): ridge fit toward the prior, floored.
 
         Minimises Σ (1 − θ·f/seconds)² + w Σ_j d_j (θ_j − θ0_j)², where d_j is the mean of
         (f_j/seconds)² over the observations: the prior weighs as ``prior_weight``
@@ -220,6 +267,7 @@ class ProfileEstimator:
             prefill_tok_per_s=float(1.0 / theta[0]),
             tpot_base_s=float(theta[1]),
             tpot_per_seq_s=float(theta[2]),
+            tpot_per_ctx_s=float(theta[3]),
             cold_start_s=float(cold),
         )
 
@@ -241,8 +289,14 @@ class ProfileEstimator:
         self.prior = Profile.from_dict(state["prior"])
         self.prior_weight = float(state["prior_weight"])
         self.forget = float(state["forget"])
-        self._xtx = np.asarray(state["xtx"], dtype=float).reshape(self._N, self._N)
-        self._xty = np.asarray(state["xty"], dtype=float).reshape(self._N)
+        # A state saved before the context coefficient existed has 3 coefficients: pad.
+        xtx = np.asarray(state["xtx"], dtype=float)
+        xty = np.asarray(state["xty"], dtype=float).reshape(-1)
+        k = len(xty)
+        self._xtx = np.zeros((self._N, self._N))
+        self._xty = np.zeros(self._N)
+        self._xtx[:k, :k] = xtx.reshape(k, k)
+        self._xty[:k] = xty
         self._n = float(state["n"])
         self._cold_sum = float(state["cold_sum"])
         self._cold_n = float(state["cold_n"])

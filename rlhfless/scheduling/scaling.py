@@ -15,6 +15,16 @@ relative slowdown against relative extra cost. Ties go to the smaller N (cheaper
 
 The whole table (N, T, C, score) comes back for logging. T(N) ignores cut-and-migrate, which
 only shortens the tail; it is a planning estimate, not a promise.
+
+``extra_time_s`` and ``extra_gpu_s`` (default 0) add the rest of the step — e.g. the
+learner's time after the rollout and its GPU-seconds — to every candidate's T and C, so λ
+trades *step* time against *step* cost rather than the rollout's alone (a fixed learner
+cost makes the rollouts' cost differences relatively smaller). The table reports T and C
+with them included.
+
+``handoff_tau`` (default None): the rollout runs the streaming hand-off cut at this τ; each
+candidate's actor times are then `rlhfless.scheduling.handoff.handoff_estimate`'s release
+times (cut actors leave early, receivers carry the moved tails).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import numpy as np
 
 from rlhfless.scheduling.assign import LengthAware, Policy, assign_workload
 from rlhfless.scheduling.cost import planned_gpu_seconds
+from rlhfless.scheduling.handoff import handoff_estimate
 from rlhfless.scheduling.profile import Profile
 from rlhfless.scheduling.workmodel import Workload, as_workload, bin_times
 
@@ -69,7 +80,9 @@ def scores(times: np.ndarray, costs: np.ndarray, lam: float) -> tuple[np.ndarray
 
 def choose_from_candidates(work: Workload, candidates: Sequence[int], profile: Profile,
                            lam: float, warm: int = 0, policy: Policy = "length-aware",
-                           seed: int = 0) -> ScalingDecision:
+                           seed: int = 0, extra_time_s: float = 0.0,
+                           extra_gpu_s: float = 0.0,
+                           handoff_tau: float | None = None) -> ScalingDecision:
     """Evaluate T and C for each candidate actor count and pick the best score."""
     if len(candidates) == 0:
         raise ValueError("no candidate actor counts")
@@ -81,8 +94,17 @@ def choose_from_candidates(work: Workload, candidates: Sequence[int], profile: P
     else:
         plans = [assign_workload(work, n, profile, policy, seed) for n in candidates]
         per_bin = [bin_times(work, bins, profile).tolist() for bins in plans]
-    times = np.array([step_time(t, profile, warm) for t in per_bin])
-    costs = np.array([planned_gpu_seconds(t, profile, warm) for t in per_bin])
+    if handoff_tau is not None and handoff_tau < 1:
+        # Actors are busy until the hand-off estimate releases them (module docstring).
+        for i, n in enumerate(candidates):
+            bins = (planner.bins_from_cuts(splits[i][0], n) if policy == "length-aware"
+                    else plans[i])
+            bins = [b for b in bins if len(b)]
+            per_bin[i] = handoff_estimate(work, bins, profile, handoff_tau).ends.tolist()
+    if extra_time_s < 0 or extra_gpu_s < 0:
+        raise ValueError("extra_time_s and extra_gpu_s must be >= 0")
+    times = np.array([step_time(t, profile, warm) for t in per_bin]) + extra_time_s
+    costs = np.array([planned_gpu_seconds(t, profile, warm) for t in per_bin]) + extra_gpu_s
     score, t_ref, c_ref = scores(times, costs, lam)
     # Smallest N among (numerically) equal best scores.
     best = int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
@@ -98,7 +120,9 @@ def choose_actor_count(pred_lengths_per_group: Workload | Sequence[float] | np.n
                        group_size: int, profile: Profile, lam: float, max_actors: int,
                        prompt_tokens: Sequence[float] | np.ndarray | None = None, *,
                        min_actors: int = 1, warm: int = 0, policy: Policy = "length-aware",
-                       seed: int = 0) -> ScalingDecision:
+                       seed: int = 0, extra_time_s: float = 0.0,
+                       extra_gpu_s: float = 0.0,
+                       handoff_tau: float | None = None) -> ScalingDecision:
     """Pick N in [min_actors, max_actors] by the λ score (see module docstring)."""
     if min_actors < 1 or max_actors < min_actors:
         raise ValueError("need 1 <= min_actors <= max_actors")
@@ -107,4 +131,4 @@ def choose_actor_count(pred_lengths_per_group: Workload | Sequence[float] | np.n
         raise ValueError("no groups to schedule")
     upper = max(min_actors, min(max_actors, len(work)))
     return choose_from_candidates(work, range(min_actors, upper + 1), profile, lam, warm,
-                                  policy, seed)
+                                  policy, seed, extra_time_s, extra_gpu_s, handoff_tau)

@@ -21,12 +21,14 @@ Bin time (one actor serving a set S of units, all admitted at once):
     T(S) = prefill(S) / prefill_tok_per_s + D(S)
 
     continuous batching (finished sequences leave the batch), tpot(b) = a + c·b:
-        D(S) = a · max(lmax(S), tokens(S) / max_batch) + c · tokens(S)
+        D(S) = a · max(lmax(S), tokens(S) / max_batch, ctx(S) / kv_tokens) + c · tokens(S)
     Each iteration costs a + c·(running sequences); summed over iterations the c-terms give
     c·tokens exactly and the a-terms give a·(number of iterations). Without a batch cap the
     iterations are the longest sequence's length, so D is exact; with a cap ``max_batch`` the
     engine needs at least tokens/max_batch iterations, and ``max(...)`` is the usual
-    estimate of list scheduling on max_batch slots (exact up to the last wave).
+    estimate of list scheduling on max_batch slots (exact up to the last wave). Likewise an
+    iteration holds at most ``kv_tokens`` of context (``Profile.kv_tokens``), so a bin whose
+    sequences read ctx(S) context tokens in all needs at least ctx/kv_tokens iterations.
 
     static batching (the bin is one batch until its longest sequence ends):
         D(S) = lmax(S) · tpot(seqs(S))            — "max decode steps × tpot(batch size)".
@@ -36,11 +38,12 @@ sequences in the bin have the same length and there is no cap.
 
 Lower bound (valid for both models, because static D ≥ continuous D with no cap). Per unit
 define the additive work ``w1 = prefill/rate + c·tokens`` and, with a cap,
-``w2 = prefill/rate + (c + a/max_batch)·tokens``. Then for every bin
-T(S) ≥ w1(S) + a·lmax(S) and T(S) ≥ w2(S). Sort the bins by their longest unit
+``w2 = prefill/rate + (c + a/max_batch)·tokens`` and, with a KV capacity,
+``w3 = prefill/rate + c·tokens + (a/kv_tokens)·ctx``. Then for every bin
+T(S) ≥ w1(S) + a·lmax(S), T(S) ≥ w2(S) and T(S) ≥ w3(S). Sort the bins by their longest unit
 m_1 ≥ m_2 ≥ … ≥ m_N: every unit longer than m_{j+1} sits in bins 1..j, so for each j
 
-    j · C ≥ max( w1({lmax > m_{j+1}}) + a·(m_1 + … + m_j),  w2({lmax > m_{j+1}}) ).
+    j · C ≥ max( w1({lmax > m_{j+1}}) + a·(m_1 + … + m_j),  w2(…),  w3(…) ).
 
 `lower_bound` finds the smallest C for which *some* sequence m_1 = max lmax ≥ m_2 ≥ …
 satisfies all N constraints (greedy: each m_{j+1} as small as constraint j allows, which
@@ -119,6 +122,41 @@ def context_tokens(prompt: float | np.ndarray, n: float | np.ndarray) -> float |
     return n * prompt + 0.5 * n * n
 
 
+def spread_lengths(lmax: np.ndarray, tokens: np.ndarray,
+                   seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit as its sequences: (unit index, length) per sequence.
+
+    A unit of G sequences has one of length ``lmax``; the other G − 1 share the rest of its
+    tokens, spread evenly over ±50% around their mean (clipped to [1, lmax]). KV reads grow
+    with the square of a length, so a group with one long sample reads far more than G
+    samples of the mean length would.
+    """
+    n_seq = np.maximum(np.rint(np.asarray(seqs, dtype=float)).astype(int), 1)
+    unit = np.repeat(np.arange(len(n_seq)), n_seq)
+    rank = (np.arange(len(unit)) - np.repeat(np.cumsum(n_seq) - n_seq, n_seq)
+            if len(unit) else np.zeros(0, dtype=int))
+    n = n_seq[unit].astype(float)
+    top = np.maximum(np.asarray(lmax, dtype=float)[unit], 1.0)
+    rest = np.maximum(np.asarray(tokens, dtype=float)[unit] - top, 0.0) / np.maximum(n - 1, 1.0)
+    offset = np.where(n > 2, (rank - 1) / np.maximum(n - 2, 1.0) - 0.5, 0.0)  # -0.5 .. 0.5
+    length = np.where(rank == 0, top, np.clip(rest * (1.0 + offset), 1.0, top))
+    return unit, length
+
+
+def sample_lengths(work: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """`spread_lengths` of a workload's units."""
+    return spread_lengths(work.lmax, work.tokens, work.seqs)
+
+
+def spread_context(lmax: np.ndarray, tokens: np.ndarray, seqs: np.ndarray,
+                   prompt: np.ndarray) -> np.ndarray:
+    """Context tokens read per unit, its sequences spread as in `spread_lengths`, each after
+    `prompt` tokens (per unit)."""
+    unit, length = spread_lengths(lmax, tokens, seqs)
+    reads = context_tokens(np.asarray(prompt, dtype=float)[unit], length)
+    return np.bincount(unit, weights=reads, minlength=len(np.asarray(lmax)))
+
+
 def additive_seconds(work: Workload, profile: Profile) -> np.ndarray:
     """Per-unit seconds that do not depend on the bin: prefill and KV (context) reads."""
     pre = work.prefill / profile.prefill_tok_per_s
@@ -136,19 +174,21 @@ def as_workload(work: Workload | Sequence[float] | np.ndarray, group_size: int =
 
 
 def decode_time(profile: Profile, lmax: float | np.ndarray, tokens: float | np.ndarray,
-                seqs: float | np.ndarray) -> float | np.ndarray:
+                seqs: float | np.ndarray, ctx: float | np.ndarray = 0.0) -> float | np.ndarray:
     """Decode seconds of a bin with these totals (see the module docstring)."""
     a, c = profile.tpot_base_s, profile.tpot_per_seq_s
     if profile.batching == "static":
         return lmax * (a + c * seqs)
     steps = lmax if profile.max_batch is None else np.maximum(lmax, tokens / profile.max_batch)
+    if profile.kv_tokens is not None:
+        steps = np.maximum(steps, ctx / profile.kv_tokens)
     return a * steps + c * tokens
 
 
 def unit_times(work: Workload, profile: Profile) -> np.ndarray:
     """Time of every unit alone on an actor."""
     return additive_seconds(work, profile) + decode_time(
-        profile, work.lmax, work.tokens, work.seqs)
+        profile, work.lmax, work.tokens, work.seqs, work.ctx)
 
 
 def bin_time(work: Workload, bin_: Sequence[int], profile: Profile) -> float:
@@ -159,11 +199,52 @@ def bin_time(work: Workload, bin_: Sequence[int], profile: Profile) -> float:
     extra = profile.tpot_per_ctx_s * float(work.ctx[idx].sum()) if profile.tpot_per_ctx_s else 0.0
     return float(work.prefill[idx].sum() / profile.prefill_tok_per_s + extra + decode_time(
         profile, float(work.lmax[idx].max()), float(work.tokens[idx].sum()),
-        float(work.seqs[idx].sum())))
+        float(work.seqs[idx].sum()), float(work.ctx[idx].sum())))
 
 
 def bin_times(work: Workload, bins: Sequence[Sequence[int]], profile: Profile) -> np.ndarray:
     return np.array([bin_time(work, b, profile) for b in bins], dtype=float)
+
+
+def unit_finish_times(work: Workload, bins: Sequence[Sequence[int]],
+                      profile: Profile) -> np.ndarray:
+    """Predicted seconds (from the bin's start) at which each unit's last sequence finishes.
+
+    Continuous batching, every unit of a bin admitted at once, its sequences spread as in
+    `spread_lengths`: a unit ends at iteration ``lmax``. By then the bin has paid its
+    prefill, ``a`` per iteration, ``c`` per token decoded and ``k`` per context token read by
+    every sequence up to that iteration (a sequence's prompt share is what makes its reads
+    add up to the unit's ``ctx``). The times of a bin are scaled so that its last unit ends
+    at `bin_time` (which adds the KV-capacity and batch-cap limits). Static batching: every
+    unit ends with the bin.
+    """
+    out = np.zeros(len(work))
+    a, c, k = profile.tpot_base_s, profile.tpot_per_seq_s, profile.tpot_per_ctx_s
+    assert work.ctx is not None
+    unit, length = sample_lengths(work)
+    # Per-sequence prompt share p such that Σ_s (ℓ_s p + ℓ_s²/2) = ctx of the unit.
+    sum_l = np.bincount(unit, weights=length, minlength=len(work))
+    sum_l2 = np.bincount(unit, weights=0.5 * length * length, minlength=len(work))
+    prompt = np.maximum(work.ctx - sum_l2, 0.0) / np.maximum(sum_l, 1.0)
+    by_unit = np.split(np.arange(len(unit)), np.cumsum(np.bincount(unit, minlength=len(work)))[:-1])
+    for bin_ in bins:
+        if len(bin_) == 0:
+            continue
+        idx = np.asarray(bin_, dtype=int)
+        total = bin_time(work, idx, profile)
+        if profile.batching == "static":
+            out[idx] = total
+            continue
+        seq = np.concatenate([by_unit[u] for u in idx])
+        ell, p = length[seq], prompt[unit[seq]]
+        n = work.lmax[idx][:, None]  # iteration at which each unit ends
+        run = np.minimum(ell[None, :], n)  # iterations each sequence ran by then
+        done_ctx = (run * p[None, :] + 0.5 * run * run).sum(axis=1) if k else 0.0
+        pre = float(work.prefill[idx].sum()) / profile.prefill_tok_per_s
+        raw = pre + a * work.lmax[idx] + c * run.sum(axis=1) + k * done_ctx
+        top = float(raw.max())
+        out[idx] = raw * (total / top) if top > 0 else 0.0
+    return out
 
 
 def makespan(work: Workload, bins: Sequence[Sequence[int]], profile: Profile) -> float:
@@ -184,6 +265,13 @@ def _a_per_capped_token(profile: Profile) -> float:
     return 0.0
 
 
+def _a_per_kv_token(profile: Profile) -> float:
+    """Coefficient of ctx in w3 (0 without a KV capacity or with static batching)."""
+    if profile.batching == "continuous" and profile.kv_tokens is not None:
+        return profile.tpot_base_s / profile.kv_tokens
+    return 0.0
+
+
 class SortedRuns:
     """Units sorted longest first; the time of any contiguous run order[i:k] in O(1).
 
@@ -200,9 +288,12 @@ class SortedRuns:
         self._pre = _prefix(additive_seconds(work, profile)[o])
         self._tok = _prefix(work.tokens[o])
         self._seq = _prefix(work.seqs[o])
+        assert work.ctx is not None
+        self._ctx = _prefix(work.ctx[o])
         self._a, self._c = profile.tpot_base_s, profile.tpot_per_seq_s
         self._static = profile.batching == "static"
         self._inv_b = None if profile.max_batch is None else 1.0 / profile.max_batch
+        self._inv_k = None if profile.kv_tokens is None else 1.0 / profile.kv_tokens
 
     def time(self, i: int, k: int) -> float:
         """Bin time of order[i:k] (k > i); its longest unit is order[i]."""
@@ -211,6 +302,8 @@ class SortedRuns:
             return pre + self._len[i] * (self._a + self._c * (self._seq[k] - self._seq[i]))
         tokens = self._tok[k] - self._tok[i]
         steps = self._len[i] if self._inv_b is None else max(self._len[i], tokens * self._inv_b)
+        if self._inv_k is not None:
+            steps = max(steps, (self._ctx[k] - self._ctx[i]) * self._inv_k)
         return pre + self._a * steps + self._c * tokens
 
     def greedy_cuts(self, cap: float, n_bins: int) -> list[int] | None:
@@ -288,7 +381,8 @@ def bound_parts(work: Workload, profile: Profile) -> tuple[float, float]:
     r1, r2 = _work_rates(profile)
     total1 = float((pre + r1 * work.tokens).sum()) + profile.tpot_base_s * float(work.lmax.max())
     total2 = float((pre + r2 * work.tokens).sum())
-    return max(total1, total2), float(unit_times(work, profile).max())
+    total3 = float((pre + r1 * work.tokens + _a_per_kv_token(profile) * work.ctx).sum())
+    return max(total1, total2, total3), float(unit_times(work, profile).max())
 
 
 def simple_lower_bound(work: Workload, n_bins: int, profile: Profile) -> float:
@@ -326,6 +420,9 @@ def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float)
     r1, r2 = _work_rates(profile)
     w1 = np.concatenate(([0.0], np.cumsum(pre + r1 * work.tokens[order])))
     w2 = np.concatenate(([0.0], np.cumsum(pre + r2 * work.tokens[order])))
+    assert work.ctx is not None
+    w3 = np.concatenate(([0.0], np.cumsum(pre + r1 * work.tokens[order]
+                                          + _a_per_kv_token(profile) * work.ctx[order])))
     neg = -lengths  # ascending, for "how many units are strictly longer than v"
     m = len(work)
 
@@ -340,7 +437,8 @@ def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float)
         for j in range(1, n_bins + 1):
             budget = j * cap
             k = min(int(np.searchsorted(w1, budget - a * sum_m, "right")) - 1,
-                    int(np.searchsorted(w2, budget - sum_g, "right")) - 1)
+                    int(np.searchsorted(w2, budget - sum_g, "right")) - 1,
+                    int(np.searchsorted(w3, budget, "right")) - 1)
             if k >= m:
                 return True
             # Units longer than the j-th maximum must already fit in bins 1..j.
@@ -354,7 +452,7 @@ def _pooled_bound(work: Workload, n_bins: int, profile: Profile, rel_tol: float)
     lo = simple_lower_bound(work, n_bins, profile)
     if feasible(lo):
         return lo
-    hi = max(lo, float(w1[-1] + a * lengths.sum()), float(w2[-1])) * 2.0 + 1e-12
+    hi = max(lo, float(w1[-1] + a * lengths.sum()), float(w2[-1]), float(w3[-1])) * 2.0 + 1e-12
     while hi - lo > rel_tol * hi:
         mid = 0.5 * (lo + hi)
         if feasible(mid):

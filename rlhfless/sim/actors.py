@@ -10,15 +10,16 @@ Three ways the rollout can run (`cut_mode`):
 * "global" — one cut for the whole rollout, the moment a fraction τ of *all* samples is done:
   every busy actor hands back its unfinished samples at once and they continue on fewer
   actors with no barrier wait (an alternative the simulator evaluates for the driver).
-* "stream" — each actor is cut on its own: the moment a fraction τ of *its* samples is done
-  its unfinished samples are handed at once (re-prefilled) to actors still running, which
-  then run to the end (no second cut, so a sample moves at most once); the cut actor is
-  released.  The last actor to reach its cut has nobody to hand to and keeps its own tail.
-  No sample ever waits for another actor.
+* "stream" — the hand-off cut of the streaming step: each actor is cut on its own, the moment
+  a fraction τ of *its* samples is done; all its unfinished samples (prompt + partial
+  response, re-prefilled) go at once to the still-running actor with the fewest samples in
+  flight, which merges them into its batch and runs to the end (no cut of its own, so a
+  sample moves at most once); the cut actor is released at once.  The last actor to reach
+  its cut has nobody to hand to and keeps its own tail.  No sample waits for another actor.
 
-An idle actor is billed until it has been idle `keep_alive` seconds, or until the driver
-scales the stage down (at the cut for actors that are not targets, at the end of the rollout
-for everyone).
+An idle actor is billed until it has been idle `keep_alive` seconds (0 when the driver scales
+it down as soon as it has nothing left), or until the driver scales the stage down (at the
+cut for actors that are not targets, at the end of the rollout for everyone).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from rlhfless.sim.engine import Engine, Request
 from rlhfless.sim.rollout import run_lockstep, run_until_cut
 
 Planner = Callable[[list[Request], int], list[list[int]]]  # (unfinished, n_from) -> bins
-Spawner = Callable[[float], "ActorLife"]  # cold-start a new actor asked for at time t
+# cold-start a new actor asked for at time t (None: not allowed, e.g. under a GPU quota)
+Spawner = Callable[[float], "ActorLife | None"]
 
 
 @dataclass(eq=False)
@@ -91,13 +93,15 @@ def run_barrier(actors: list[ActorLife], cut_after: Callable[[int], int], plan: 
                   key=lambda i: -returned[i])
     targets: list[ActorLife] = []
     for j, b in enumerate(bins):
-        if j < len(warm):
-            target = actors[warm[j]]
-        else:  # too few actors still warm: cold-start another
-            target = spawn(barrier)
+        target = actors[warm[j]] if j < len(warm) else spawn(barrier)
+        if target is None:  # no new actor allowed: the latest returned one takes it
+            target = actors[warm[j % len(warm)]] if warm else actors[
+                max(range(len(actors)), key=lambda i: returned[i])]
+        elif j >= len(warm):  # too few actors still warm: a new one was cold-started
             actors.append(target)
         _migrate([unfinished[x] for x in b], target, max(barrier, target.ready))
-        targets.append(target)
+        if target not in targets:
+            targets.append(target)
     for a in actors:
         if a not in targets:  # scaled down at the barrier, or gone after keep-alive
             a.release = min(a.engine.last_finish + keep_alive, barrier)
@@ -153,9 +157,10 @@ def run_global(actors: list[ActorLife], cut_after: Callable[[int], int], plan: P
                           int(state.get("targets", 0)), cut)
 
 
-def run_stream(actors: list[ActorLife], cut_after: Callable[[int], int], plan: Planner,
+def run_stream(actors: list[ActorLife], cut_after: Callable[[int], int],
                keep_alive: float) -> RolloutOutcome:
-    """Per-actor cuts with immediate hand-off to actors still running (module docstring)."""
+    """Per-actor hand-off cuts (module docstring): at its cut an actor hands every unfinished
+    sample to the running actor with the fewest samples in flight and is released."""
     engines = [a.engine for a in actors]
     by_engine = {a.engine.eid: a for a in actors}
     threshold = {e.eid: cut_after(e.assigned) for e in engines}
@@ -168,9 +173,9 @@ def run_stream(actors: list[ActorLife], cut_after: Callable[[int], int], plan: P
             return []
         running = [x for x in engines
                    if x is not e and x.eid not in cut and not x.idle]
+        a = by_engine[e.eid]
         if e.idle:  # done with everything at its cut: nothing to hand off
             cut.add(e.eid)
-            a = by_engine[e.eid]
             a.release = now
             a.busy.append((a.ready, e.last_finish))
             return []
@@ -179,27 +184,18 @@ def run_stream(actors: list[ActorLife], cut_after: Callable[[int], int], plan: P
             return []
         e.advance_to(now)
         unfinished = e.take_unfinished()
-        bins = plan(unfinished, len(running))
-        # Targets: the running actors with the least left to do take the moved bins.
         for x in running:
             x.advance_to(now)
-        running.sort(key=lambda x: (x.unfinished(), x.eid))
-        touched = [e]
-        for b, x in zip(bins, running, strict=False):
-            _migrate([unfinished[i] for i in b], by_engine[x.eid], now)
-            tail.add(x.eid)
-            touched.append(x)
-        if len(bins) > len(running):  # never more bins than actors asked for; be safe
-            rest = [unfinished[i] for b in bins[len(running):] for i in b]
-            _migrate(rest, by_engine[running[-1].eid], now)
-        a = by_engine[e.eid]
+        target = min(running, key=lambda x: (x.unfinished(), x.eid))
+        _migrate(unfinished, by_engine[target.eid], now)
+        tail.add(target.eid)
         a.release = now
         a.busy.append((a.ready, now))
         cut.add(e.eid)
         state["moved"] += len(unfinished)
         if state["first"] != state["first"]:  # nan: the first hand-off
             state["first"] = now
-        return touched + running
+        return [e, *running]
 
     run_lockstep(engines, hook)
     for a in actors:

@@ -16,15 +16,27 @@ from rich.table import Table
 from rlhfless.sim import experiments, plots
 
 Row = dict[str, object]
-CHOICES = ("paper", "ablation", "sensitivity", "frontier", "all")
+GROUPS: dict[str, list[str]] = {
+    "headline": ["headline", "headline_details"],
+    "testbed": ["testbed"],
+    "planner": ["planner"],
+    "coldstart": ["coldstart"],
+    "ablation": ["ablation"],
+    "frontier": ["frontier"],
+    "sensitivity": ["sensitivity"],
+}
+GROUPS["all"] = [name for names in GROUPS.values() for name in names]
+CHOICES = tuple(GROUPS)
 
 _PLOTS = {
-    "paper": plots.plot_paper,
-    "tails": lambda rows, path: plots.plot_sweep(
-        rows, "sigma", path, "Tail heaviness (σ of prompt-level lengths), 70B, 20 nodes"),
+    "headline": plots.plot_headline,
+    "headline_details": plots.plot_details,
+    "testbed": plots.plot_testbed,
+    "planner": plots.plot_planner,
+    "coldstart": plots.plot_coldstart,
     "ablation": plots.plot_ablation,
-    "sensitivity": plots.plot_sensitivity,
     "frontier": plots.plot_frontier,
+    "sensitivity": plots.plot_sensitivity,
 }
 
 
@@ -45,6 +57,14 @@ def render(title: str, rows: Sequence[Row]) -> Table:
     return table
 
 
+def headline_line(r: Row) -> str:
+    """One printed line per headline row."""
+    return (f"{r['cluster']} {r['model']} {r['algo']} {r['workload']} {r['mode']}: "
+            f"speedup {r['speedup']:.2f}x, saving {r['saving']:.1%}, "
+            f"peak {r['peak_gpus']} GPUs, verl gen share {r['verl_gen_share']:.0%}, "
+            f"step/bound {r['step_over_bound']:.2f}")
+
+
 def save(name: str, rows: Sequence[Row], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
@@ -52,7 +72,7 @@ def save(name: str, rows: Sequence[Row], out: Path) -> list[Path]:
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _csv(r.get(k)) for k in keys} for r in rows)
     md_path = out / f"{name}.md"
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
@@ -61,28 +81,32 @@ def save(name: str, rows: Sequence[Row], out: Path) -> list[Path]:
     return [csv_path, md_path, png]
 
 
-def simulate_command(experiment: str = "paper", out: str | Path = "benchmarks/results",
+def _csv(v: object) -> object:
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def simulate_command(experiment: str = "headline", out: str | Path = "benchmarks/results",
                      seed: int = 0, quick: bool = False,
                      console: Console | None = None) -> dict[str, list[Row]]:
-    """Run one experiment (or all), print its tables, write <name>.csv/.md/.png under `out`.
+    """Run one experiment group (or all), print it, write <name>.csv/.md/.png under `out`.
 
-    paper also runs the tail-heaviness sweep ("tails").  quick: fewer configurations (for
-    smoke tests).  Returns the rows per experiment name.
+    quick: fewer configurations (for smoke tests). Returns the rows per experiment name.
     """
     if experiment not in CHOICES:
-        raise ValueError(f"experiment must be one of {CHOICES}, got {experiment!r}")
+        raise ValueError(f"experiment must be one of {', '.join(CHOICES)}; got {experiment!r}")
     console = console or Console()
-    names = {
-        "paper": ["paper", "tails"],
-        "all": ["paper", "tails", "ablation", "sensitivity", "frontier"],
-    }.get(experiment, [experiment])
     results: dict[str, list[Row]] = {}
-    for name in names:
+    for name in GROUPS[experiment]:
         started = time.perf_counter()
         rows = experiments.EXPERIMENTS[name](seed=seed, quick=quick)
         elapsed = time.perf_counter() - started
         results[name] = rows
-        console.print(render(f"{name} (seed {seed}, {elapsed:.0f} s)", rows))
+        if name == "headline":
+            console.print(f"headline (seed {seed}, {elapsed:.0f} s)")
+            for r in rows:
+                console.print(headline_line(r), soft_wrap=True)
+        else:
+            console.print(render(f"{name} (seed {seed}, {elapsed:.0f} s)", rows))
         for path in save(name, rows, Path(out)):
             console.print(f"  wrote {path}")
     return results

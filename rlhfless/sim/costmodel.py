@@ -164,6 +164,21 @@ def forward_flops(
     return float(lin * s.sum() + attention_flops(L, d, s, 0.0).sum())
 
 
+def group_forward_flops(
+    model: ModelShape, prompt_len: np.ndarray, lengths: np.ndarray, dedup: bool
+) -> np.ndarray:
+    """`forward_flops` per group (row): prompt_len [n], response lengths [n, G] -> [n]."""
+    p = np.asarray(prompt_len, dtype=float)
+    r = np.asarray(lengths, dtype=float)
+    lin = 2.0 * model.params
+    L, d = model.layers, model.hidden
+    if dedup:
+        return (lin * (p + r.sum(axis=1)) + attention_flops(L, d, p, 0.0)
+                + attention_flops(L, d, r, p[:, None]).sum(axis=1))
+    s = p[:, None] + r
+    return (lin * s + attention_flops(L, d, s, 0.0)).sum(axis=1)
+
+
 def compute_time(flops: float, gpus: int, gpu: GPUSpec, mfu: float) -> float:
     """Data-parallel work balanced over `gpus` (verl's balance_batch / our token balancing)."""
     return flops / (gpus * gpu.flops * mfu)

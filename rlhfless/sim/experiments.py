@@ -1,12 +1,20 @@
 """The experiments: each returns rows (dicts) that the CLI prints, saves and plots.
 
-paper        speedup and GPU-second saving vs verl: 3B/7B (16 L40S, the paper's physical
-             testbed) and 3B/7B/70B (20 nodes × 8 H100, its simulated cluster), GRPO and
-             PPO, long-tailed lengths; plus a tail-heaviness sweep at 20 nodes.
-ablation     RLHFless with each mechanism switched off in turn (20 nodes, GRPO).
-sensitivity  λ, τ, EWMA α, and the cold start / GPU pool assumptions.
-frontier     step time vs GPU-seconds over fixed actor counts N, with the point the
-             cost-aware policy picks and the baseline marked.
+headline     the issue's table: speed-up and GPU-second saving vs the verl-like baseline,
+             quota mode (same peak GPUs) first, then the shared pool (peak GPUs stated), with
+             verl's generation share and RLHFless's step over the lower bound.
+testbed      the paper's own testbed: 16 L40S, Qwen2.5-3B/7B, GSM8K-/GPQA-/LiveCodeBench-
+             like lengths, GRPO and PPO (quota mode), beside the paper's 1.35× / 44.8%.
+planner      predicted vs actual rollout time per step (7B and 70B, DAPO-like, quota).
+coldstart    the cold-start variants (node cache, host memory, GPU snapshot).
+ablation     7B DAPO-like, quota: the default with one mechanism changed at a time.
+frontier     7B DAPO-like, quota: fixed actor counts N against the points λ picks.
+sensitivity  7B DAPO-like, quota: the hand-off cut's τ.
+
+Every RLHFless configuration is `SchedulingSpec`'s defaults (λ 0.5, τ 0.7, all mechanisms
+on) unless a row says otherwise; runs are 8 epochs of one step each, and every number is a
+mean over the warm epochs (2–7). Runs are cached within one process, so `all` simulates each
+configuration once.
 """
 
 from __future__ import annotations
@@ -14,196 +22,246 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
+
 from rlhfless.api.spec import SchedulingSpec
 from rlhfless.sim.config import SimConfig
-from rlhfless.sim.hardware import Overheads
-from rlhfless.sim.results import summarise
-from rlhfless.sim.runner import job_workload, run_system
+from rlhfless.sim.hardware import COLD_STARTS
+from rlhfless.sim.results import StepResult
+from rlhfless.sim.runner import bounds, job_workload, run_system, warm
+from rlhfless.sim.workload import Workload
 
 Row = dict[str, object]
 
-# Batches: GRPO 16 samples per prompt (DAPO-style); PPO one sample per prompt.
-_BATCH = {  # (cluster, algo) -> (prompts_per_step, group_size)
+CLUSTERS = {"160xH100": ("h100", 20), "16xL40S": ("l40s", 2)}
+# Batches (prompts per step, samples per prompt): DAPO's 512 × 16 for GRPO on the large
+# cluster; the paper testbed's GRPO 128 × 16 and PPO 2048 × 1.
+BATCH = {
+    ("160xH100", "grpo"): (512, 16),
+    ("160xH100", "ppo"): (8192, 1),
     ("16xL40S", "grpo"): (128, 16),
     ("16xL40S", "ppo"): (2048, 1),
-    ("160xH100", "grpo"): (1024, 16),
-    ("160xH100", "ppo"): (8192, 1),
 }
-_CLUSTERS = {"16xL40S": ("l40s", 2), "160xH100": ("h100", 20)}
+PAPER = {"speedup": 1.35, "saving": 0.448}  # RLHFless paper, 16 L40S, Qwen2.5-3B/7B
 
-# RLHFless configurations compared with the baselines.  "default" is SchedulingSpec's
-# defaults as the driver runs them; "speed" and "cost" are the two ends of the trade-off the
-# ablation and frontier point to (see benchmarks/results/README.md).
-VARIANTS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
-    "default": ({}, {}),
-    "speed": ({}, {"cut_migrate": False, "cost_aware": False}),
-    "cost": ({}, {"lam": 0.25, "tau": 0.9}),
-}
+_CACHE: dict[str, tuple[Workload, list[StepResult]]] = {}
 
 
-def job(cluster: str, model: str, algo: str, seed: int, **kw) -> SimConfig:
-    gpu, nodes = _CLUSTERS[cluster]
-    prompts, group = _BATCH[(cluster, algo)]
+def job(cluster: str, model: str, algo: str = "grpo", seed: int = 0, **kw) -> SimConfig:
+    gpu, nodes = CLUSTERS[cluster]
+    prompts, group = BATCH[(cluster, algo)]
     cfg = SimConfig(gpu=gpu, nodes=nodes, model=model, algo=algo, prompts_per_step=prompts,
                     group_size=group, seed=seed)
     n = cfg.max_replicas
-    sched = SchedulingSpec(actors=n, max_actors=n)
-    return replace(cfg, sched=sched, **kw)
+    return replace(cfg, sched=SchedulingSpec(actors=n, max_actors=n), **kw)
 
 
-def variant(cfg: SimConfig, name: str) -> SimConfig:
-    top, sched = VARIANTS[name]
-    return replace(cfg, sched=cfg.sched.model_copy(update=sched), **top)
+def sched(cfg: SimConfig, **kw) -> SimConfig:
+    return replace(cfg, sched=cfg.sched.model_copy(update=kw))
 
 
-def _row(label: dict, cfg: SimConfig, family: str = "longtail", **overrides) -> Row:
-    w = job_workload(cfg, family, **overrides)
-    skip = _warm_skip(cfg, w)
-    base = summarise(run_system("verl", cfg, w), skip)
-    fuse = summarise(run_system("rlhfuse", cfg, w), skip)
-    row: Row = {**label, "verl_step_s": base.step_s, "verl_gpu_s": base.gpu_s,
-                "rlhfuse_speedup": base.step_s / fuse.step_s,
-                "rlhfuse_saving": 1 - fuse.gpu_s / base.gpu_s}
-    for name in VARIANTS:
-        s = summarise(run_system("rlhfless", variant(cfg, name), w), skip)
-        row[f"{name}_speedup"] = base.step_s / s.step_s
-        row[f"{name}_saving"] = 1 - s.gpu_s / base.gpu_s
-        row[f"{name}_actors"] = s.actors
-    row["tail_p99_over_median"] = w.tail_ratio()
-    return row
+def run(system: str, cfg: SimConfig, family: str) -> tuple[Workload, list[StepResult]]:
+    """`run_system` on the job's workload, cached per configuration."""
+    key = f"{system}|{family}|{cfg!r}"
+    if key not in _CACHE:
+        w = job_workload(cfg, family)
+        _CACHE[key] = (w, run_system(system, cfg, w))
+    return _CACHE[key]
 
 
-def paper(seed: int = 0, quick: bool = False) -> list[Row]:
+def _mean(results: list[StepResult], fn: Callable[[StepResult], float]) -> float:
+    return float(np.mean([fn(r) for r in results]))
+
+
+def measure(cfg: SimConfig, family: str, base_cfg: SimConfig | None = None) -> Row:
+    """RLHFless (cfg) against verl (base_cfg or cfg), steady state."""
+    w, verl_all = run("verl", base_cfg or cfg, family)
+    _, ours_all = run("rlhfless", cfg, family)
+    verl, ours = warm(verl_all, w), warm(ours_all, w)
+    peak = int(max(r.peak_gpus for r in ours))
+    limit = bounds(cfg, w, ours, cfg.gpus if cfg.pool == "quota" else peak)
+    verl_limit = bounds(cfg, w, verl, cfg.gpus)
+    v_step, v_gpu = _mean(verl, lambda r: r.step_s), _mean(verl, lambda r: r.gpu_s)
+    step, gpu_s = _mean(ours, lambda r: r.step_s), _mean(ours, lambda r: r.gpu_s)
+    return {
+        "speedup": v_step / step,
+        "saving": 1.0 - gpu_s / v_gpu,
+        "peak_gpus": peak,
+        "verl_gen_share": _mean(verl, lambda r: r.extra["gen_share"]),
+        "step_over_bound": step / float(limit.mean()),
+        "verl_over_bound": v_step / float(verl_limit.mean()),
+        "bound_s": float(limit.mean()),
+        "step_s": step,
+        "verl_step_s": v_step,
+        "gpu_s": gpu_s,
+        "verl_gpu_s": v_gpu,
+        "actors": _mean(ours, lambda r: r.actors),
+        "learner_gpus": _mean(ours, lambda r: r.extra.get("learner_gpus", 0.0)),
+        "rollout_s": _mean(ours, lambda r: r.extra["actual_gen_s"]),
+        "learn_tail_s": _mean(ours, lambda r: r.phases.get("learn_tail", 0.0)),
+        "cold_gpu_s": _mean(ours, lambda r: r.extra["cold_gpu_s"]),
+        "idle_gpu_s": _mean(ours, lambda r: r.extra["idle_gpu_s"]),
+        "verl_tail10_share": _mean(verl, lambda r: r.extra["tail10_share"]),
+    }
+
+
+HEADLINE_ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("160xH100", "7b", "grpo", "dapo"),
+    ("160xH100", "32b", "grpo", "dapo"),
+    ("160xH100", "70b", "grpo", "dapo"),
+    ("160xH100", "7b", "grpo", "gsm8k"),
+    ("160xH100", "7b", "grpo", "longtail"),
+    ("16xL40S", "7b", "grpo", "gsm8k"),
+    ("16xL40S", "7b", "grpo", "gpqa"),
+    ("16xL40S", "7b", "grpo", "lcb"),
+)
+HEADLINE_KEYS = ("cluster", "model", "algo", "workload", "mode", "speedup", "saving",
+                 "peak_gpus", "verl_gen_share", "step_over_bound")
+
+
+def headline(seed: int = 0, quick: bool = False) -> list[Row]:
+    """Quota rows first (the headline), then the shared pool."""
+    grid = HEADLINE_ROWS[:1] + HEADLINE_ROWS[5:6] if quick else HEADLINE_ROWS
     rows: list[Row] = []
-    grid = [("16xL40S", m) for m in ("3b", "7b")] + [("160xH100", m) for m in ("3b", "7b", "70b")]
-    if quick:
-        grid = [("16xL40S", "7b"), ("160xH100", "70b")]
-    for cluster, model in grid:
+    for mode in ("quota", "shared"):
+        for cluster, model, algo, family in grid:
+            cfg = job(cluster, model, algo, seed, pool=mode)
+            m = measure(cfg, family)
+            rows.append({"cluster": cluster, "model": model, "algo": algo, "workload": family,
+                         "mode": mode, **{k: m[k] for k in HEADLINE_KEYS[5:]}})
+    return rows
+
+
+def headline_details(seed: int = 0, quick: bool = False) -> list[Row]:
+    """Everything behind the headline rows (same runs, more columns)."""
+    grid = HEADLINE_ROWS[:1] + HEADLINE_ROWS[5:6] if quick else HEADLINE_ROWS
+    rows: list[Row] = []
+    for mode in ("quota", "shared"):
+        for cluster, model, algo, family in grid:
+            cfg = job(cluster, model, algo, seed, pool=mode)
+            rows.append({"cluster": cluster, "model": model, "workload": family, "mode": mode,
+                         **measure(cfg, family)})
+    return rows
+
+
+def testbed(seed: int = 0, quick: bool = False) -> list[Row]:
+    models = ("7b",) if quick else ("3b", "7b")
+    families = ("gsm8k",) if quick else ("gsm8k", "gpqa", "lcb")
+    rows: list[Row] = []
+    for model in models:
         for algo in ("grpo", "ppo"):
-            cfg = job(cluster, model, algo, seed)
-            rows.append(_row({"cluster": cluster, "model": model, "algo": algo}, cfg))
+            for family in families:
+                m = measure(job("16xL40S", model, algo, seed), family)
+                rows.append({"model": model, "algo": algo, "workload": family,
+                             "speedup": m["speedup"], "saving": m["saving"],
+                             "paper_speedup": PAPER["speedup"],
+                             "paper_saving": PAPER["saving"],
+                             "verl_gen_share": m["verl_gen_share"],
+                             "step_over_bound": m["step_over_bound"],
+                             "actors": m["actors"], "learner_gpus": m["learner_gpus"],
+                             "peak_gpus": m["peak_gpus"]})
     return rows
 
 
-def tail_sweep(seed: int = 0, model: str = "70b", quick: bool = False) -> list[Row]:
-    """Same job, prompt-level length spread σ from mild to extreme (20 nodes, GRPO)."""
-    cfg = job("160xH100", model, "grpo", seed)
-    sigmas = (0.3, 0.8, 1.2) if quick else (0.2, 0.5, 0.8, 1.1, 1.4)
-    return [_row({"model": model, "sigma": sg}, cfg, sigma=sg) for sg in sigmas]
+def planner(seed: int = 0, quick: bool = False) -> list[Row]:
+    """Per steady-state step: the rollout time the plan predicted, the same corrected by the
+    recent actual/planned ratio (what the learner and prewarm are timed on), the actual."""
+    rows: list[Row] = []
+    for model in ("7b",) if quick else ("7b", "70b"):
+        cfg = job("160xH100", model, "grpo", seed)
+        w, results = run("rlhfless", cfg, "dapo")
+        for r in warm(results, w):
+            planned, actual = r.extra["planned_gen_s"], r.extra["actual_gen_s"]
+            corrected = planned * r.extra["rollout_scale"]
+            rows.append({"model": model, "step": r.step, "actors": r.actors,
+                         "planned_rollout_s": planned, "corrected_rollout_s": corrected,
+                         "actual_rollout_s": actual,
+                         "planned_error": planned / actual - 1.0,
+                         "corrected_error": corrected / actual - 1.0})
+    return rows
 
 
-ABLATIONS: dict[str, dict[str, object]] = {
-    "full": {},
-    "no dedup prefill": {"dedup_prefill": False},
-    "no length-aware assignment": {"length_prediction": False, "assignment": "round-robin"},
-    "no cut-and-migrate": {"cut_migrate": False},
-    "no cost-aware scaling": {"cost_aware": False},
-    "no prewarm": {"prewarm": False},
-    "all off": {"dedup_prefill": False, "length_prediction": False,
-                "assignment": "round-robin", "cut_migrate": False, "cost_aware": False,
-                "prewarm": False},
+def coldstart(seed: int = 0, quick: bool = False) -> list[Row]:
+    rows: list[Row] = []
+    for model in ("7b",) if quick else ("7b", "70b"):
+        base = job("160xH100", model, "grpo", seed)
+        for name, variant in COLD_STARTS.items():
+            m = measure(base.with_cold_start(name), "dapo", base)
+            rows.append({"model": model, "cold_start": name, "assumption": variant.note,
+                         "speedup": m["speedup"], "saving": m["saving"],
+                         "cold_gpu_s": m["cold_gpu_s"], "step_over_bound":
+                         m["step_over_bound"]})
+    return rows
+
+
+# The default with one thing changed (SchedulingSpec fields, or SimConfig fields).
+ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
+    "default": ({}, {}),
+    "barrier step (reference, then trainer)": ({}, {"step_mode": "barrier"}),
+    "no hand-off cut": ({"cut_migrate": False}, {}),
+    "one global cut instead of hand-offs": ({}, {"cut_mode": "global"}),
+    "no length prediction (round-robin)": ({"length_prediction": False,
+                                            "assignment": "round-robin"}, {}),
+    "no prewarm": ({"prewarm": False}, {}),
+    "no dedup prefill": ({"dedup_prefill": False}, {}),
+    "mean planner inputs (no max, no KV term)": ({}, {"planner_inputs": "mean"}),
+    "learner reuses its own log-probs": ({}, {"learner_logprob_pass": False}),
+    "shared pool instead of quota": ({}, {"pool": "shared"}),
 }
 
 
-def _rlhfless_only(cfg: SimConfig, w, base) -> Row:
-    s = summarise(run_system("rlhfless", cfg, w), _warm_skip(cfg, w))
-    return {"step_s": s.step_s, "gpu_s": s.gpu_s, "speedup": base.step_s / s.step_s,
-            "gpu_s_saving": 1 - s.gpu_s / base.gpu_s, "actors": s.actors,
-            "peak_gpus": s.peak_gpus}
-
-
-def _warm_skip(cfg: SimConfig, w) -> int:
-    return len(list(w.steps(cfg.prompts_per_step))) // w.epochs if w.epochs > 1 else 0
-
-
-def _baseline(cfg: SimConfig, w):
-    return summarise(run_system("verl", cfg, w), _warm_skip(cfg, w))
-
-
-# The default (stream cut, kv-aware planner inputs) against what `rlhfless/driver.py` does
-# today and the other cut (SimConfig fields).
-ALTERNATIVES: dict[str, dict[str, object]] = {
-    "global cut (one cut, no barrier)": {"cut_mode": "global"},
-    "barrier cut (driver today)": {"cut_mode": "barrier"},
-    "driver planner inputs (mean lmax, no ctx)": {"planner_inputs": "driver"},
-    "driver today (barrier + driver inputs)": {"cut_mode": "barrier",
-                                               "planner_inputs": "driver"},
-}
-
-
-def ablation(seed: int = 0, model: str = "70b", quick: bool = False) -> list[Row]:
-    """The default configuration with one mechanism off at a time, then the alternatives."""
-    cfg = job("160xH100", model, "grpo", seed)
-    w = job_workload(cfg)
-    base = _baseline(cfg, w)
-    rows = []
-    for name, off in ABLATIONS.items():
-        c = replace(cfg, sched=cfg.sched.model_copy(update=off))
-        rows.append({"variant": name, **_rlhfless_only(c, w, base)})
-    for name, alt in ALTERNATIVES.items():
-        rows.append({"variant": name, **_rlhfless_only(replace(cfg, **alt), w, base)})
+def ablation(seed: int = 0, quick: bool = False) -> list[Row]:
+    base = job("160xH100", "7b", "grpo", seed)
+    names = list(ABLATIONS)[:3] if quick else list(ABLATIONS)
+    rows: list[Row] = []
+    for name in names:
+        spec, top = ABLATIONS[name]
+        cfg = replace(sched(base, **spec), **top)
+        m = measure(cfg, "dapo", base)
+        rows.append({"variant": name, "speedup": m["speedup"], "saving": m["saving"],
+                     "step_s": m["step_s"], "gpu_s": m["gpu_s"], "actors": m["actors"],
+                     "peak_gpus": m["peak_gpus"], "step_over_bound": m["step_over_bound"]})
     return rows
 
 
-def sensitivity(seed: int = 0, model: str = "70b", quick: bool = False) -> list[Row]:
-    cfg = job("160xH100", model, "grpo", seed)
-    w = job_workload(cfg)
-    base = _baseline(cfg, w)
-    grid: list[tuple[str, float | str, Callable[[SimConfig], SimConfig]]] = []
-
-    def sched(**kw) -> Callable[[SimConfig], SimConfig]:
-        return lambda c: replace(c, sched=c.sched.model_copy(update=kw))
-
-    lams = (0.0, 0.5, 1.0) if quick else (0.0, 0.25, 0.5, 0.75, 1.0)
-    taus = (0.5, 0.7, 1.0) if quick else (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    alphas = (0.2, 0.5, 1.0) if quick else (0.1, 0.3, 0.5, 0.7, 1.0)
-    grid += [("lambda", x, sched(lam=x)) for x in lams]
-    grid += [("tau", x, sched(tau=x)) for x in taus]
-    grid += [("ewma_alpha", x, sched(ewma_alpha=x)) for x in alphas]
-    for init in (2.0, 10.0, 30.0, 60.0):
-        grid.append(("init_s", init, lambda c, i=init: replace(
-            c, over=Overheads(actor_init_s=i, learner_init_s=i))))
-    grid += [("pool", p, lambda c, p=p: replace(c, pool=p)) for p in ("shared", "quota")]
-    rows = [{"param": name, "value": value, **_rlhfless_only(fn(cfg), w, base)}
-            for name, value, fn in grid]
-    # The baseline's own knob: verl with more KV cache for vLLM (needs optimizer offload,
-    # whose transfer time is not charged to it here).
-    for util in (0.6, 0.8):
-        b = _baseline(replace(cfg, colocated_mem_util=util), w)
-        rows.append({"param": "verl_mem_util", "value": util, **_rlhfless_only(cfg, w, b)})
-    # Both systems under a decode law without the KV-read (context) term.
-    for law in ("roofline", "batch-only"):
-        c = replace(cfg, decode_law=law)
-        rows.append({"param": "decode_law", "value": law,
-                     **_rlhfless_only(c, w, _baseline(c, w))})
-    return rows
-
-
-def frontier(seed: int = 0, model: str = "70b", quick: bool = False) -> list[Row]:
-    """Fixed N (cost-aware off) traced against the policy's own pick for λ = 0, 0.5, 1."""
-    cfg = job("160xH100", model, "grpo", seed)
-    w = job_workload(cfg)
-    base = _baseline(cfg, w)
-    top = cfg.max_replicas
-    ns = sorted({max(1, round(top * f)) for f in (
-        (0.1, 0.25, 0.5, 1.0) if quick else (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0))})
+def frontier(seed: int = 0, quick: bool = False) -> list[Row]:
+    base = job("160xH100", "7b", "grpo", seed)
+    ns = (40, 80, 120) if quick else (20, 40, 60, 80, 100, 120, 160)
     rows: list[Row] = []
     for n in ns:
-        c = replace(cfg, sched=cfg.sched.model_copy(update={"cost_aware": False, "actors": n}))
-        rows.append({"kind": "fixed N", "n": n, **_rlhfless_only(c, w, base)})
-    for lam in (0.0, 0.5, 1.0):
-        c = replace(cfg, sched=cfg.sched.model_copy(update={"lam": lam}))
-        rows.append({"kind": f"chosen λ={lam}", "n": None, **_rlhfless_only(c, w, base)})
-    rows.append({"kind": "verl", "n": cfg.max_replicas, "step_s": base.step_s,
-                 "gpu_s": base.gpu_s, "speedup": 1.0, "gpu_s_saving": 0.0,
-                 "actors": cfg.max_replicas, "peak_gpus": cfg.gpus})
+        m = measure(sched(base, cost_aware=False, actors=n), "dapo", base)
+        rows.append({"kind": "fixed N", "n": n, **_point(m)})
+    for lam in (0.5,) if quick else (0.0, 0.25, 0.5, 0.75, 1.0):
+        m = measure(sched(base, lam=lam), "dapo", base)
+        rows.append({"kind": f"chosen λ={lam}", "n": None, **_point(m)})
+    w, verl = run("verl", base, "dapo")
+    rows.append({"kind": "verl", "n": base.max_replicas,
+                 "step_s": _mean(warm(verl, w), lambda r: r.step_s),
+                 "gpu_s": _mean(warm(verl, w), lambda r: r.gpu_s), "speedup": 1.0,
+                 "saving": 0.0, "actors": base.max_replicas, "peak_gpus": base.gpus})
+    return rows
+
+
+def _point(m: Row) -> Row:
+    return {k: m[k] for k in ("step_s", "gpu_s", "speedup", "saving", "actors", "peak_gpus")}
+
+
+def sensitivity(seed: int = 0, quick: bool = False) -> list[Row]:
+    base = job("160xH100", "7b", "grpo", seed)
+    rows: list[Row] = []
+    for tau in (0.7, 1.0) if quick else (0.5, 0.7, 0.8, 0.9, 1.0):
+        m = measure(sched(base, tau=tau), "dapo", base)
+        rows.append({"param": "tau", "value": tau, **_point(m)})
     return rows
 
 
 EXPERIMENTS: dict[str, Callable[..., list[Row]]] = {
-    "paper": paper,
-    "tails": tail_sweep,
+    "headline": headline,
+    "headline_details": headline_details,
+    "testbed": testbed,
+    "planner": planner,
+    "coldstart": coldstart,
     "ablation": ablation,
-    "sensitivity": sensitivity,
     "frontier": frontier,
+    "sensitivity": sensitivity,
 }

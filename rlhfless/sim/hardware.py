@@ -58,10 +58,11 @@ class ModelShape:
         return 2.0 * self.layers * self.kv_heads * self.head_dim * 2.0  # K and V, bf16
 
 
-# Public configs: Qwen2.5-3B/7B (GQA), and a Llama-3-70B-shaped model for the 70B runs.
+# Public configs: Qwen2.5-3B/7B/32B (GQA), and a Llama-3-70B-shaped model for the 70B runs.
 MODELS: dict[str, ModelShape] = {
     "3b": ModelShape("qwen2.5-3b", 3.09e9, 36, 2048, 2, 128, tp=1),
     "7b": ModelShape("qwen2.5-7b", 7.62e9, 28, 3584, 4, 128, tp=1),
+    "32b": ModelShape("qwen2.5-32b", 32.8e9, 64, 5120, 8, 128, tp=4),
     "70b": ModelShape("llama3-70b", 70.6e9, 80, 8192, 8, 128, tp=8),
 }
 
@@ -100,6 +101,10 @@ class Overheads:
       sleep/wake, cache free, FSDP re-gather) beyond the weight bytes themselves.
     publish_fixed_s: trainer-side fixed cost of publishing a weights version.
     reward_s: rule-based reward on CPU per step (same for every system).
+    call_s: one function call's round trip (HTTP, serialisation of a group), e.g. an actor
+      reporting a group to the driver, or the driver sending it to reward and the learner.
+    scale_down_s: from the driver's scale-down to the GPUs being free (pod termination);
+      every released instance is billed this long.
     """
 
     actor_init_s: float = 10.0
@@ -107,7 +112,33 @@ class Overheads:
     colocated_switch_s: float = 2.0
     publish_fixed_s: float = 1.0
     reward_s: float = 1.0
+    call_s: float = 0.02
+    scale_down_s: float = 1.0
 
+
+@dataclass(frozen=True)
+class ColdStart:
+    """How a function instance starts: fixed init seconds, then its weights (and, for the
+    learner, its optimizer state) at `load_bw_scale` × the GPU's node-cache bandwidth."""
+
+    init_s: float
+    load_bw_scale: float = 1.0
+    note: str = ""
+
+
+# Cold-start variants (sources and assumptions in benchmarks/results/README.md). The default
+# is the conservative one.
+COLD_STARTS: dict[str, ColdStart] = {
+    # container image pulled, weights in the node-local cache: process + CUDA + NCCL + engine
+    # init (10 s), then the weights over PCIe from host page cache / local NVMe.
+    "node-cache": ColdStart(10.0, 1.0, "10 s init + weights from the node cache"),
+    # weights already pinned in host memory (a ServerlessLLM-style loader): the same init,
+    # weights at about twice the bandwidth.
+    "host-memory": ColdStart(10.0, 2.0, "10 s init + weights from pinned host memory"),
+    # process and GPU memory restored from a snapshot (CUDA checkpoint/restore): ~2 s, then
+    # the new weights version still has to be loaded.
+    "snapshot": ColdStart(2.0, 1.0, "2 s restore + weights from the node cache"),
+}
 
 def override(obj, **kw):
     """Copy a frozen constants object with some fields replaced (None values ignored)."""

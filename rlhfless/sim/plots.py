@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 Row = dict[str, object]
-_VARIANTS = ("default", "speed", "cost")
 
 
 def _save(fig, path: Path) -> Path:
@@ -22,75 +21,106 @@ def _save(fig, path: Path) -> Path:
 
 
 def _two_panels(title: str):
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     fig.suptitle(title)
-    a.set_ylabel("speedup over verl (×)")
+    a.set_ylabel("speed-up over verl (×)")
     b.set_ylabel("GPU-second saving vs verl")
     a.axhline(1.0, color="grey", lw=0.8)
     b.axhline(0.0, color="grey", lw=0.8)
     return fig, a, b
 
 
-def plot_paper(rows: list[Row], path: Path) -> Path:
-    fig, a, b = _two_panels("RLHFless vs verl (long-tailed lengths)")
-    labels = [f"{r['cluster']}\n{r['model']} {r['algo']}" for r in rows]
-    x = range(len(rows))
-    width = 0.2
-    for k, name in enumerate(("rlhfuse", *_VARIANTS)):
-        off = [i + (k - 1.5) * width for i in x]
-        a.bar(off, [r[f"{name}_speedup"] for r in rows], width, label=name)
-        b.bar(off, [r[f"{name}_saving"] for r in rows], width, label=name)
-    for ax in (a, b):
-        ax.set_xticks(list(x), labels, fontsize=7)
-    a.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_sweep(rows: list[Row], key: str, path: Path, title: str) -> Path:
+def _bars(rows: list[Row], label, groups: dict[str, list[Row]], title: str, path: Path,
+          goals: tuple[float, float] | None = None) -> Path:
     fig, a, b = _two_panels(title)
-    xs = [r[key] for r in rows]
-    for name in ("rlhfuse", *_VARIANTS):
-        a.plot(xs, [r[f"{name}_speedup"] for r in rows], "o-", label=name)
-        b.plot(xs, [r[f"{name}_saving"] for r in rows], "o-", label=name)
+    names = list(groups)
+    width = 0.8 / max(1, len(names))
+    base = groups[names[0]]
+    x = range(len(base))
+    for k, name in enumerate(names):
+        off = [i + (k - (len(names) - 1) / 2) * width for i in x]
+        a.bar(off, [r["speedup"] for r in groups[name]], width, label=name)
+        b.bar(off, [r["saving"] for r in groups[name]], width, label=name)
     for ax in (a, b):
-        ax.set_xlabel(key)
+        ax.set_xticks(list(x), [label(r) for r in base], fontsize=7)
+    if goals:
+        a.axhline(goals[0], color="C3", ls="--", lw=0.8, label="goal")
+        b.axhline(goals[1], color="C3", ls="--", lw=0.8, label="goal")
     a.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_headline(rows: list[Row], path: Path) -> Path:
+    by: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by[str(r["mode"])].append(r)
+    return _bars(rows, lambda r: f"{r['cluster']}\n{r['model']} {r['workload']}", by,
+                 "RLHFless vs verl-like (quota = same peak GPUs; shared = larger pool)", path)
+
+
+def plot_details(rows: list[Row], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    quota = [r for r in rows if r["mode"] == "quota"]
+    x = range(len(quota))
+    ax.bar([i - 0.2 for i in x], [r["step_over_bound"] for r in quota], 0.4, label="RLHFless")
+    ax.bar([i + 0.2 for i in x], [r["verl_over_bound"] for r in quota], 0.4, label="verl-like")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(1.3, color="C3", ls="--", lw=0.8, label="goal 1.3×")
+    ax.set_xticks(list(x), [f"{r['cluster']}\n{r['model']} {r['workload']}" for r in quota],
+                  fontsize=7)
+    ax.set_ylabel("step time / lower bound")
+    ax.set_title("Distance to the lower bound (quota mode)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_testbed(rows: list[Row], path: Path) -> Path:
+    by: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by[str(r["algo"])].append(r)
+    return _bars(rows, lambda r: f"{r['model']} {r['workload']}", by,
+                 "Paper testbed: 16 L40S (quota); dashed: the paper's 1.35× / 44.8%", path,
+                 goals=(1.35, 0.448))
+
+
+def plot_planner(rows: list[Row], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for k, model in enumerate(sorted({str(r["model"]) for r in rows})):
+        rs = [r for r in rows if r["model"] == model]
+        ax.plot([r["actual_rollout_s"] for r in rs], [r["planned_rollout_s"] for r in rs], "o",
+                color=f"C{k}", label=f"{model} planned")
+        ax.plot([r["actual_rollout_s"] for r in rs], [r["corrected_rollout_s"] for r in rs],
+                "x", color=f"C{k}", label=f"{model} corrected")
+    lo = min(min(r["actual_rollout_s"] for r in rows), min(r["planned_rollout_s"] for r in rows))
+    hi = max(max(r["actual_rollout_s"] for r in rows), max(r["planned_rollout_s"] for r in rows))
+    for f, style in ((1.0, "-"), (0.85, ":"), (1.15, ":")):
+        ax.plot([lo, hi], [f * lo, f * hi], style, color="grey", lw=0.8)
+    ax.set_xlabel("actual rollout time (s)")
+    ax.set_ylabel("predicted rollout time (s)")
+    ax.set_title("Planner accuracy per step (dotted: ±15%)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_coldstart(rows: list[Row], path: Path) -> Path:
+    by: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by[str(r["cold_start"])].append(r)
+    return _bars(rows, lambda r: str(r["model"]), by, "Cold-start variants (quota)", path)
 
 
 def plot_ablation(rows: list[Row], path: Path) -> Path:
-    fig, a, b = _two_panels("Ablation: one mechanism off at a time")
+    fig, a, b = _two_panels("Ablation: 7B DAPO-like, 20 nodes × 8 H100, quota")
     names = [str(r["variant"]) for r in rows]
     a.barh(names, [r["speedup"] for r in rows])
-    b.barh(names, [r["gpu_s_saving"] for r in rows])
+    b.barh(names, [r["saving"] for r in rows])
     a.axvline(1.0, color="grey", lw=0.8)
     b.axvline(0.0, color="grey", lw=0.8)
-    a.set_xlabel("speedup over verl (×)")
+    a.set_xlabel("speed-up over verl (×)")
     b.set_xlabel("GPU-second saving vs verl")
     a.set_ylabel("")
     b.set_ylabel("")
     b.set_yticks([])
-    return _save(fig, path)
-
-
-def plot_sensitivity(rows: list[Row], path: Path) -> Path:
-    by: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        by[str(r["param"])].append(r)
-    cols = 4
-    n_rows = -(-len(by) // cols)
-    fig, grid = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.2 * n_rows), squeeze=False)
-    axes = grid.ravel()
-    for ax in axes[len(by):]:
-        ax.set_visible(False)
-    for ax, (param, rs) in zip(axes, by.items(), strict=False):
-        xs = [str(r["value"]) for r in rs]
-        ax.plot(xs, [r["speedup"] for r in rs], "o-", label="speedup")
-        ax.plot(xs, [r["gpu_s_saving"] for r in rs], "s--", label="GPU-s saving")
-        ax.axhline(1.0, color="grey", lw=0.6)
-        ax.axhline(0.0, color="grey", lw=0.6)
-        ax.set_title(param)
-    axes[0].legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -103,12 +133,24 @@ def plot_frontier(rows: list[Row], path: Path) -> Path:
         ax.annotate(f"N={r['n']}", (r["step_s"], r["gpu_s"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
     for k, r in enumerate(x for x in rows if str(x["kind"]).startswith("chosen")):
-        ax.plot(r["step_s"], r["gpu_s"], "*", ms=14, color=f"C{k + 1}",
+        ax.plot(r["step_s"], r["gpu_s"], "*", ms=12, color=f"C{k + 1}",
                 label=f"{r['kind']} (N≈{r['actors']:.0f})")
     base = next(r for r in rows if r["kind"] == "verl")
     ax.plot(base["step_s"], base["gpu_s"], "X", ms=12, color="k", label="verl")
     ax.set_xlabel("step time (s)")
     ax.set_ylabel("GPU-seconds per step")
-    ax.set_title("Cost–speed frontier over the actor count N")
+    ax.set_title("7B DAPO-like, quota: cost–speed frontier over the actor count")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sensitivity(rows: list[Row], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [str(r["value"]) for r in rows]
+    ax.plot(xs, [r["speedup"] for r in rows], "o-", label="speed-up")
+    ax.plot(xs, [r["saving"] for r in rows], "s--", label="GPU-s saving")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.set_xlabel("τ (hand-off cut)")
+    ax.set_title("7B DAPO-like, quota: the cut's τ")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -24,6 +24,7 @@ class StepResult:
     migrated: int = 0  # samples moved by cut-and-migrate (or RLHFuse's migration)
     peak_gpus: int = 0
     gen_busy_gpu_s: float = 0.0  # GPU-seconds actually decoding/prefilling
+    t0: float = 0.0  # when the step started on the system's clock
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -46,6 +46,15 @@ def _gen_stats(engines: Sequence[Engine]) -> dict[str, float]:
     }
 
 
+def tail_share(samples: Sequence[Request], start: float, end: float,
+               fraction: float = 0.9) -> float:
+    """Share of the rollout's time spent after `fraction` of the requests finished (Seer's
+    "the last 10% of requests take up to 50% of rollout time")."""
+    done = np.sort([r.finish_time for r in samples])
+    k = min(len(done) - 1, int(np.ceil(fraction * len(done))) - 1)
+    return float((end - done[k]) / (end - start)) if end > start else 0.0
+
+
 def verl_step(cfg: SimConfig, w: Workload, step: int, epoch: int, prompts) -> StepResult:
     groups = make_groups(w, epoch, prompts)
     samples = [r for g in groups for r in g]
@@ -68,6 +77,7 @@ def verl_step(cfg: SimConfig, w: Workload, step: int, epoch: int, prompts) -> St
         "verl", step, epoch, step_s, cfg.gpus * step_s, phases, int(st["tokens"]),
         int(st["prefill_tokens"]), int(st["prefill_saved"]), int(st["preemptions"]),
         actors=len(engines), peak_gpus=cfg.gpus, gen_busy_gpu_s=st["busy"] * cfg.tp,
+        extra={"gen_share": gen / step_s, "tail10_share": tail_share(samples, 0.0, gen)},
     )
 
 

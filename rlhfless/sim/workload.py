@@ -80,9 +80,21 @@ class Family:
     runaway_conc: float = float("inf")
 
 
+# Sources and calibration of each family: benchmarks/results/README.md ("Workloads").
 FAMILIES: dict[str, Family] = {
     # GSM8K-like: short answers, mild spread.
     "gsm8k": Family("lognormal", 220, 0.45, 0.12, 1024, 110, drift=10.0),
+    # DAPO-like long reasoning RL (512 prompts × 16, responses up to 20k tokens, mean ~5.6k):
+    # calibrated so the verl-like step spends ~80% (7B) / ~66% (32B) of its time generating
+    # and the last 10% of requests take ~50–60% of the rollout.
+    "dapo": Family("lognormal", 4500, 0.5, 0.35, 20480, 180, drift=80.0, runaway=0.01,
+                   runaway_conc=0.5),
+    # GPQA-like: science multiple choice with reasoning, mid-length answers.
+    "gpqa": Family("lognormal", 900, 0.55, 0.3, 4096, 260, drift=30.0, runaway=0.01,
+                   runaway_conc=0.5),
+    # LiveCodeBench-like: code generation, long and heavy-tailed.
+    "lcb": Family("lognormal", 1400, 0.7, 0.35, 8192, 420, drift=40.0, runaway=0.02,
+                  runaway_conc=0.5),
     # Long reasoning (LiveCodeBench-/GPQA-like): wide spread, samples hitting the limit.
     "longtail": Family("lognormal", 1200, 0.8, 0.25, 8192, 400, runaway=0.01,
                        runaway_conc=0.5),
