@@ -222,8 +222,14 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl", "hf-disk"])
 def test_file_kinds_need_a_path(kind):
-    with pytest.raises(SpecError, match=f"dataset: path is required when kind is '{kind}'"):
+    with pytest.raises(SpecError,
+                       match=f"spec.dataset.path: is required when kind is '{kind}'"):
         parse_spec({"dataset": {"kind": kind}})
+
+
+def test_generator_kinds_read_no_path():
+    with pytest.raises(SpecError, match="spec.dataset.path: kind 'repeat' reads no file"):
+        parse_spec({"dataset": {"kind": "repeat", "path": "/data/x.jsonl"}})
 
 
 def test_validate_reads_a_local_dataset_with_the_reward(tmp_path):
