@@ -1,7 +1,8 @@
 """`rlhfless` command line: run, validate, manifests, crd, operator, serve, simulate.
 
-Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
-to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
+Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, the checkpoint to
+resume, a metrics port in use), 130 interrupted (Ctrl-C; the last completed step is
+checkpointed).
 """
 
 from __future__ import annotations
