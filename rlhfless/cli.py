@@ -1,7 +1,8 @@
 """`rlhfless` command line: run, validate, manifests, export, crd, operator, serve, simulate.
 
-Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
-to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
+Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, the checkpoint to
+resume, a metrics port in use), 130 interrupted (Ctrl-C; the last completed step is
+checkpointed).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import shutil
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,9 +20,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rlhfless.api.spec import RLHFJob, SpecError, dump_job, load_job, parse_job
+from rlhfless.api.spec import RLHFJob, SpecError, dump_job, job_namespace, load_job, parse_job
+
+if TYPE_CHECKING:
+    from rlhfless.driver.prometheus import JobReporter, MetricsServer
+    from rlhfless.driver.records import StepRecord
 
 EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+# Function instances listen on loopback only; the job's metrics sit beside them.
+METRICS_HOST = "127.0.0.1"
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
@@ -114,10 +121,15 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory.")] = False,
     steps: Annotated[int | None, typer.Option(help="Override spec.steps.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535,
+        help="Serve the job's Prometheus metrics on 127.0.0.1:PORT (0: any free port) and "
+             "write RUN_DIR/prometheus.yml for a local Prometheus.")] = None,
 ) -> None:
     """Run a job on the embedded local runtime (each stage a local function process).
 
-    Exit codes: 0 done, 1 the run failed, 2 invalid input, 130 interrupted."""
+    Exit codes: 0 done, 1 the run failed, 2 invalid input (a metrics port in use too),
+    130 interrupted."""
     job = _load_or_exit(job_file)
     if steps is not None:
         job = _with_steps(job, steps)
@@ -127,19 +139,22 @@ def run(
         raise typer.Exit(EXIT_INVALID)
     run_dir = run_dir or Path("runs") / job.metadata.name
     has_checkpoint = (run_dir / "checkpoint.json").exists()
-    if has_checkpoint and not resume:
-        if not overwrite:
-            err_console.print(f"[red]{run_dir} already holds a run.[/] Use --resume to continue "
-                              "it or --overwrite to start again.")
-            raise typer.Exit(EXIT_INVALID)
-        shutil.rmtree(run_dir)
-    elif run_dir.exists() and overwrite and not resume:
-        shutil.rmtree(run_dir)
+    if has_checkpoint and not resume and not overwrite:
+        err_console.print(f"[red]{run_dir} already holds a run.[/] Use --resume to continue "
+                          "it or --overwrite to start again.")
+        raise typer.Exit(EXIT_INVALID)
     if resume:
         _check_resumable(run_dir)
+    # Take the port before touching the run directory: a port in use changes nothing.
+    reporter, server = (None, None) if metrics_port is None else _serve_job_metrics(
+        job, metrics_port)
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if server is not None:
+        _write_prometheus_config(run_dir, job, server.port)
     resume_hint = f"Resume with: rlhfless run {job_file} --resume"
     try:
-        completed, interrupted = asyncio.run(_run_local(job, run_dir))
+        completed, interrupted = asyncio.run(_run_local(job, run_dir, reporter))
     except KeyboardInterrupt:
         err_console.print(f"[yellow]Aborted; the last completed step is checkpointed. "
                           f"{resume_hint}[/]")
@@ -149,6 +164,9 @@ def run(
         err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
                           f"checkpointed; continue with: rlhfless run {job_file} --resume")
         raise typer.Exit(EXIT_FAILED) from None
+    finally:
+        if server is not None:
+            server.close()
     _summarise(run_dir, completed, job)
     if interrupted and completed < job.spec.steps:
         # A resumable stop is still a stop: scripts must not mistake it for a finished run.
@@ -157,7 +175,46 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
+def _serve_job_metrics(job: RLHFJob, port: int) -> tuple[JobReporter, MetricsServer]:
+    """`--metrics-port`: the job's Prometheus series (the operator's, for this one job)."""
+    from rlhfless.driver.prometheus import JobMetrics, JobReporter, MetricsPortError
+
+    metrics = JobMetrics()
+    try:
+        server = metrics.serve(port, addr=METRICS_HOST)
+    except MetricsPortError as exc:
+        err_console.print(f"[red]--metrics-port {port}:[/] {escape(str(exc.strerror))}. "
+                          "Nothing was started. Pick a free port (0: any free port).")
+        raise typer.Exit(EXIT_INVALID) from None
+    reporter = JobReporter(metrics, job_namespace(job), job.metadata.name,
+                           tuple(job.spec.stages.deployed))
+    return reporter, server
+
+
+def _write_prometheus_config(run_dir: Path, job: RLHFJob, port: int) -> None:
+    """RUN_DIR/prometheus.yml: the job's metrics, every function instance (through the
+    discovery file) and the chart's rules (from a source checkout)."""
+    import yaml
+
+    from rlhfless.runtime.discovery import (
+        CHART_RULES,
+        PROMETHEUS_CONFIG_FILE,
+        TARGETS_FILE,
+        prometheus_config,
+    )
+
+    run_dir = run_dir.resolve()
+    config = prometheus_config(run_dir / TARGETS_FILE, f"{METRICS_HOST}:{port}",
+                               [CHART_RULES] if CHART_RULES.exists() else [])
+    path = run_dir / PROMETHEUS_CONFIG_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# Prometheus for `rlhfless run` of {job.metadata.name}: "
+                    f"prometheus --config.file={path}\n" + yaml.safe_dump(config, sort_keys=False))
+    console.print(f"metrics: http://{METRICS_HOST}:{port}/metrics · Prometheus config: {path}")
+
+
+async def _run_local(job: RLHFJob, run_dir: Path,
+                     reporter: JobReporter | None = None) -> tuple[int, bool]:
     """(steps completed, whether Ctrl-C asked to stop)."""
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
@@ -182,14 +239,22 @@ async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
         task = progress.add_task(job.metadata.name, total=job.spec.steps,
                                  completed=driver.completed_steps, info="starting functions…")
 
-        def on_step(record) -> None:  # type: ignore[no-untyped-def]
+        def on_step(record: StepRecord) -> None:
             m = record.metrics
             progress.update(task, completed=record.step, info=(
                 f"reward {record.reward_mean:.3f} · step {m['timing_s/step']:.1f}s · "
                 f"{m['cost/gpu_seconds']:.1f} GPU-s"))
+            if reporter is not None:
+                reporter.step(record, runtime.meter())
 
-        with progress:
-            completed = await driver.run(stop=stop, on_step=on_step)
+        if reporter is not None:
+            reporter.driver_started()
+        try:
+            with progress:
+                completed = await driver.run(stop=stop, on_step=on_step)
+        finally:
+            if reporter is not None:
+                reporter.driver_stopped()
     return completed, stop.is_set()
 
 
@@ -262,7 +327,7 @@ def manifests(
     from rlhfless.operator.config import OperatorConfig
 
     job = _load_or_exit(job_file)
-    ns = namespace or job.metadata.namespace or "default"
+    ns = namespace or job_namespace(job)
     objects = job_manifests(job, namespace=ns, uid=uid,
                             settings=OperatorConfig.from_env().functions)
     typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
@@ -273,12 +338,20 @@ def operator(
     namespace: Annotated[str | None, typer.Option(help="Watch one namespace (default all).")]
     = None,
     liveness: Annotated[str | None, typer.Option(help="kopf liveness endpoint URL.")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus port.")] = 9090,
+    metrics_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="Prometheus port (0: no metrics).")] = 9090,
 ) -> None:
-    """Run the Kubernetes operator (kopf) that reconciles RLHFJob resources."""
+    """Run the Kubernetes operator (kopf) that reconciles RLHFJob resources.
+
+    Exit codes: 2 when the metrics port cannot be listened on."""
+    from rlhfless.driver.prometheus import MetricsPortError
     from rlhfless.operator.main import run_operator
 
-    run_operator(namespace=namespace, liveness=liveness, metrics_port=metrics_port)
+    try:
+        run_operator(namespace=namespace, liveness=liveness, metrics_port=metrics_port)
+    except MetricsPortError as exc:
+        err_console.print(f"[red]--metrics-port {metrics_port}:[/] {escape(str(exc.strerror))}")
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 @app.command()

@@ -165,6 +165,7 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
         "service": {"port": 19090, "annotations": {"prometheus.io/scrape": "true"}},
         "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s",
                            "labels": {"release": "prom"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
     },
     "dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "RLHF"}},
 }

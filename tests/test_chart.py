@@ -37,7 +37,7 @@ from rlhfless.operator.config import OperatorConfig
 
 KUBE_VERSIONS = ("1.25", "1.37")  # Chart.yaml kubeVersion floor, newest schema available
 CUSTOM_KINDS = {"CustomResourceDefinition"}  # core, but validated against generate_crd too
-PROMETHEUS_KINDS = {"ServiceMonitor", "PodMonitor"}
+PROMETHEUS_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 KNATIVE_CRD = REPO.parent / "shared" / "knative" / "service-crd.yaml"
 
 VARIANTS = {

@@ -2,8 +2,9 @@
 
 Every metric name in the dashboard's PromQL must be one the operator or the stage functions
 actually expose (their METRIC_NAMES, and the exposition prometheus_client produces for
-their registries: counters as `_total`, histograms as `_bucket/_sum/_count`), with labels
-those series carry (or Prometheus target labels).
+their registries: counters as `_total`, histograms as `_bucket/_sum/_count`) or one the
+chart's recording rules record from them, with labels those series carry (or Prometheus
+target labels). tests/test_prometheus_e2e.py asks a real Prometheus every query.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 from helm_chart import CHART, NON_DEFAULT_VALUES, one, render
 from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
@@ -26,7 +28,12 @@ DASHBOARD = json.loads((CHART / "files" / "dashboard.json").read_text())
 # Labels Prometheus (Operator) attaches to every scraped series.
 TARGET_LABELS = {"instance", "job", "namespace", "pod", "container", "service", "endpoint"}
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
-METRIC = re.compile(r"\brlhfless_[a-z0-9_]+\b")
+GRAFANA_BUILTINS = {var.removeprefix("$") for var in GRAFANA_VARS}
+# A metric name, raw (rlhfless_x) or recorded (level:rlhfless_x:operations).
+METRIC = re.compile(r"(?<![\w:])(?:[a-z_]+:)?rlhfless_[a-z0-9_]+(?::[a-z0-9_]+)?")
+RULES = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+RECORDED = {rule["record"]: rule["expr"] for group in RULES["groups"]
+            for rule in group["rules"] if "record" in rule}
 
 # The panels the dashboard exists for, and the series each must show.
 REQUIRED_PANELS = {
@@ -55,16 +62,34 @@ def exposed(metrics_obj: Any) -> dict[str, set[str]]:
     return out
 
 
+def recorded_labels(expr: str) -> set[str]:
+    """Labels of a recorded series: its aggregation's `by` labels (`le` is consumed by a
+    histogram_quantile around it)."""
+    match = re.search(r"\bby \(([^)]*)\)", expr)
+    assert match, f"recording rule {expr!r} does not aggregate by job labels"
+    labels = {label.strip() for label in match.group(1).split(",")}
+    return labels - {"le"} if expr.startswith("histogram_quantile") else labels
+
+
 OPERATOR_SERIES = exposed(operator_metrics.OperatorMetrics())
 FUNCTION_SERIES = exposed(function_metrics.FunctionMetrics("actor"))
-SERIES = {**OPERATOR_SERIES, **FUNCTION_SERIES}
+RECORDED_SERIES = {name: recorded_labels(expr) for name, expr in RECORDED.items()}
+SERIES = {**OPERATOR_SERIES, **FUNCTION_SERIES, **RECORDED_SERIES}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def listed(name: str) -> bool:
-    """Is `name` one of the METRIC_NAMES (a histogram listed by its base name)?"""
+    """Is `name` one of the METRIC_NAMES (a histogram listed by its base name) or recorded?"""
     names = set(operator_metrics.METRIC_NAMES) | set(function_metrics.METRIC_NAMES)
-    return name in names or any(name == base + s for base in names for s in HISTOGRAM_SUFFIXES)
+    return (name in names or name in RECORDED
+            or any(name == base + s for base in names for s in HISTOGRAM_SUFFIXES))
+
+
+def raw_names(name: str) -> set[str]:
+    """The exported series a name reads: itself, or what its recording rule reads."""
+    if name not in RECORDED:
+        return {name}
+    return {n for inner in METRIC.findall(RECORDED[name]) for n in raw_names(inner)}
 
 
 def panels(node: dict[str, Any] = DASHBOARD) -> Iterator[dict[str, Any]]:
@@ -107,9 +132,11 @@ def test_every_metric_in_the_dashboard_is_exported() -> None:
     used = set()
     for where, expr in queries():
         for name in METRIC.findall(expr):
-            used.add(name)
+            used |= raw_names(name)
             assert name in SERIES, f"{where}: {name} is not exported by operator or functions"
             assert listed(name), f"{where}: {name} is missing from METRIC_NAMES"
+            for raw in raw_names(name):
+                assert raw in SERIES, f"{where}: {name} is recorded from {raw}, not exported"
     # The dashboard shows every operator metric (nothing the operator exports goes unseen).
     for name in operator_metrics.METRIC_NAMES:
         assert name in used or any(name + s in used for s in HISTOGRAM_SUFFIXES), name
@@ -120,7 +147,8 @@ def test_dashboard_has_the_required_panels() -> None:
     for title, series in REQUIRED_PANELS.items():
         assert title in by_title, f"missing panel {title!r}"
         exprs = " ".join(t["expr"] for t in by_title[title]["targets"])
-        assert series <= set(METRIC.findall(exprs)), (title, exprs)
+        shown = {raw for name in METRIC.findall(exprs) for raw in raw_names(name)}
+        assert series <= shown, (title, exprs)
         assert by_title[title].get("description"), f"{title!r} has no description"
     stage_panels = [t for t in REQUIRED_PANELS if "per stage" in t]
     for title in stage_panels:  # per-stage panels split or label by stage
@@ -172,7 +200,7 @@ def test_promql_parses_and_uses_labels_the_series_have() -> None:
                 assert all(s.endswith(("_total", *HISTOGRAM_SUFFIXES)) for s in inner), (
                     f"{where}: {name}() over a gauge {inner}")
             if name == "histogram_quantile":
-                assert all(s.endswith("_bucket") for s in inner), where
+                assert all(any(r.endswith("_bucket") for r in raw_names(s)) for s in inner), where
                 assert "by (le" in expr, f"{where}: histogram_quantile must keep `le`"
 
 
@@ -207,7 +235,7 @@ def test_dashboard_structure() -> None:
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert panel["targets"], panel["title"]
             for target in panel["targets"]:
-                used = set(re.findall(r"\$\{?([a-z_]+)", target["expr"])) - {"__rate_interval"}
+                used = set(re.findall(r"\$\{?([a-z_]+)", target["expr"])) - GRAFANA_BUILTINS
                 assert used <= variables, f"{panel['title']!r} uses undefined {used - variables}"
 
 

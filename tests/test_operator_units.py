@@ -60,7 +60,9 @@ def test_status_fields_of_a_step() -> None:
 def test_metric_names_are_exactly_what_is_exported() -> None:
     m = OperatorMetrics()
     m.set_phase("ns", "j", "Running")
+    m.driver_started("ns", "j", ("actor",))
     m.observe_step("ns", "j", record(1, **{"timing_s/step": 3.0, "cost/gpu_seconds/actor": 4.0,
+                                         "cost/cold_start_gpu_seconds/actor": 1.0,
                                          "idle_ratio/actor": 0.2, "sched/actors": 3.0,
                                          "sched/pred_mae_tokens": 7.5}))
     m.observe_usage("ns", "j", [InstanceUsage("actor", "a", 1, 0.0, None, 0.0),

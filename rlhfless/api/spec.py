@@ -427,6 +427,14 @@ class RLHFJob(SpecModel):
     spec: JobSpec = Field(default_factory=JobSpec)
 
 
+DEFAULT_NAMESPACE = "default"
+
+
+def job_namespace(job: RLHFJob) -> str:
+    """The job's namespace: metadata.namespace, else "default" (as kubectl assumes)."""
+    return job.metadata.namespace or DEFAULT_NAMESPACE
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for item in loc:

@@ -69,6 +69,7 @@ def step_metrics(trace: StepTrace, *extra: Mapping[str, float]) -> dict[str, flo
         "cost/gpu_seconds": sum(gpu_s.values()),
         "cost/cold_start_gpu_seconds": sum(c.cold_gpu_seconds for c in costs.values()),
         **{f"cost/gpu_seconds/{k}": v for k, v in gpu_s.items()},
+        **{f"cost/cold_start_gpu_seconds/{k}": c.cold_gpu_seconds for k, c in costs.items()},
         **{f"idle_ratio/{k}": v
            for k, v in idle_ratios(trace.usages, trace.busy, trace.t0, trace.t1).items()},
     }

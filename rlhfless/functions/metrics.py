@@ -1,4 +1,9 @@
-"""Prometheus metrics exported by every stage function on `/metrics`."""
+"""Prometheus metrics exported by every stage function on `/metrics`.
+
+Labels: `stage` and a request's `outcome` (one of OUTCOMES), nothing per request. Every
+counter starts at 0 when the instance starts, so a rate sees its first request too (a
+series first scraped at 1 is not an increase to Prometheus).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ METRIC_NAMES = (
     "rlhfless_function_tokens_total",
     "rlhfless_function_prefill_tokens_saved_total",
 )
+
+# How a request ended: served, answered from the retry cache, rejected as malformed (4xx),
+# refused by the function (its own 4xx), or failed inside it (5xx).
+OUTCOMES = ("ok", "cached", "invalid", "refused", "error")
 
 
 class FunctionMetrics:
@@ -51,3 +60,7 @@ class FunctionMetrics:
             "Prompt tokens not recomputed thanks to shared-prefix reuse.", ["stage"],
             registry=self.registry,
         )
+        for outcome in OUTCOMES:
+            self.requests.labels(stage, outcome)
+        for metric in (self.seconds, self.busy, self.tokens, self.prefill_saved):
+            metric.labels(stage)

@@ -345,6 +345,7 @@ async def _drive(ctx: JobContext, hooks: Hooks, state: JobState, seen: int,
             return await driver.run(stop=stop, on_step=on_step)
 
         task = asyncio.create_task(run_when_ready())
+        hooks.metrics.driver_started(ctx.namespace, ctx.name, job.spec.stages.deployed)
         try:
             while not task.done():
                 if stopped:
@@ -364,4 +365,5 @@ async def _drive(ctx: JobContext, hooks: Hooks, state: JobState, seen: int,
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            hooks.metrics.driver_stopped(ctx.namespace, ctx.name)
     return "stopped" if stopped else "ran"

@@ -3,7 +3,8 @@
 It behaves like a small serverless platform: instances cold-start on demand (the measured
 start-to-ready time is the cold start), one request at a time per instance, idle instances
 are stopped after the keep-alive (scale to zero), a request whose instance dies is retried on
-another one, and every instance's life is metered as GPUs × seconds alive.
+another one, and every instance's life is metered as GPUs × seconds alive. The run
+directory's `prometheus_targets.json` lists the ready instances' /metrics for Prometheus.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,11 +25,13 @@ from pathlib import Path
 
 import httpx
 
-from rlhfless.api.spec import RLHFJob, dump_job
+from rlhfless.api.spec import RLHFJob, dump_job, job_namespace
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
+from rlhfless.runtime.discovery import TARGETS_FILE, Target, TargetsFile
 
 READY_TIMEOUT_S = 300.0
 MAX_ATTEMPTS = 3
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,12 +105,15 @@ class LocalRuntime:
         self._logs = self.run_dir / "logs"
         self._stages = job.spec.stages
         self._max = {s.name: s.max_scale for s in self._stages if s.deployed}
+        self._targets = TargetsFile(self.run_dir / TARGETS_FILE, job_namespace(job),
+                                    job.metadata.name)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> LocalRuntime:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._logs.mkdir(exist_ok=True)
         self._job_file.write_text(json.dumps(dump_job(self.job)))
+        self._publish_targets()  # the file exists from the start: Prometheus can watch it
         self._reaper = asyncio.create_task(self._reap_idle())
         return self
 
@@ -241,6 +248,8 @@ class LocalRuntime:
         except BaseException:  # cancelled too: never leave a half-started instance behind
             self._stop(inst)
             raise
+        else:
+            self._publish_targets()
         finally:
             async with self._changed:
                 self._changed.notify_all()
@@ -268,6 +277,7 @@ class LocalRuntime:
         if inst.stopping:
             return
         inst.stopping = True
+        self._publish_targets()
         if inst.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(inst.process.pid, signal.SIGTERM)
@@ -276,6 +286,14 @@ class LocalRuntime:
             self._exits.append(asyncio.create_task(self._await_exit(inst)))
         else:
             inst.ended_at = time.time()
+
+    def _publish_targets(self) -> None:
+        live = [Target(f"127.0.0.1:{i.port}", i.stage, i.name)
+                for i in self._instances if i.alive and i.ready_at is not None]
+        try:
+            self._targets.publish(live)
+        except OSError as exc:  # monitoring must never fail a training run
+            log.warning("cannot write %s: %s", self._targets.path, exc)
 
     @staticmethod
     async def _await_exit(inst: _Instance) -> None:
