@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rlhfless.api.quantity import format_bytes
 from rlhfless.api.spec import RLHFJob, SpecError, load_job
 
 
@@ -46,10 +47,48 @@ def _load_or_exit(path: Path) -> RLHFJob:
         raise typer.Exit(2) from None
 
 
+GpuMemoryOption = Annotated[str | None, typer.Option(
+    "--gpu-memory", help="Memory of one GPU (e.g. 48Gi) for the memory plan; default: "
+    "RLHFLESS_GPU_MEMORY, the local GPUs (run), else 80Gi.")]
+
+
+def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
+                 local_gpus: bool = False, show: bool = False) -> None:
+    """Tensor parallelism and the memory plan; exit 2 naming the fields to change."""
+    from rlhfless.model.fit import check_job
+    from rlhfless.model.memory import gpu_memory_bytes
+
+    try:
+        memory = gpu_memory_bytes(gpu_memory)
+    except ValueError as exc:
+        err_console.print(f"[bold red]--gpu-memory:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if local_gpus and gpu_memory is None:
+        from rlhfless.runtime.gpu_pool import local_gpu_memory
+
+        memory = local_gpu_memory() or memory
+    report = check_job(job.spec, open_files=True, gpu_memory=memory)
+    if report.errors:
+        err_console.print(f"[bold red]{escape(str(source))}: does not fit its resources[/]")
+        for line in report.errors:
+            err_console.print(f"  • {escape(line)}")
+        raise typer.Exit(2)
+    if report.note:
+        console.print(f"[yellow]{escape(report.note)}[/]")
+    if show:
+        for est in report.estimates:
+            console.print(f"  {est.stage}: {escape(est.describe())} of "
+                          f"{escape(format_bytes(est.capacity))} ({escape(est.capacity_source)})")
+
+
 @app.command()
-def validate(job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")]) -> None:
-    """Check a job file and report every spec error."""
+def validate(
+    job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")],
+    gpu_memory: GpuMemoryOption = None,
+) -> None:
+    """Check a job file: every spec error, tensor parallelism, and the memory plan."""
     job = _load_or_exit(job_file)
+    _fit_or_exit(job, job_file, gpu_memory, show=True)
     console.print(f"[green]{job_file}: valid[/] (job {job.metadata.name}, "
                   f"{job.spec.algorithm.name}, {job.spec.steps} steps)")
 
@@ -61,11 +100,16 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory.")] = False,
     steps: Annotated[int | None, typer.Option(help="Override spec.steps.")] = None,
+    gpu_memory: GpuMemoryOption = None,
+    skip_fit_check: Annotated[bool, typer.Option(
+        help="Start even if the memory plan says a stage does not fit.")] = False,
 ) -> None:
     """Run a job on the embedded local runtime (each stage a local function process)."""
     job = _load_or_exit(job_file)
     if steps is not None:
         job.spec.steps = steps
+    if not skip_fit_check:
+        _fit_or_exit(job, job_file, gpu_memory, local_gpus=True)
     run_dir = run_dir or Path("runs") / job.metadata.name
     has_checkpoint = (run_dir / "checkpoint.json").exists()
     if has_checkpoint and not resume:

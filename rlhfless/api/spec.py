@@ -15,10 +15,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from rlhfless.api.quantity import parse_quantity
 from rlhfless.api.stages import StageTable, stage_table
 
 API_GROUP = "rlhfless.io"
@@ -153,6 +155,13 @@ class StageResources(SpecModel):
     gpus: int = Field(1, ge=0, le=16, description="GPUs per function instance.")
     cpu: str = Field("4", description="CPU request (Kubernetes quantity).")
     memory: str = Field("32Gi", description="Memory request (Kubernetes quantity).")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if parse_quantity(value) <= 0:
+            raise ValueError(f"{value!r} must be positive")
+        return value
 
 
 class ResourcesSpec(SpecModel):

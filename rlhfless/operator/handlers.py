@@ -35,6 +35,7 @@ from rlhfless.driver.records import StepRecord
 from rlhfless.knative.kube import Kube
 from rlhfless.knative.manifests import job_manifests
 from rlhfless.knative.services import name_errors
+from rlhfless.model.fit import check_job
 from rlhfless.operator import status as st
 from rlhfless.operator.config import Hooks, JobContext
 from rlhfless.operator.decide import Action, JobView, decide
@@ -93,6 +94,9 @@ def validate(spec: Mapping[str, Any] | None, name: str,
     except SpecError as exc:
         more = [e for e in exc.errors if not (errors and e.startswith("metadata.name"))]
         return None, errors + more
+    # Memory plan and tensor parallelism from shapes known without files: the operator
+    # never opens a path named in a spec (a local model is sized by `rlhfless validate`).
+    errors += check_job(job.spec, open_files=False).errors
     return (None, errors) if errors else (job, [])
 
 
