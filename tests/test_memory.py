@@ -160,8 +160,8 @@ def test_the_cli_refuses_and_explains(tmp_path):
 
 
 def test_the_operator_checks_known_shapes_and_never_opens_spec_paths(tmp_path, monkeypatch):
-    from rlhfless.operator.handlers import validate
     from rlhfless.model import shape as shape_module
+    from rlhfless.operator.handlers import validate
 
     job, errors = validate({"model": BIG_TINY, "resources": {"trainer": {"gpus": 0}}},
                            "huge", "ns")
