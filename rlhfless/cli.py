@@ -75,10 +75,13 @@ def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
         raise typer.Exit(2)
     if report.note:
         console.print(f"[yellow]{escape(report.note)}[/]")
-    if show:
+    if show and report.estimates:
+        console.print("memory plan, per instance and device:")
         for est in report.estimates:
-            console.print(f"  {est.stage}: {escape(est.describe())} of "
-                          f"{escape(format_bytes(est.capacity))} ({escape(est.capacity_source)})")
+            console.print(f"  {est.stage}: ~{format_bytes(est.total)} of "
+                          f"{format_bytes(est.capacity)} ({est.device})")
+        for source in dict.fromkeys(e.capacity_source for e in report.estimates):
+            console.print(f"  [dim]capacity: {escape(source)}[/]")
 
 
 @app.command()
