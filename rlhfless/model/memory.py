@@ -240,7 +240,7 @@ def gpu_memory_bytes(override: str | None = None,
         value = env[GPU_MEMORY_ENV]
         return float(quantity_bytes(value)), f"{GPU_MEMORY_ENV}={value}"
     return float(DEFAULT_GPU_MEMORY), \
-        f"assumed 80Gi per GPU; set --gpu-memory or {GPU_MEMORY_ENV}"
+        f"80Gi per GPU, assumed: set --gpu-memory or {GPU_MEMORY_ENV}"
 
 
 def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Estimate]:
@@ -260,7 +260,7 @@ def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Es
             capacity, source = gpu_memory
             if work.role == "generate" and work.engine == "vllm":
                 capacity *= VLLM_MEMORY_UTILIZATION
-                source += f" x gpu_memory_utilization {VLLM_MEMORY_UTILIZATION}"
+                source = f"vLLM's gpu_memory_utilization {VLLM_MEMORY_UTILIZATION} of {source}"
             est.capacity, est.capacity_source = capacity, source
         else:
             memory = getattr(spec.resources, name).memory
