@@ -228,7 +228,7 @@ def check_checkpointing(device: str) -> dict[str, Any]:
     model = copy.deepcopy(base)
     enable_checkpointing(model)
     scores = grouped_logprobs(model, prompts, groups)
-    d_logp = max(float((a - b).abs().max()) for a, b in
+    d_logp = max(float((a - b).detach().abs().max()) for a, b in
                  zip([x for g in scores for x in g], naive, strict=True))
     algo = AlgorithmSpec(name="grpo", lr=1e-3, mini_batch_size=16, kl_beta=0.0)
     rewards = [[float(i == 0) for i in range(len(g))] for g in groups]

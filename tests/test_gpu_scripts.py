@@ -140,7 +140,11 @@ def test_the_offline_folder_covers_what_the_checks_import(tmp_path):
         "            raise ImportError(f'{name} is not on the offline GPU machine')\n"
         "sys.meta_path.insert(0, Block())\n")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1"}
+    # A fresh process: not the torch.distributed rendezvous of DeepSpeed tests run before
+    # in this one (its port is taken).
+    dist = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {**{k: v for k, v in os.environ.items() if k not in dist},
+           "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out",
                              str(out)], cwd=REPO, capture_output=True, text=True, env=env,
                             timeout=600)
