@@ -73,8 +73,8 @@ def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
         for line in report.errors:
             err_console.print(f"  • {escape(line)}")
         raise typer.Exit(2)
-    if report.note:
-        console.print(f"[yellow]{escape(report.note)}[/]")
+    for line in ([report.note] if report.note else []) + report.warnings:
+        console.print(f"[yellow]{escape(line)}[/]")
     if show and report.estimates:
         console.print("memory plan, per instance and device:")
         for est in report.estimates:

@@ -312,13 +312,10 @@ def tensor_parallel_errors(spec: Any, shape: ModelShape) -> list[str]:
     multiple of them (then each KV head is replicated)."""
     errors = []
     for stage in spec.stages:
-        if not stage.deployed or stage.phase != "rollout" or stage.gpus <= 1:
+        if not stage.deployed or stage.phase != "rollout" or stage.gpus <= 1 \
+                or spec.generation.engine != "vllm":
             continue
         n, field = stage.gpus, f"resources.{stage.name}.gpus"
-        if spec.generation.engine != "vllm":
-            errors.append(f"{field}: the transformers engine runs on one GPU; {n} GPUs "
-                          "need generation.engine: vllm (tensor parallelism)")
-            continue
         if shape.heads % n:
             errors.append(f"{field}: tensor parallelism over {n} GPUs must divide the "
                           f"model's {shape.heads} attention heads")
@@ -326,3 +323,12 @@ def tensor_parallel_errors(spec: Any, shape: ModelShape) -> list[str]:
             errors.append(f"{field}: tensor parallelism over {n} GPUs must divide the "
                           f"model's {shape.kv_heads} KV heads (or be a multiple of them)")
     return errors
+
+
+def placement_warnings(spec: Any) -> list[str]:
+    """GPUs a job asks for that its stages will not use (billed all the same)."""
+    return [f"resources.{stage.name}.gpus: {stage.gpus} GPUs, but the transformers engine "
+            "generates on one (tensor parallelism needs generation.engine: vllm)"
+            for stage in spec.stages
+            if stage.deployed and stage.phase == "rollout" and stage.gpus > 1
+            and spec.generation.engine != "vllm"]
