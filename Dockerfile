@@ -67,8 +67,9 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY requirements-gpu.txt ./
-# The torch pin comes from requirements-gpu.txt itself (one place to change it).
-RUN pip install setuptools==84.2.1 ninja==1.13.2 \
+# The torch pin comes from requirements-gpu.txt itself (one place to change it). setuptools
+# stays below 81: vLLM requires setuptools<81 on Python 3.12 (this image's python3).
+RUN pip install setuptools==80.9.0 ninja==1.13.2 \
  && pip install "$(grep -E '^torch==' requirements-gpu.txt)"
 # DeepSpeed is an sdist: build it against the torch above (no isolated build, which would
 # pull an unpinned torch); precompile the ops the trainer uses for the common GPU archs.
@@ -99,7 +100,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/rlhfless \
     HF_HUB_OFFLINE=1 \
-    VLLM_NO_USAGE_STATS=1
+    VLLM_NO_USAGE_STATS=1 \
+    VLLM_WORKER_MULTIPROC_METHOD=spawn
 WORKDIR /home/rlhfless
 USER 10001:10001
 EXPOSE 8080

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rlhfless.api.quantity import format_bytes
 from rlhfless.api.spec import RLHFJob, SpecError, dump_job, job_namespace, load_job, parse_job
 
 if TYPE_CHECKING:
@@ -87,10 +88,52 @@ def _check_resumable(run_dir: Path) -> None:
         raise typer.Exit(EXIT_INVALID) from None
 
 
+GpuMemoryOption = Annotated[str | None, typer.Option(
+    "--gpu-memory", help="Memory of one GPU (e.g. 48Gi) for the memory plan; default: "
+    "RLHFLESS_GPU_MEMORY, the local GPUs (run), else 80Gi.")]
+
+
+def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
+                 local_gpus: bool = False, show: bool = False) -> None:
+    """Tensor parallelism and the memory plan; exit 2 naming the fields to change."""
+    from rlhfless.model.fit import check_job
+    from rlhfless.model.memory import gpu_memory_bytes
+
+    try:
+        memory = gpu_memory_bytes(gpu_memory)
+    except ValueError as exc:
+        err_console.print(f"[bold red]--gpu-memory:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if local_gpus and gpu_memory is None:
+        from rlhfless.runtime.gpu_pool import local_gpu_memory
+
+        memory = local_gpu_memory() or memory
+    report = check_job(job.spec, open_files=True, gpu_memory=memory)
+    if report.errors:
+        err_console.print(f"[bold red]{escape(str(source))}: does not fit its resources[/]")
+        for line in report.errors:
+            err_console.print(f"  • {escape(line)}")
+        raise typer.Exit(2)
+    for line in ([report.note] if report.note else []) + report.warnings:
+        console.print(f"[yellow]{escape(line)}[/]")
+    if show and report.estimates:
+        console.print("memory plan, per instance and device:")
+        for est in report.estimates:
+            console.print(f"  {est.stage}: ~{format_bytes(est.total)} of "
+                          f"{format_bytes(est.capacity)} ({est.device})")
+        for source in dict.fromkeys(e.capacity_source for e in report.estimates):
+            console.print(f"  [dim]capacity: {escape(source)}[/]")
+
+
 @app.command()
-def validate(job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")]) -> None:
-    """Check a job file and report every spec error (and its dataset, when it is here)."""
+def validate(
+    job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")],
+    gpu_memory: GpuMemoryOption = None,
+) -> None:
+    """Check a job file: every spec error, its dataset (when it is here), tensor parallelism,
+    and the memory plan."""
     job = _load_or_exit(job_file)
+    _fit_or_exit(job, job_file, gpu_memory, show=True)
     dataset_note = _check_dataset_here(job)
     console.print(f"[green]{job_file}: valid[/] (job {job.metadata.name}, "
                   f"{job.spec.algorithm.name}, {job.spec.steps} steps{dataset_note})")
@@ -125,6 +168,9 @@ def run(
         min=0, max=65535,
         help="Serve the job's Prometheus metrics on 127.0.0.1:PORT (0: any free port) and "
              "write RUN_DIR/prometheus.yml for a local Prometheus.")] = None,
+    gpu_memory: GpuMemoryOption = None,
+    skip_fit_check: Annotated[bool, typer.Option(
+        help="Start even if the memory plan says a stage does not fit.")] = False,
 ) -> None:
     """Run a job on the embedded local runtime (each stage a local function process).
 
@@ -137,6 +183,8 @@ def run(
         err_console.print(f"[red]{escape(str(job_file))}: spec.suspend is true[/]: a suspended "
                           "job does not run. Set it to false to run it.")
         raise typer.Exit(EXIT_INVALID)
+    if not skip_fit_check:
+        _fit_or_exit(job, job_file, gpu_memory, local_gpus=True)
     run_dir = run_dir or Path("runs") / job.metadata.name
     has_checkpoint = (run_dir / "checkpoint.json").exists()
     if has_checkpoint and not resume and not overwrite:

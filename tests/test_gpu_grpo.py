@@ -13,14 +13,17 @@ import math
 import os
 
 import pytest
-import torch
 
-from rlhfless.driver import Driver
-from rlhfless.driver.records import MetricsLog
-from rlhfless.functions.engines.vllm_engine import ENV_ARGS
-from rlhfless.runtime.local import LocalRuntime
-from rlhfless.store import WeightStore
-from tests.conftest import tiny_job
+# The actor process inherits this: CUDA is initialised there before vLLM's workers start.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+import torch  # noqa: E402
+
+from rlhfless.driver import Driver  # noqa: E402
+from rlhfless.driver.records import MetricsLog  # noqa: E402
+from rlhfless.functions.engines.vllm_engine import ENV_ARGS  # noqa: E402
+from rlhfless.runtime.local import LocalRuntime  # noqa: E402
+from rlhfless.store import WeightStore  # noqa: E402
+from tests.conftest import tiny_job  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(

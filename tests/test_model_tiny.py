@@ -20,6 +20,7 @@ from rlhfless.model import (
     sample_uniform,
     sequence_logprobs,
 )
+from rlhfless.model.checkpointing import enable_checkpointing
 
 TOL = 1e-4
 
@@ -152,8 +153,7 @@ def test_checkpointed_training_falls_back_to_full_sequences():
     prompts, groups = ragged_batch(seed=2)
     with torch.no_grad():
         naive = sequence_logprobs(model, *flatten(prompts, groups))
-    model.activation_checkpointing_enable()
-    model.train()
+    enable_checkpointing(model)
     out = grouped_logprobs(model, prompts, groups)
     assert out.prefill_tokens_saved == 0  # the cache is dropped by checkpointed layers
     assert max_delta([x for g in out for x in g], naive) <= TOL

@@ -345,8 +345,10 @@ class FakeLLM:
     def collective_rpc(self, method, kwargs=None):
         self.calls.append((method, kwargs))
 
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache", None))
+    def reset_prefix_cache(self, reset_running_requests=False):
+        # vLLM refuses (False) while requests hold KV blocks, unless told to preempt them.
+        self.calls.append(("reset_prefix_cache", reset_running_requests or None))
+        return reset_running_requests or not self.llm_engine.active
 
     def sleep(self, level=1):
         self.sleeping = level
@@ -503,6 +505,83 @@ def test_engine_options_layering():
     assert not cpu["enable_sleep_mode"] and "gpu_memory_utilization" not in cpu
     with pytest.raises(ValueError, match=ve.ENV_ARGS):
         ve.engine_options(env={ve.ENV_ARGS: "[1]"}, cuda=False)
+
+
+def test_memory_utilization_follows_the_share_of_the_gpu_the_runtime_gave():
+    from rlhfless.api.wire import GPU_SHARE_ENV
+
+    # three instances packed on one GPU (RLHFLESS_GPU_SLOTS=3): a third each
+    shared = ve.engine_options(env={GPU_SHARE_ENV: "0.3333"}, cuda=True)
+    assert shared["gpu_memory_utilization"] == pytest.approx(0.85 / 3, abs=1e-3)
+    explicit = ve.engine_options({"gpu_memory_utilization": 0.3},
+                                 env={GPU_SHARE_ENV: "0.5"}, cuda=True)
+    assert explicit["gpu_memory_utilization"] == 0.3  # an explicit setting wins
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(ValueError, match=GPU_SHARE_ENV):
+            ve.engine_options(env={GPU_SHARE_ENV: bad}, cuda=True)
+
+
+def test_the_actor_stage_gpus_become_tensor_parallelism(tmp_path, monkeypatch):
+    from rlhfless.functions.engines import make_engine
+
+    store = tiny_store(tmp_path)
+    created = []
+    monkeypatch.setattr(ve.VLLMEngine, "__init__",
+                        lambda self, store, **kw: created.append(kw))
+    make_engine("vllm", store, True, gpus=4)
+    make_engine("vllm", store, False, gpus=1)
+    assert created == [{"enable_prefix_caching": True, "tensor_parallel_size": 4},
+                       {"enable_prefix_caching": False}]
+
+
+def test_engine_environment_spawns_workers_keeps_fp32_exact_and_checks_the_runner_switch():
+    env = ve.engine_environment({"dtype": "float32"}, {})
+    assert env == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "TRITON_F32_DEFAULT": "ieee"}
+    assert ve.engine_environment({"dtype": "bfloat16"}, {}) == {
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    # what the deployment sets is kept; VLLM_USE_V2_MODEL_RUNNER=0 is the documented way
+    # back to model runner V1
+    assert ve.engine_environment({"dtype": "float32"}, {
+        "VLLM_WORKER_MULTIPROC_METHOD": "fork", "TRITON_F32_DEFAULT": "tf32",
+        ve.MODEL_RUNNER_ENV: "0"}) == {}
+    with pytest.raises(ValueError, match=ve.MODEL_RUNNER_ENV):
+        ve.engine_environment({}, {ve.MODEL_RUNNER_ENV: "v1"})
+
+
+def test_prefix_cache_reset_preempts_requests_that_hold_blocks(fake):
+    engine, store = fake
+    tensors, _ = store.load(0)
+    store.save(1, {k: v + 0.01 for k, v in tensors.items()})
+    engine.warm(0)
+    llm = engine._llm
+    llm.llm_engine.active["stray"] = {}  # a request still holding KV blocks
+    engine.warm(1)
+    assert llm.calls[1:] == [("reset_prefix_cache", None), ("reset_prefix_cache", True)]
+
+
+def test_a_prefix_cache_that_cannot_be_reset_is_an_error():
+    class Stubborn:
+        llm_engine = SimpleNamespace(has_unfinished_requests=lambda: False)
+
+        def reset_prefix_cache(self, **kwargs):
+            return False
+
+    with pytest.raises(RuntimeError, match="previous weights"):
+        ve.reset_prefix_cache(Stubborn())
+
+    class Older:  # no reset_running_requests: retire the engine's work, then reset
+        def __init__(self):
+            self.steps = 0
+            self.llm_engine = SimpleNamespace(has_unfinished_requests=lambda: True,
+                                              step=self.step)
+
+        def step(self):
+            self.steps += 1
+
+        def reset_prefix_cache(self):
+            return self.steps >= 1
+
+    ve.reset_prefix_cache(Older())
 
 
 def test_module_imports_without_vllm_and_builds_the_processor_lazily():

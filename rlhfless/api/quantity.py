@@ -59,3 +59,17 @@ def check_quantity(text: str) -> str:
     """A pydantic after-validator: the text unchanged when it parses."""
     parse_quantity(text)
     return text
+
+
+def quantity_bytes(text: str) -> int:
+    """A memory quantity in bytes (rounded up, as Kubernetes does)."""
+    value = parse_quantity(text)
+    return -(-value.numerator // value.denominator)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, e.g. 1.5 GiB (what memory estimates are printed in)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

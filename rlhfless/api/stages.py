@@ -29,6 +29,12 @@ PHASE_OF: dict[str, str] = {
 # Scoring functions serve a whole step's batch in one request; two instances cover a
 # retry while the first still runs. The trainer holds the optimizer: exactly one.
 _MAX_SCALE = {"reference": 2, "reward": 2, "critic": 2, "trainer": 1}
+# The models an instance holds in memory (memory planning sizes them): "policy" and
+# "critic" are trained where the phase is "train", "reference" is always frozen.
+_HOLDS: dict[str, tuple[str, ...]] = {
+    "actor": ("policy",), "reference": ("reference",), "reward": (), "critic": ("critic",),
+    "trainer": ("policy", "critic"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Stage:
     max_scale: int  # most instances the platform may run at once
     gpus: int  # per instance
     deployed: bool  # False: the job never calls it (no Service, no process, no bill)
+    holds: tuple[str, ...] = ()  # models in the instance's memory (of those the job has)
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,11 @@ def stage_table(spec: JobSpec) -> StageTable:
         "trainer": True,
     }
     max_scale = {**_MAX_SCALE, "actor": spec.scheduling.max_actors}
+    models = {"policy", "reference" if deployed["reference"] else "",
+              "critic" if deployed["critic"] else ""}
     return StageTable(tuple(
         Stage(name=name, phase=PHASE_OF[name], max_scale=max_scale[name],
-              gpus=getattr(spec.resources, name).gpus, deployed=deployed[name])
+              gpus=getattr(spec.resources, name).gpus, deployed=deployed[name],
+              holds=tuple(m for m in _HOLDS[name] if m in models))
         for name in STAGE_NAMES
     ))

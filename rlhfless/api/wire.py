@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TokenIds = list[int]
 # How a function instance on a cluster receives its job: the custom resource as JSON.
 JOB_ENV = "RLHFJOB_SPEC"
+# Share (0-1] of each of its GPUs' memory an instance may take, when a runtime packs several
+# instances onto one GPU (unset: the GPUs are the instance's own).
+GPU_SHARE_ENV = "RLHFLESS_GPU_MEMORY_SHARE"
 MAX_BATCH = 65536
 
 

@@ -80,7 +80,9 @@ def step_metrics(trace: StepTrace, *extra: Mapping[str, float]) -> dict[str, flo
 
 
 def timeline(usages: Sequence[InstanceUsage], t0: float, t1: float) -> list[dict[str, object]]:
-    """Instances alive during the step, times relative to its start (for timeline plots)."""
+    """Instances alive during the step, times relative to its start (for timeline plots);
+    `gpus` lists the devices an instance held where the runtime assigns them."""
     return [{"stage": u.stage, "instance": u.instance, "start": u.started_at - t0,
-             "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s}
+             "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s,
+             **({"gpus": list(u.devices)} if u.devices else {})}
             for u in usages if (u.ended_at or t1) > t0]

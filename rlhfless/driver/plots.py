@@ -51,8 +51,15 @@ def plot_gpu_seconds(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _lane_label(row: dict, instance: str) -> str:
+    """The instance's name, and the GPUs it held (e.g. "actor-3 · GPU 2,3")."""
+    devices = next((t.get("gpus") for t in row["timeline"] if t["instance"] == instance), None)
+    return f"{instance} · GPU {','.join(map(str, devices))}" if devices else instance
+
+
 def plot_timeline(rows: list[dict], path: Path, last: int = 3) -> Path:
-    """Function instances alive over the last few steps (one lane per instance)."""
+    """Function instances alive over the last few steps (one lane per instance, labelled
+    with the GPUs it held)."""
     shown = rows[-last:]
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 1.2 + 1.3 * len(shown)), squeeze=False)
     for ax, row in zip(axes[:, 0], shown, strict=True):
@@ -69,7 +76,7 @@ def plot_timeline(rows: list[dict], path: Path, last: int = 3) -> Path:
                 cold = min(float(t["cold_start"]), end - start)
                 if float(t["start"]) >= 0 and cold > 0:
                     ax.barh(lane, cold, left=start, color="black", alpha=0.35, height=0.7)
-        ax.set_yticks(range(len(lanes)), lanes, fontsize=7)
+        ax.set_yticks(range(len(lanes)), [_lane_label(row, name) for name in lanes], fontsize=7)
         ax.set_xlim(0, float(row["timing_s/step"]))
         ax.set_title(f"step {row['step']}: instances alive (dark = cold start)", fontsize=9)
     axes[-1, 0].set_xlabel("seconds since step start")

@@ -15,8 +15,9 @@ class ActorHandler:
         self.engine = engine
 
     @classmethod
-    def from_store(cls, store: WeightStore, engine: str, dedup_prefill: bool) -> ActorHandler:
-        return cls(make_engine(engine, store, dedup_prefill))
+    def from_store(cls, store: WeightStore, engine: str, dedup_prefill: bool,
+                   gpus: int = 1) -> ActorHandler:
+        return cls(make_engine(engine, store, dedup_prefill, gpus))
 
     def loaded_version(self) -> int | None:
         return self.engine.loaded_version()

@@ -41,7 +41,7 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
         from rlhfless.functions.actor import ActorHandler
 
         return ActorHandler.from_store(store, spec.generation.engine,
-                                       spec.scheduling.dedup_prefill)
+                                       spec.scheduling.dedup_prefill, spec.stages[stage].gpus)
     if stage == "reference":
         from rlhfless.functions.scoring import reference_handler
 

@@ -21,6 +21,7 @@ from rlhfless.model.batching import (
     right_pad,
     token_logprobs,
 )
+from rlhfless.model.checkpointing import checkpointing_active
 
 
 @dataclass
@@ -63,14 +64,12 @@ def sequence_logprobs(
     return out
 
 
-def _uses_checkpointing(model: torch.nn.Module) -> bool:
-    # Checkpointed layers drop the KV cache in training (transformers' GradientCheckpointingLayer),
-    # so a shared-prefix pass would silently lose the prompt: fall back to full sequences.
-    return (
-        model.training
-        and torch.is_grad_enabled()
-        and bool(getattr(model, "is_activation_checkpointing", False))
-    )
+def _cache_holds(cache: DynamicCache, layers: int, width: int) -> bool:
+    """Every layer kept the prompt's keys/values (a checkpointed layer drops them)."""
+    try:
+        return all(cache.get_seq_length(i) == width for i in range(layers))
+    except (IndexError, KeyError):
+        return False
 
 
 def _split(mat: torch.Tensor, lengths: list[int], rows: list[tuple[int, int]], n_groups: int):
@@ -91,6 +90,10 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
         input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=cache,
         use_cache=True,
     ).last_hidden_state
+    if not _cache_holds(cache, model.config.num_hidden_layers, p_ids.shape[1]):
+        # A layer dropped the cache although checkpointing looked off (a transformers
+        # we do not know): the responses would not see their prompt. Never score that way.
+        return None
     index = torch.tensor(prompt_of, dtype=torch.long, device=device)
     last = h_prompt[:, -1][index]  # left padding: the last column is every prompt's last token
     r_ids, r_mask = right_pad(responses, pad, device)
@@ -148,9 +151,13 @@ def grouped_forward(
 
     # Rows with empty responses still join the batch (they cost one padded column, no more).
     prompt_of = [g for g, _ in rows]
-    shared = not _uses_checkpointing(model)
-    run = _shared_prefix_hidden if shared else _full_sequence_hidden
-    states = run(model, prompts, responses, prompt_of, device)
+    # Checkpointed layers drop the KV cache: the prompt's keys/values would be lost.
+    states = None
+    if not checkpointing_active(model):
+        states = _shared_prefix_hidden(model, prompts, responses, prompt_of, device)
+    shared = states is not None
+    if states is None:
+        states = _full_sequence_hidden(model, prompts, responses, prompt_of, device)
     saved = sum(len(prompts[g]) * (len(grp) - 1) for g, grp in enumerate(groups) if grp)
 
     out_lp = None

@@ -34,6 +34,7 @@ from rlhfless.api.spec import API_GROUP, API_VERSION, KIND, RLHFJob, SpecError, 
 from rlhfless.driver.records import StepRecord
 from rlhfless.knative.kube import Kube
 from rlhfless.knative.manifests import job_manifests
+from rlhfless.model.fit import check_job
 from rlhfless.operator import status as st
 from rlhfless.operator.config import Hooks, JobContext
 from rlhfless.operator.decide import Action, JobView, decide
@@ -88,9 +89,13 @@ def validate(spec: Mapping[str, Any] | None, name: str,
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": copy.deepcopy(dict(spec or {}))}
     try:
-        return parse_job(document, f"{namespace}/{name}"), []
+        job = parse_job(document, f"{namespace}/{name}")
     except SpecError as exc:
         return None, exc.errors
+    # Memory plan and tensor parallelism from shapes known without files: the operator
+    # never opens a path named in a spec (a local model is sized by `rlhfless validate`).
+    errors = check_job(job.spec, open_files=False).errors
+    return (None, errors) if errors else (job, [])
 
 
 def immutable_changes(before: RLHFJob | None, job: RLHFJob) -> list[str]:

@@ -27,10 +27,11 @@ class InstanceUsage:
 
     stage: str
     instance: str
-    gpus: int
+    gpus: float  # GPUs billed (a fraction when instances share a GPU)
     started_at: float
     ended_at: float | None
     cold_start_s: float
+    devices: tuple[str, ...] = ()  # the GPUs it held, where the runtime assigns them
 
     def alive_seconds(self, now: float) -> float:
         end = self.ended_at if self.ended_at is not None else now

@@ -5,6 +5,11 @@ start-to-ready time is the cold start), one request at a time per instance, idle
 are stopped after the keep-alive (scale to zero), a request whose instance dies is retried on
 another one, and every instance's life is metered as GPUs × seconds alive. The run
 directory's `prometheus_targets.json` lists the ready instances' /metrics for Prometheus.
+
+On a machine with GPUs each instance gets its own devices from a pool (`gpu_pool.py`,
+CUDA_VISIBLE_DEVICES); a start that does not fit waits for GPUs, never oversubscribing them.
+Without GPUs (or RLHFLESS_GPUS empty) every instance runs on the CPU and is billed the GPUs
+its stage asks for, as the cluster would bill it.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 import httpx
 
 from rlhfless.api.spec import RLHFJob, dump_job, job_namespace
+from rlhfless.api.wire import GPU_SHARE_ENV
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
 from rlhfless.runtime.discovery import TARGETS_FILE, Target, TargetsFile
+from rlhfless.runtime.gpu_pool import GpuPool, GpuPoolError, detect_devices, detect_slots
 
 READY_TIMEOUT_S = 300.0
 MAX_ATTEMPTS = 3
@@ -40,7 +47,7 @@ class _Instance:
     name: str
     port: int
     process: subprocess.Popen[bytes]
-    gpus: int
+    gpus: float  # billed
     started_at: float
     ready_at: float | None = None
     ended_at: float | None = None  # when the process was seen to exit: billing stops here
@@ -48,6 +55,7 @@ class _Instance:
     busy: bool = False
     last_used: float = field(default_factory=time.time)
     log_path: Path | None = None
+    devices: tuple[str, ...] = ()  # GPUs from the pool (CUDA_VISIBLE_DEVICES)
 
     @property
     def url(self) -> str:
@@ -67,6 +75,7 @@ class _Instance:
             started_at=self.started_at,
             ended_at=self.ended_at,
             cold_start_s=ready - self.started_at,
+            devices=self.devices,
         )
 
 
@@ -107,11 +116,15 @@ class LocalRuntime:
         self._max = {s.name: s.max_scale for s in self._stages if s.deployed}
         self._targets = TargetsFile(self.run_dir / TARGETS_FILE, job_namespace(job),
                                     job.metadata.name)
+        self._pool: GpuPool | None = None
+        self._waiting_gpus: dict[str, str] = {}  # instance name -> stage, in the GPU line
+        self._wakes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> LocalRuntime:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._logs.mkdir(exist_ok=True)
+        self._pool = self._make_pool()
         self._job_file.write_text(json.dumps(dump_job(self.job)))
         self._publish_targets()  # the file exists from the start: Prometheus can watch it
         self._reaper = asyncio.create_task(self._reap_idle())
@@ -140,8 +153,10 @@ class LocalRuntime:
                 return  # a stage this job never deploys: nothing to release
             raise InvocationError(stage, self._not_deployed(stage))
         alive = [i for i in self._instances if i.stage == stage and i.alive]
-        if n > len(alive):
-            starts = [self._start(stage) for _ in range(min(n, self._max[stage]) - len(alive))]
+        pending = self._gpu_waits(stage)
+        if n > len(alive) + pending:
+            more = min(n, self._max[stage]) - len(alive) - pending
+            starts = [self._start(stage) for _ in range(more)]
             await asyncio.gather(*starts)
         else:
             extra = len(alive) - n
@@ -205,7 +220,8 @@ class LocalRuntime:
                     return inst
                 # A prewarmed instance still starting will be ready sooner than a new one.
                 starting = [i for i in alive if not i.busy and i.ready_at is None]
-                if not starting and len(alive) < self._max[stage]:
+                pending = self._gpu_waits(stage)
+                if not starting and not pending and len(alive) < self._max[stage]:
                     break
                 await self._changed.wait()
         inst = await self._start(stage, busy=True)
@@ -228,7 +244,8 @@ class LocalRuntime:
         name = f"{stage}-{next(self._counter)}"
         port = _free_port()
         log_path = self._logs / f"{name}.log"
-        gpus = self._stages[stage].gpus
+        devices = await self._take_gpus(stage, name)
+        gpus: float = self._stages[stage].gpus
         cmd = [
             sys.executable, "-m", "rlhfless.functions.serve",
             "--stage", stage, "--port", str(port), "--host", "127.0.0.1",
@@ -236,12 +253,22 @@ class LocalRuntime:
             "--threads", str(self._threads(stage)), "--exit-with-parent",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        if self._pool is not None:
+            # Its own GPUs only (none for a CPU stage), billed as given.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            gpus = len(devices) * self._pool.share
+            if devices and self._pool.slots > 1:
+                env[GPU_SHARE_ENV] = f"{self._pool.share:.4f}"
+        try:
+            with log_path.open("wb") as log:
+                process = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+        except BaseException:
+            self._give_back_gpus(name)
+            raise
         inst = _Instance(stage, name, port, process, gpus, time.time(), busy=busy,
-                         log_path=log_path)
+                         log_path=log_path, devices=devices)
         self._instances.append(inst)
         try:
             await self._wait_ready(inst)
@@ -286,6 +313,7 @@ class LocalRuntime:
             self._exits.append(asyncio.create_task(self._await_exit(inst)))
         else:
             inst.ended_at = time.time()
+            self._give_back_gpus(inst.name)
 
     def _publish_targets(self) -> None:
         live = [Target(f"127.0.0.1:{i.port}", i.stage, i.name)
@@ -295,10 +323,10 @@ class LocalRuntime:
         except OSError as exc:  # monitoring must never fail a training run
             log.warning("cannot write %s: %s", self._targets.path, exc)
 
-    @staticmethod
-    async def _await_exit(inst: _Instance) -> None:
+    async def _await_exit(self, inst: _Instance) -> None:
         await asyncio.to_thread(inst.process.wait)
         inst.ended_at = time.time()
+        self._give_back_gpus(inst.name)  # only now is the GPU memory really free
 
     @staticmethod
     def _kill(inst: _Instance) -> None:
@@ -306,6 +334,78 @@ class LocalRuntime:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(inst.process.pid, signal.SIGKILL)
             inst.process.wait()
+
+    # -- the GPU pool ----------------------------------------------------------------------
+    def _make_pool(self) -> GpuPool | None:
+        """The machine's GPUs, or None on a machine without any; a stage asking for more
+        GPUs than exist can never start, so that is an error now, not a wait forever."""
+        try:
+            devices, slots = detect_devices(), detect_slots()
+        except GpuPoolError as exc:
+            raise InvocationError("runtime", str(exc)) from None
+        if not devices:
+            return None
+        pool = GpuPool(devices, slots)
+        for stage in self._stages:
+            if stage.deployed and pool.impossible(stage.gpus):
+                raise InvocationError(stage.name, (
+                    f"asks for {stage.gpus} GPUs per instance (resources.{stage.name}.gpus) "
+                    f"but this machine has {pool.size} ({', '.join(devices)}; set by "
+                    "RLHFLESS_GPUS or the visible CUDA devices)"))
+        return pool
+
+    def _gpu_waits(self, stage: str) -> int:
+        return sum(1 for s in self._waiting_gpus.values() if s == stage)
+
+    async def _take_gpus(self, stage: str, name: str) -> tuple[str, ...]:
+        """Wait in line for the stage's GPUs (stopping idle instances of other stages when
+        that makes room for the head of the line)."""
+        n = self._stages[stage].gpus
+        if self._pool is None or n == 0:
+            return ()
+        async with self._changed:
+            self._pool.request(name, n)
+            self._waiting_gpus[name] = stage
+            try:
+                while (devices := self._pool.grant(name)) is None:
+                    self._make_room()
+                    await self._changed.wait()
+            except BaseException:
+                self._pool.cancel(name)
+                raise
+            finally:
+                del self._waiting_gpus[name]
+                self._changed.notify_all()  # the next in line may fit now (or be first)
+        return devices
+
+    def _make_room(self) -> None:
+        assert self._pool is not None
+        line = self._pool.waiting()
+        if not line:
+            return
+        head_stage = self._waiting_gpus.get(line[0])
+        held = self._pool.held()
+        leaving = [i.name for i in self._instances if i.stopping and i.name in held]
+        idle = sorted((i for i in self._instances
+                       if i.alive and not i.busy and i.ready_at is not None
+                       and i.stage != head_stage and i.name in held),
+                      key=lambda i: i.last_used)
+        names = {i.name: i for i in idle}
+        for victim in self._pool.victims([i.name for i in idle], leaving=leaving):
+            self._stop(names[victim])
+
+    def _give_back_gpus(self, name: str) -> None:
+        if self._pool is None or not self._pool.release(name):
+            return
+
+        async def wake() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody is waiting
+            task = asyncio.get_running_loop().create_task(wake())
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
 
     async def _reap_idle(self) -> None:
         while True:

@@ -28,6 +28,7 @@ from rlhfless.algo import (
     value_loss,
 )
 from rlhfless.model.batching import token_logprobs
+from rlhfless.model.checkpointing import enable_checkpointing
 from rlhfless.model.logprobs import grouped_forward, grouped_logprobs
 from rlhfless.train.batch import Ragged, TrainBatch, pad_ragged
 from rlhfless.train.optim import make_optimizer
@@ -55,19 +56,6 @@ def _pad_grad(rows: list[Tensor], width: int) -> Tensor:
     if mat.shape[1] < width:
         mat = torch.nn.functional.pad(mat, (0, width - mat.shape[1]))
     return mat
-
-
-def _enable_checkpointing(module: torch.nn.Module) -> None:
-    """Recompute activations in backward (transformers 5 renamed the switch)."""
-    enable = getattr(module, "activation_checkpointing_enable", None) or getattr(
-        module, "gradient_checkpointing_enable", None
-    )
-    if enable is None:
-        raise ValueError(f"{type(module).__name__} does not support gradient checkpointing")
-    enable()
-    # transformers only checkpoints in training mode; the tiny models and SmolLM2 have no
-    # dropout, so train mode changes nothing else.
-    module.train()
 
 
 @contextmanager
@@ -122,7 +110,7 @@ class PolicyTrainer:
         if trainer is not None and getattr(trainer, "grad_checkpointing", False):
             for module in (model, getattr(critic, "backbone", None)):
                 if module is not None:
-                    _enable_checkpointing(module)
+                    enable_checkpointing(module)
         self._policy = make_optimizer(model, algo.lr, algo.max_grad_norm, trainer)
         self._critic = (
             make_optimizer(critic, algo.critic_lr, algo.max_grad_norm, trainer)

@@ -9,25 +9,29 @@ from rlhfless.registry import lookup
 from rlhfless.store import WeightStore
 
 
-def _transformers(store: WeightStore, dedup_prefill: bool) -> RolloutEngine:
+def _transformers(store: WeightStore, dedup_prefill: bool, gpus: int) -> RolloutEngine:
     from rlhfless.functions.engines.hf import TransformersEngine
 
+    # One device: validation refuses gpus > 1 for this engine.
     return TransformersEngine(store, dedup_prefill=dedup_prefill)
 
 
-def _vllm(store: WeightStore, dedup_prefill: bool) -> RolloutEngine:
+def _vllm(store: WeightStore, dedup_prefill: bool, gpus: int) -> RolloutEngine:
     # Imported only when chosen: vLLM is a GPU-image dependency.
     from rlhfless.functions.engines.vllm_engine import VLLMEngine
 
-    return VLLMEngine(store, enable_prefix_caching=dedup_prefill)
+    parallel = {"tensor_parallel_size": gpus} if gpus > 1 else {}
+    return VLLMEngine(store, enable_prefix_caching=dedup_prefill, **parallel)
 
 
-ENGINES: dict[str, Callable[[WeightStore, bool], RolloutEngine]] = {
+ENGINES: dict[str, Callable[[WeightStore, bool, int], RolloutEngine]] = {
     "transformers": _transformers,
     "vllm": _vllm,
 }
 
 
-def make_engine(name: str, store: WeightStore, dedup_prefill: bool = True) -> RolloutEngine:
-    """The rollout engine `generation.engine` names, sharing prompt prefixes if asked."""
-    return lookup(ENGINES, name, "rollout engine")(store, dedup_prefill)
+def make_engine(name: str, store: WeightStore, dedup_prefill: bool = True,
+                gpus: int = 1) -> RolloutEngine:
+    """The rollout engine `generation.engine` names, sharing prompt prefixes if asked, over
+    the instance's `gpus` (vLLM: tensor parallelism)."""
+    return lookup(ENGINES, name, "rollout engine")(store, dedup_prefill, gpus)

