@@ -1,7 +1,8 @@
-"""`rlhfless` command line: run, validate, manifests, crd, operator, serve, simulate.
+"""`rlhfless` command line: run, validate, report, manifests, crd, operator, serve, simulate.
 
 Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, or the checkpoint
-to resume), 130 interrupted (Ctrl-C; the last completed step is checkpointed).
+to resume), 3 stopped by spec.budget (raise it, then --resume), 130 interrupted (Ctrl-C; the
+last completed step is checkpointed).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import shutil
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +22,10 @@ from rich.table import Table
 
 from rlhfless.api.spec import RLHFJob, SpecError, dump_job, load_job, parse_job
 
-EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+if TYPE_CHECKING:
+    from rlhfless.cost import BudgetCheck
+
+EXIT_FAILED, EXIT_INVALID, EXIT_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
@@ -79,12 +83,38 @@ def _check_resumable(run_dir: Path) -> None:
         raise typer.Exit(EXIT_INVALID) from None
 
 
+def _budget_stop(job_file: Path, message: str, completed: int, steps: int) -> typer.Exit:
+    err_console.print(f"[bold yellow]Budget reached:[/] {escape(message)}")
+    err_console.print(f"Stopped after step {completed} of {steps} (checkpointed). Raise the "
+                      f"budget in {escape(str(job_file))}, then: rlhfless run "
+                      f"{escape(str(job_file))} --resume")
+    return typer.Exit(EXIT_BUDGET)
+
+
+def _check_budget_left(run_dir: Path, job: RLHFJob, job_file: Path) -> None:
+    """Refuse to start the functions for a resumed run whose budget is already used up."""
+    from rlhfless.cost import Ledger, check_budget
+    from rlhfless.driver.records import MetricsLog
+    from rlhfless.store import load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir)
+    done = checkpoint.step if checkpoint is not None else 0
+    rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=done)
+    budget = check_budget(Ledger.of(rows), job.spec.budget)
+    if budget.exceeded and done < job.spec.steps:
+        raise _budget_stop(job_file, budget.message, done, job.spec.steps)
+
+
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")]) -> None:
     """Check a job file and report every spec error."""
+    from rlhfless.cost import job_cost_warnings
+
     job = _load_or_exit(job_file)
     console.print(f"[green]{job_file}: valid[/] (job {job.metadata.name}, "
                   f"{job.spec.algorithm.name}, {job.spec.steps} steps)")
+    for warning in job_cost_warnings(job.spec):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()
@@ -97,7 +127,8 @@ def run(
 ) -> None:
     """Run a job on the embedded local runtime (each stage a local function process).
 
-    Exit codes: 0 done, 1 the run failed, 2 invalid input, 130 interrupted."""
+    Exit codes: 0 done, 1 the run failed, 2 invalid input, 3 stopped by spec.budget,
+    130 interrupted."""
     job = _load_or_exit(job_file)
     if steps is not None:
         job = _with_steps(job, steps)
@@ -117,9 +148,10 @@ def run(
         shutil.rmtree(run_dir)
     if resume:
         _check_resumable(run_dir)
+        _check_budget_left(run_dir, job, job_file)
     resume_hint = f"Resume with: rlhfless run {job_file} --resume"
     try:
-        completed, interrupted = asyncio.run(_run_local(job, run_dir))
+        completed, interrupted, budget = asyncio.run(_run_local(job, run_dir))
     except KeyboardInterrupt:
         err_console.print(f"[yellow]Aborted; the last completed step is checkpointed. "
                           f"{resume_hint}[/]")
@@ -130,6 +162,8 @@ def run(
                           f"checkpointed; continue with: rlhfless run {job_file} --resume")
         raise typer.Exit(EXIT_FAILED) from None
     _summarise(run_dir, completed, job)
+    if budget.exceeded and completed < job.spec.steps:
+        raise _budget_stop(job_file, budget.message, completed, job.spec.steps)
     if interrupted and completed < job.spec.steps:
         # A resumable stop is still a stop: scripts must not mistake it for a finished run.
         err_console.print(f"[yellow]Stopped after step {completed} of {job.spec.steps}. "
@@ -137,8 +171,8 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
-    """(steps completed, whether Ctrl-C asked to stop)."""
+async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool, BudgetCheck]:
+    """(steps completed, whether Ctrl-C asked to stop, the budget when the driver stopped)."""
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
 
@@ -164,13 +198,14 @@ async def _run_local(job: RLHFJob, run_dir: Path) -> tuple[int, bool]:
 
         def on_step(record) -> None:  # type: ignore[no-untyped-def]
             m = record.metrics
+            usd = f" · ${m['cost/dollars']:.4f}" if "cost/dollars" in m else ""
             progress.update(task, completed=record.step, info=(
                 f"reward {record.reward_mean:.3f} · step {m['timing_s/step']:.1f}s · "
-                f"{m['cost/gpu_seconds']:.1f} GPU-s"))
+                f"{m['cost/gpu_seconds']:.1f} GPU-s{usd}"))
 
         with progress:
             completed = await driver.run(stop=stop, on_step=on_step)
-    return completed, stop.is_set()
+    return completed, stop.is_set(), driver.budget
 
 
 def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
@@ -192,8 +227,24 @@ def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
     console.print(table)
     first, last = rows[0]["reward/mean"], rows[-1]["reward/mean"]
     console.print(f"reward {first:.3f} → {last:.3f}; metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(_cost_line(rows))
     for p in plots:
         console.print(f"plot: {p}")
+    console.print(f"report: rlhfless report {run_dir}")
+
+
+def _cost_line(rows: list[dict]) -> str:
+    from rlhfless.cost import Ledger
+
+    ledger = Ledger.of(rows)
+    usd = "" if ledger.dollars is None else f" (${ledger.dollars:.4f})"
+    line = f"cost: {ledger.gpu_seconds:.1f} GPU-s{usd}"
+    if ledger.serverful_gpu_seconds > 0:
+        sf_usd = ("" if ledger.serverful_dollars is None
+                  else f" (${ledger.serverful_dollars:.4f})")
+        line += (f"; serverful on the same timings: {ledger.serverful_gpu_seconds:.1f} "
+                 f"GPU-s{sf_usd}")
+    return line
 
 
 @app.command()

@@ -14,6 +14,14 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rlhfless.api.crd import PHASES
+from rlhfless.cost.row import (
+    KEY_DOLLARS,
+    KEY_SERVERFUL_DOLLARS,
+    KEY_SERVERFUL_GPU_SECONDS,
+    KEY_SPLIT,
+    KEY_TAIL_SHARE,
+)
+from rlhfless.cost.split import USES
 from rlhfless.driver.records import StepRecord
 from rlhfless.runtime.base import InstanceUsage
 
@@ -27,6 +35,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "rlhfless_idle_ratio",
     "rlhfless_length_prediction_mae_tokens",
     "rlhfless_scheduling_actors_chosen",
+    "rlhfless_cost_dollars_total",
+    "rlhfless_gpu_seconds_by_use_total",
+    "rlhfless_serverful_gpu_seconds_total",
+    "rlhfless_serverful_dollars_total",
+    "rlhfless_rollout_tail_ratio",
+    "rlhfless_budget_used_ratio",
 )
 
 # Driver record keys read per step (rlhfless/driver.py, rlhfless/planner.py).
@@ -66,6 +80,24 @@ class OperatorMetrics:
                                 registry=r)
         self.actors_chosen = Gauge("rlhfless_scheduling_actors_chosen", "Actor functions "
                                    "the scheduler chose for the last step.", _JOB, registry=r)
+        self.dollars = Counter("rlhfless_cost_dollars", "Dollars billed (GPU-seconds x the "
+                               "price of the stage's GPU type); absent without a price.",
+                               (*_JOB, "stage"), registry=r)
+        self.gpu_seconds_by_use = Counter(
+            "rlhfless_gpu_seconds_by_use", "GPU-seconds by what they were spent on: busy, "
+            "cold_start, prewarm_wait, keep_alive_idle (they add up to "
+            "rlhfless_gpu_seconds_total).", (*_JOB, "stage", "use"), registry=r)
+        self.serverful_gpu_seconds = Counter(
+            "rlhfless_serverful_gpu_seconds", "GPU-seconds a serverful layout would have held "
+            "on the same timings (every stage's GPUs for the whole step).", _JOB, registry=r)
+        self.serverful_dollars = Counter("rlhfless_serverful_dollars", "The serverful layout's "
+                                         "GPU-seconds in dollars.", _JOB, registry=r)
+        self.tail_ratio = Gauge("rlhfless_rollout_tail_ratio", "Share of the last rollout "
+                                "spent with fewer than half of its samples running (0-1).",
+                                _JOB, registry=r)
+        self.budget_used = Gauge("rlhfless_budget_used_ratio", "Largest fraction of a "
+                                 "spec.budget limit spent (0-1; above 1 is over).", _JOB,
+                                 registry=r)
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
@@ -94,11 +126,28 @@ class OperatorMetrics:
                 self.gpu_seconds.labels(*job, key[len(KEY_GPU_SECONDS_PREFIX):]).inc(value)
             elif key.startswith(KEY_IDLE_PREFIX):
                 self.idle_ratio.labels(*job, key[len(KEY_IDLE_PREFIX):]).set(float(value))
+            elif key.startswith(KEY_DOLLARS + "/") and value > 0:
+                self.dollars.labels(*job, key[len(KEY_DOLLARS) + 1:]).inc(value)
+            elif key.startswith(KEY_SPLIT + "/") and key.count("/") == 3 and value > 0:
+                use, stage = key.split("/")[2:]
+                if use in USES:
+                    self.gpu_seconds_by_use.labels(*job, stage, use).inc(value)
+        if m.get(KEY_SERVERFUL_GPU_SECONDS, 0) > 0:
+            self.serverful_gpu_seconds.labels(*job).inc(float(m[KEY_SERVERFUL_GPU_SECONDS]))
+        if m.get(KEY_SERVERFUL_DOLLARS, 0) > 0:
+            self.serverful_dollars.labels(*job).inc(float(m[KEY_SERVERFUL_DOLLARS]))
+        if KEY_TAIL_SHARE in m:
+            self.tail_ratio.labels(*job).set(float(m[KEY_TAIL_SHARE]))
         self.reward.labels(*job).set(float(record.reward_mean))
         if KEY_ACTORS_CHOSEN in m:
             self.actors_chosen.labels(*job).set(float(m[KEY_ACTORS_CHOSEN]))
         if KEY_LENGTH_MAE in m:
             self.length_mae.labels(*job).set(float(m[KEY_LENGTH_MAE]))
+
+    def observe_budget(self, namespace: str, name: str, used: float | None) -> None:
+        """The budget check after a step (`None`: the job sets no budget)."""
+        if used is not None:
+            self.budget_used.labels(namespace, name).set(used)
 
     def observe_usage(self, namespace: str, name: str, usages: Iterable[InstanceUsage]) -> None:
         alive = sum(1 for u in usages if u.stage == "actor" and u.ended_at is None)
@@ -108,7 +157,9 @@ class OperatorMetrics:
         """Drop a deleted job's series so dashboards do not show it forever."""
         self.set_phase(namespace, name, None)
         for metric in (self.steps, self.step_seconds, self.reward, self.actors_alive,
-                       self.length_mae, self.actors_chosen, self.gpu_seconds, self.idle_ratio):
+                       self.length_mae, self.actors_chosen, self.gpu_seconds, self.idle_ratio,
+                       self.dollars, self.gpu_seconds_by_use, self.serverful_gpu_seconds,
+                       self.serverful_dollars, self.tail_ratio, self.budget_used):
             for labels in list(_label_sets(metric)):
                 if labels[:2] == (namespace, name):
                     metric.remove(*labels)
