@@ -18,11 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfless.api.spec import BudgetSpec
+from rlhfless.cost.row import (
+    KEY_DOLLARS,
+    KEY_GPU_SECONDS,
+    KEY_SERVERFUL_DOLLARS,
+    KEY_SERVERFUL_GPU_SECONDS,
+    SECONDS_PER_HOUR,
+)
 
-SECONDS_PER_HOUR = 3600.0
 RECENT_STEPS = 3
-STAGE_GPU_SECONDS = "cost/gpu_seconds/"
-STAGE_DOLLARS = "cost/dollars/"
+STAGE_GPU_SECONDS = KEY_GPU_SECONDS + "/"
+STAGE_DOLLARS = KEY_DOLLARS + "/"
 
 
 def _num(row: Mapping[str, Any], key: str) -> float | None:
@@ -57,8 +63,8 @@ class Ledger:
         return ledger
 
     def add(self, row: Mapping[str, Any]) -> None:
-        gpu_s = _num(row, "cost/gpu_seconds") or 0.0
-        usd = _num(row, "cost/dollars")
+        gpu_s = _num(row, KEY_GPU_SECONDS) or 0.0
+        usd = _num(row, KEY_DOLLARS)
         self.steps += 1
         self.gpu_seconds += gpu_s
         self.dollars = _add(self.dollars, usd)
@@ -68,9 +74,9 @@ class Ledger:
                 if key.startswith(prefix):
                     stage = key[len(prefix):]
                     totals[stage] = totals.get(stage, 0.0) + float(value)
-        self.serverful_gpu_seconds += _num(row, "cost/serverful/gpu_seconds") or 0.0
+        self.serverful_gpu_seconds += _num(row, KEY_SERVERFUL_GPU_SECONDS) or 0.0
         self.serverful_dollars = _add(self.serverful_dollars,
-                                      _num(row, "cost/serverful/dollars"))
+                                      _num(row, KEY_SERVERFUL_DOLLARS))
         self.recent.append((gpu_s, usd))
 
     def next_step(self) -> tuple[float, float | None]:

@@ -23,6 +23,7 @@ from rlhfless.scheduling.cost import Interval, Lifetime
 
 SECONDS_PER_HOUR = 3600.0
 # Keys read elsewhere (operator metrics, report, budget ledger).
+KEY_GPU_SECONDS = "cost/gpu_seconds"  # written by the driver (cost_by_stage), per stage too
 KEY_DOLLARS = "cost/dollars"
 KEY_SPLIT = "cost/split"
 KEY_SERVERFUL_GPU_SECONDS = "cost/serverful/gpu_seconds"
