@@ -248,6 +248,26 @@ def _cost_line(rows: list[dict]) -> str:
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the page (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML report of a run: reward, cost per stage, where the
+    GPU-seconds went, the instance timeline, scheduling decisions, serverful comparison.
+
+    Exit codes: 0 written, 2 nothing to report (no metrics in RUN_DIR)."""
+    from rlhfless.report import ReportError, write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except ReportError as exc:
+        err_console.print(f"[bold red]no report:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    console.print(f"report: {path}")
+
+
+@app.command()
 def crd() -> None:
     """Print the RLHFJob CustomResourceDefinition generated from the spec model."""
     from rlhfless.api.crd import crd_yaml

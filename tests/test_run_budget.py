@@ -81,6 +81,11 @@ def test_budget_stops_the_run_and_resume_continues_once_raised(tmp_path: Path) -
     rows = MetricsLog(run_dir / "metrics.jsonl").read()
     assert [r["step"] for r in rows] == [1, 2]
     assert "serverful on the same timings" in flat(result.output)
+    # The report of a real run: every figure, the stages' busy lanes from real requests.
+    result = runner.invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report.html").read_text()
+    assert page.count("<svg") == 6 and "Dollars are missing" not in page
 
 
 def test_validate_warns_about_a_gpu_type_without_a_price(tmp_path: Path) -> None:

@@ -20,7 +20,13 @@ from typing import Any
 from rlhfless.api.spec import RLHFJob
 from rlhfless.cost import BudgetCheck, Ledger, check_budget, job_cost_warnings, job_prices
 from rlhfless.driver.learn import build_train_request, score_payloads
-from rlhfless.driver.metrics import StepTrace, step_metrics, timeline, work_seconds
+from rlhfless.driver.metrics import (
+    StepTrace,
+    requests_timeline,
+    step_metrics,
+    timeline,
+    work_seconds,
+)
 from rlhfless.driver.planner import Planner
 from rlhfless.driver.prewarm import PhasePrewarmer
 from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
@@ -148,6 +154,7 @@ class Driver:
             gpu_seconds_total=self.checkpoint.gpu_seconds_total, weights_version=new_version,
             checkpoint=str(self.run_dir / CHECKPOINT_FILE),
             timeline=timeline(trace.usages, trace.t0, trace.t1),
+            requests=requests_timeline(trace.busy, trace.t0, trace.t1),
         )
         self.metrics_log.append(record)
         self.ledger.add(metrics)

@@ -99,3 +99,10 @@ def timeline(usages: Sequence[InstanceUsage], t0: float, t1: float) -> list[dict
     return [{"stage": u.stage, "instance": u.instance, "start": u.started_at - t0,
              "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s}
             for u in usages if (u.ended_at or t1) > t0]
+
+
+def requests_timeline(busy: Sequence[BusyInterval], t0: float,
+                      t1: float) -> list[dict[str, object]]:
+    """Stage requests in flight during the step, relative to its start (busy vs alive)."""
+    return [{"stage": b.stage, "start": max(b.start, t0) - t0, "end": min(b.end, t1) - t0}
+            for b in busy if min(b.end, t1) > max(b.start, t0)]

@@ -69,6 +69,7 @@ class StepRecord:
     weights_version: int
     checkpoint: str
     timeline: list[dict[str, object]] = field(default_factory=list)
+    requests: list[dict[str, object]] = field(default_factory=list)  # stage requests in flight
 
 
 class MetricsLog:
@@ -80,7 +81,7 @@ class MetricsLog:
     def append(self, record: StepRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"step": record.step, "weights_version": record.weights_version,
-               **record.metrics, "timeline": record.timeline}
+               **record.metrics, "timeline": record.timeline, "requests": record.requests}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
