@@ -18,7 +18,7 @@ from kmock_cluster import Cluster, emulated_cluster
 from prometheus_client import generate_latest
 
 from rlhfless.api.spec import GpuPrice, parse_spec
-from rlhfless.cost import CostDefaults, job_prices
+from rlhfless.cost import CostDefaults, Ledger, cost_status, job_prices
 from rlhfless.driver.records import MetricsLog, StepRecord
 from rlhfless.operator import status as st
 from rlhfless.operator.config import (
@@ -84,6 +84,23 @@ def test_step_status_carries_the_cost() -> None:
     patch = st.step_done([], record, 5, None, now=T0, cost={"gpuSeconds": 1800.0})
     assert patch["cost"] == {"gpuSeconds": 1800.0}
     assert "cost" not in st.step_done([], record, 5, None, now=T0)
+
+
+def test_status_patches_fit_the_crd_status_schema() -> None:
+    """What the operator writes is what the CRD stores: no field pruned, every type right."""
+    from crd_schema import _schema_errors, _unknown_fields, openapi
+
+    schema = openapi()["properties"]["status"]
+    ledger = Ledger.of([step_row(1), step_row(2)])
+    record = StepRecord(2, step_row(2), 0.5, 2 * STEP_GPU_S, 2, "/run/checkpoint.json")
+    unpriced = Ledger.of([{"cost/gpu_seconds": 5.0, "cost/gpu_seconds/actor": 5.0}])
+    for patch in (st.step_done([], record, 5, 1, now=T0, cost=cost_status(ledger)),
+                  st.budget_exceeded([], 2, "over", 1, now=T0, cost=cost_status(ledger)),
+                  st.step_done([], record, 5, 1, now=T0, cost=cost_status(unpriced)),
+                  st.started([], ["j-actor"], 0, 5, 1, now=T0, has_budget=True)):
+        assert _schema_errors(patch, schema, "status") == []
+        assert _unknown_fields(patch, schema, "status") == []
+    assert "dollars" not in cost_status(unpriced)
 
 
 def test_cost_metrics_are_exported_per_stage_and_use() -> None:

@@ -132,7 +132,7 @@ def _fmt(value: float) -> str:
 def cost_status(ledger: Ledger) -> dict[str, Any]:
     """`status.cost` of an RLHFJob: totals so far, per stage, and the serverful comparison."""
     stages = {stage: {"gpuSeconds": round(seconds, 3),
-                      **({"dollars": round(ledger.stage_dollars[stage], 4)}
+                      **({"dollars": round(ledger.stage_dollars[stage], 6)}
                          if stage in ledger.stage_dollars else {})}
               for stage, seconds in sorted(ledger.stage_gpu_seconds.items())}
     status: dict[str, Any] = {
@@ -141,12 +141,12 @@ def cost_status(ledger: Ledger) -> dict[str, Any]:
         "serverfulGpuSeconds": round(ledger.serverful_gpu_seconds, 3),
     }
     if ledger.dollars is not None and ledger.steps:
-        status["dollars"] = round(ledger.dollars, 4)
+        status["dollars"] = round(ledger.dollars, 6)
     if ledger.serverful_dollars is not None and ledger.steps:
-        status["serverfulDollars"] = round(ledger.serverful_dollars, 4)
+        status["serverfulDollars"] = round(ledger.serverful_dollars, 6)
     next_gpu_s, next_usd = ledger.next_step()
     if ledger.steps:
         status["nextStepGpuSeconds"] = round(next_gpu_s, 3)
         if next_usd is not None:
-            status["nextStepDollars"] = round(next_usd, 4)
+            status["nextStepDollars"] = round(next_usd, 6)
     return status
