@@ -99,7 +99,13 @@ def _check_budget_left(run_dir: Path, job: RLHFJob, job_file: Path) -> None:
 
     checkpoint = load_checkpoint(run_dir)
     done = checkpoint.step if checkpoint is not None else 0
-    rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=done)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    try:
+        rows = log.read(upto=done)
+    except (ValueError, KeyError, TypeError) as exc:
+        err_console.print(f"[bold red]cannot resume:[/] {escape(str(log.path))} is not a "
+                          f"metrics log ({escape(str(exc))}). Nothing was changed.")
+        raise typer.Exit(EXIT_INVALID) from None
     budget = check_budget(Ledger.of(rows), job.spec.budget)
     if budget.exceeded and done < job.spec.steps:
         raise _budget_stop(job_file, budget.message, done, job.spec.steps)

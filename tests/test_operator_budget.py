@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -261,3 +262,18 @@ async def test_dollar_budget_and_an_exhausted_budget_on_restart(tmp_path: Path) 
             "observedGeneration") == 2, what="re-checked after the change")
         await asyncio.sleep(0.3)
         assert cluster.phase("usd") == "Suspended" and started == [1, 2]
+
+
+def test_an_unreadable_metrics_log_counts_as_no_spend(tmp_path: Path) -> None:
+    from rlhfless.operator.handlers import recorded_cost
+
+    job = parse_spec({**TINY, "budget": {"maxGpuHours": 1}})
+    (tmp_path / "metrics.jsonl").write_text("{half a row\n")
+    ledger, budget = recorded_cost(tmp_path, job)
+    assert ledger.steps == 0 and not budget.exceeded
+    MetricsLog(tmp_path / "metrics.jsonl").path.write_text(
+        "".join(json.dumps({"step": s, **step_row(s)}) + "\n" for s in (1, 2, 3)))
+    save_checkpoint(tmp_path, Checkpoint(step=2, weights_version=2))
+    ledger, budget = recorded_cost(tmp_path, job)
+    assert ledger.steps == 2  # only checkpointed steps: step 3 will be redone
+    assert budget.exceeded  # 1 GPU-hour spent

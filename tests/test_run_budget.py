@@ -95,3 +95,16 @@ def test_validate_warns_about_a_gpu_type_without_a_price(tmp_path: Path) -> None
     assert result.exit_code == 0, out
     assert "warning: no spot price for GPU type 'MI300X'" in out
     assert "spec.budget.maxDollars cannot be checked" in out
+
+
+def test_resume_with_an_unreadable_metrics_log_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.json").write_text(
+        '{"step": 1, "weights_version": 1, "scheduler": {}, "gpu_seconds_total": 1.0}')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "cost/gpu_seconds": 1.0}\n{torn')
+    job = job_file(tmp_path / "job.yaml", "{maxGpuHours: 1}")
+    result = runner.invoke(app, ["run", str(job), "--run-dir", str(run_dir), "--resume"])
+    out = flat(result.output)
+    assert result.exit_code == 2 and "is not a metrics log" in out, out
+    assert "Traceback" not in out

@@ -330,6 +330,10 @@ class BudgetSpec(SpecModel):
         "GPU type it uses)."
     )
 
+    @property
+    def limited(self) -> bool:
+        return self.max_gpu_hours is not None or self.max_dollars is not None
+
 
 class JobSpec(SpecModel):
     model: ModelSpec = Field(default_factory=ModelSpec)

@@ -70,18 +70,18 @@ def cost_metrics(
     splits = {s: split_stage(lives.get(s, ()), requests.get(s, ()), t0, t1)
               for s in sorted(set(lives) | set(requests))}
     for use in USES:
-        row[f"cost/split/{use}"] = sum(getattr(sp, use) for sp in splits.values())
-        row.update({f"cost/split/{use}/{s}": getattr(sp, use) for s, sp in splits.items()})
+        row[f"{KEY_SPLIT}/{use}"] = sum(getattr(sp, use) for sp in splits.values())
+        row.update({f"{KEY_SPLIT}/{use}/{s}": getattr(sp, use) for s, sp in splits.items()})
     billed = {s: sp.total for s, sp in splits.items()}
-    row.update(_keyed("cost/dollars", dollars(billed, prices)))
+    row.update(_keyed(KEY_DOLLARS, dollars(billed, prices)))
 
     gpus = stage_gpus(lives)
     serverful = {s: serverful_stage(requests.get(s, ()), gpus.get(s, 0.0), t0, t1)
                  for s in splits}
     held = {s: sf.gpu_seconds for s, sf in serverful.items()}
     row.update({
-        "cost/serverful/gpu_seconds": sum(held.values()),
-        **{f"cost/serverful/gpu_seconds/{s}": v for s, v in held.items()},
+        KEY_SERVERFUL_GPU_SECONDS: sum(held.values()),
+        **{f"{KEY_SERVERFUL_GPU_SECONDS}/{s}": v for s, v in held.items()},
         "cost/serverful/busy": sum(sf.busy for sf in serverful.values()),
         "cost/serverful/idle": sum(sf.idle for sf in serverful.values()),
         "cost/saving/gpu_seconds": sum(held.values()) - sum(billed.values()),
@@ -89,9 +89,9 @@ def cost_metrics(
     if sum(held.values()) > 0:
         row["cost/saving/ratio"] = 1.0 - sum(billed.values()) / sum(held.values())
     serverful_dollars = dollars(held, prices)
-    row.update(_keyed("cost/serverful/dollars", serverful_dollars))
-    if "" in serverful_dollars and "cost/dollars" in row:
-        row["cost/saving/dollars"] = serverful_dollars[""] - row["cost/dollars"]
+    row.update(_keyed(KEY_SERVERFUL_DOLLARS, serverful_dollars))
+    if "" in serverful_dollars and KEY_DOLLARS in row:
+        row["cost/saving/dollars"] = serverful_dollars[""] - row[KEY_DOLLARS]
 
     rollout_lives = [life for s in rollout_stages for life in lives.get(s, ())]
     rollout_reqs = [iv for s in rollout_stages for iv in requests.get(s, ())]
@@ -103,7 +103,7 @@ def cost_metrics(
         if tail is not None:
             row.update({
                 "cost/tail/seconds": tail.seconds,
-                "cost/tail/share": tail.share,
+                KEY_TAIL_SHARE: tail.share,
                 "cost/tail/gpu_seconds": tail.gpu_seconds,
                 "cost/tail/gpu_share": tail.gpu_share,
                 # Fraction of finish times estimated from lengths rather than reported.

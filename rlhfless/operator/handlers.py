@@ -115,14 +115,15 @@ def completed_steps(run_dir: Any) -> int:
 
 
 def recorded_cost(run_dir: Any, job: RLHFJob) -> tuple[Ledger, BudgetCheck]:
-    """Spend over the checkpointed steps (metrics.jsonl) and the budget check on it."""
-    rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=_safe_steps(run_dir))
-    ledger = Ledger.of(rows)
+    """Spend over the checkpointed steps (metrics.jsonl) and the budget check on it; an
+    unreadable log counts as no spend (logged), it must not stop the daemon."""
+    try:
+        rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=_safe_steps(run_dir))
+        ledger = Ledger.of(rows)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cost of %s not read from its metrics log: %s", job.metadata.name, exc)
+        ledger = Ledger()
     return ledger, check_budget(ledger, job.spec.budget)
-
-
-def _has_budget(job: RLHFJob) -> bool:
-    return job.spec.budget.max_gpu_hours is not None or job.spec.budget.max_dollars is not None
 
 
 def _safe_steps(run_dir: Any) -> int:
@@ -349,7 +350,7 @@ async def _drive(ctx: JobContext, hooks: Hooks, state: JobState, seen: int,
         ledger, _ = recorded_cost(ctx.run_dir, job)
         await reporter.write(st.started(reporter.conditions, state.services, done,
                                         job.spec.steps, state.generation,
-                                        has_budget=_has_budget(job)))
+                                        has_budget=job.spec.budget.limited))
 
         async def on_step(record: StepRecord) -> None:
             ledger.add(record.metrics)
