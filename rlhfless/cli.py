@@ -1,8 +1,9 @@
-"""`rlhfless` command line: run, validate, manifests, export, crd, operator, serve, simulate.
+"""`rlhfless` command line: run, validate, report, manifests, export, crd, operator, serve,
+simulate.
 
 Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, the checkpoint to
-resume, a metrics port in use), 130 interrupted (Ctrl-C; the last completed step is
-checkpointed).
+resume, a metrics port in use), 3 stopped by spec.budget (raise it, then --resume), 130
+interrupted (Ctrl-C; the last completed step is checkpointed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ if TYPE_CHECKING:
     from rlhfless.driver.prometheus import JobReporter, MetricsServer
     from rlhfless.driver.records import StepRecord
 
-EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+if TYPE_CHECKING:
+    from rlhfless.cost import BudgetCheck
+
+EXIT_FAILED, EXIT_INVALID, EXIT_BUDGET, EXIT_INTERRUPTED = 1, 2, 3, 130
 # Function instances listen on loopback only; the job's metrics sit beside them.
 METRICS_HOST = "127.0.0.1"
 
@@ -125,6 +129,34 @@ def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
             console.print(f"  [dim]capacity: {escape(source)}[/]")
 
 
+def _budget_stop(job_file: Path, message: str, completed: int, steps: int) -> typer.Exit:
+    err_console.print(f"[bold yellow]Budget reached:[/] {escape(message)}")
+    err_console.print(f"Stopped after step {completed} of {steps} (checkpointed). Raise the "
+                      f"budget in {escape(str(job_file))}, then: rlhfless run "
+                      f"{escape(str(job_file))} --resume")
+    return typer.Exit(EXIT_BUDGET)
+
+
+def _check_budget_left(run_dir: Path, job: RLHFJob, job_file: Path) -> None:
+    """Refuse to start the functions for a resumed run whose budget is already used up."""
+    from rlhfless.cost import Ledger, check_budget
+    from rlhfless.driver.records import MetricsLog
+    from rlhfless.store import load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir)
+    done = checkpoint.step if checkpoint is not None else 0
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    try:
+        rows = log.read(upto=done)
+    except (ValueError, KeyError, TypeError) as exc:
+        err_console.print(f"[bold red]cannot resume:[/] {escape(str(log.path))} is not a "
+                          f"metrics log ({escape(str(exc))}). Nothing was changed.")
+        raise typer.Exit(EXIT_INVALID) from None
+    budget = check_budget(Ledger.of(rows), job.spec.budget)
+    if budget.exceeded and done < job.spec.steps:
+        raise _budget_stop(job_file, budget.message, done, job.spec.steps)
+
+
 @app.command()
 def validate(
     job_file: Annotated[Path, typer.Argument(help="RLHFJob YAML file.")],
@@ -132,11 +164,15 @@ def validate(
 ) -> None:
     """Check a job file: every spec error, its dataset (when it is here), tensor parallelism,
     and the memory plan."""
+    from rlhfless.cost import job_cost_warnings
+
     job = _load_or_exit(job_file)
     _fit_or_exit(job, job_file, gpu_memory, show=True)
     dataset_note = _check_dataset_here(job)
     console.print(f"[green]{job_file}: valid[/] (job {job.metadata.name}, "
                   f"{job.spec.algorithm.name}, {job.spec.steps} steps{dataset_note})")
+    for warning in job_cost_warnings(job.spec):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _check_dataset_here(job: RLHFJob) -> str:
@@ -175,6 +211,7 @@ def run(
     """Run a job on the embedded local runtime (each stage a local function process).
 
     Exit codes: 0 done, 1 the run failed, 2 invalid input (a metrics port in use too),
+    3 stopped by spec.budget,
     130 interrupted."""
     job = _load_or_exit(job_file)
     if steps is not None:
@@ -193,6 +230,7 @@ def run(
         raise typer.Exit(EXIT_INVALID)
     if resume:
         _check_resumable(run_dir)
+        _check_budget_left(run_dir, job, job_file)
     # Take the port before touching the run directory: a port in use changes nothing.
     reporter, server = (None, None) if metrics_port is None else _serve_job_metrics(
         job, metrics_port)
@@ -202,7 +240,7 @@ def run(
         _write_prometheus_config(run_dir, job, server.port)
     resume_hint = f"Resume with: rlhfless run {job_file} --resume"
     try:
-        completed, interrupted = asyncio.run(_run_local(job, run_dir, reporter))
+        completed, interrupted, budget = asyncio.run(_run_local(job, run_dir, reporter))
     except KeyboardInterrupt:
         err_console.print(f"[yellow]Aborted; the last completed step is checkpointed. "
                           f"{resume_hint}[/]")
@@ -216,6 +254,8 @@ def run(
         if server is not None:
             server.close()
     _summarise(run_dir, completed, job)
+    if budget.exceeded and completed < job.spec.steps:
+        raise _budget_stop(job_file, budget.message, completed, job.spec.steps)
     if interrupted and completed < job.spec.steps:
         # A resumable stop is still a stop: scripts must not mistake it for a finished run.
         err_console.print(f"[yellow]Stopped after step {completed} of {job.spec.steps}. "
@@ -261,9 +301,9 @@ def _write_prometheus_config(run_dir: Path, job: RLHFJob, port: int) -> None:
     console.print(f"metrics: http://{METRICS_HOST}:{port}/metrics · Prometheus config: {path}")
 
 
-async def _run_local(job: RLHFJob, run_dir: Path,
-                     reporter: JobReporter | None = None) -> tuple[int, bool]:
-    """(steps completed, whether Ctrl-C asked to stop)."""
+async def _run_local(job: RLHFJob, run_dir: Path, reporter: JobReporter | None = None
+                     ) -> tuple[int, bool, BudgetCheck]:
+    """(steps completed, whether Ctrl-C asked to stop, the budget when the driver stopped)."""
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
 
@@ -289,11 +329,12 @@ async def _run_local(job: RLHFJob, run_dir: Path,
 
         def on_step(record: StepRecord) -> None:
             m = record.metrics
+            usd = f" · ${m['cost/dollars']:.4f}" if "cost/dollars" in m else ""
             progress.update(task, completed=record.step, info=(
                 f"reward {record.reward_mean:.3f} · step {m['timing_s/step']:.1f}s · "
-                f"{m['cost/gpu_seconds']:.1f} GPU-s"))
+                f"{m['cost/gpu_seconds']:.1f} GPU-s{usd}"))
             if reporter is not None:
-                reporter.step(record, runtime.meter())
+                reporter.step(record, runtime.meter(), driver.budget.used)
 
         if reporter is not None:
             reporter.driver_started()
@@ -303,7 +344,7 @@ async def _run_local(job: RLHFJob, run_dir: Path,
         finally:
             if reporter is not None:
                 reporter.driver_stopped()
-    return completed, stop.is_set()
+    return completed, stop.is_set(), driver.budget
 
 
 def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
@@ -325,8 +366,44 @@ def _summarise(run_dir: Path, completed: int, job: RLHFJob) -> None:
     console.print(table)
     first, last = rows[0]["reward/mean"], rows[-1]["reward/mean"]
     console.print(f"reward {first:.3f} → {last:.3f}; metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(_cost_line(rows))
     for p in plots:
         console.print(f"plot: {p}")
+    console.print(f"report: rlhfless report {run_dir}")
+
+
+def _cost_line(rows: list[dict]) -> str:
+    from rlhfless.cost import Ledger
+
+    ledger = Ledger.of(rows)
+    usd = "" if ledger.dollars is None else f" (${ledger.dollars:.4f})"
+    line = f"cost: {ledger.gpu_seconds:.1f} GPU-s{usd}"
+    if ledger.serverful_gpu_seconds > 0:
+        sf_usd = ("" if ledger.serverful_dollars is None
+                  else f" (${ledger.serverful_dollars:.4f})")
+        line += (f"; serverful on the same timings: {ledger.serverful_gpu_seconds:.1f} "
+                 f"GPU-s{sf_usd}")
+    return line
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the page (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML report of a run: reward, cost per stage, where the
+    GPU-seconds went, the instance timeline, scheduling decisions, serverful comparison.
+
+    Exit codes: 0 written, 2 nothing to report (no metrics in RUN_DIR)."""
+    from rlhfless.report import ReportError, write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except ReportError as exc:
+        err_console.print(f"[bold red]no report:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    console.print(f"report: {path}")
 
 
 @app.command()

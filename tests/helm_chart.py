@@ -157,6 +157,8 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
         "serviceAccountName": "rlhf-functions",
         "podMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
     },
+    "cost": {"gpuType": "B200", "pricing": "spot",
+             "prices": {"B200": {"onDemand": 9.5, "spot": 4.25}, "H100": {"spot": 2.1}}},
     "serviceAccount": {"create": True, "name": "rlhf-sa", "annotations": {"a": "b"}},
     "crds": {"install": True, "keep": False},
     "weights": {"claimName": "shared-weights", "storageClassName": "-", "size": "20Gi",

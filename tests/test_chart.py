@@ -72,7 +72,12 @@ def test_helm_lint_strict_passes(values: dict[str, Any]) -> None:
     {"weights": {"accessModes": ["ReadWriteEverywhere"]}},
     {"image": {"digest": "latest"}},
     {"operator": {"watchNamespace": "Not_A_Namespace"}},
-], ids=["type", "unknown-key", "access-mode", "digest", "namespace"])
+    {"cost": {"prices": {"H100": {"onDemand": -1}}}},
+    {"cost": {"prices": {"L4": {"spot": "cheap"}}}},
+    {"cost": {"prices": {"L4": {"reserved": 0.2}}}},
+    {"cost": {"pricing": "reserved"}},
+], ids=["type", "unknown-key", "access-mode", "digest", "namespace", "negative-price",
+        "price-word", "price-unknown-column", "pricing"])
 def test_values_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     proc = lint(bad)
     assert proc.returncode != 0, f"helm lint accepted {bad}"
@@ -237,6 +242,10 @@ def test_deployment_env_configures_the_operator(values: dict[str, Any]) -> None:
     assert config.max_retries == v["operator"]["maxRetries"]
     assert config.retry_backoff_s == v["operator"]["retryBackoffSeconds"]
     assert config.meter_interval_s == v["operator"]["meterIntervalSeconds"]
+    cost = v["cost"]
+    assert (config.cost.gpu_type, config.cost.pricing) == (cost["gpuType"], cost["pricing"])
+    for gpu, price in cost["prices"].items():  # helm merges these into the defaults' table
+        assert price.items() <= config.cost.prices[gpu].model_dump(by_alias=True).items()
     # The operator's own mount of the weights volume is where the config says.
     container = dep["spec"]["template"]["spec"]["containers"][0]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "data")

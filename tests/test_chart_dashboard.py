@@ -46,6 +46,12 @@ REQUIRED_PANELS = {
     "Idle ratio per stage": {"rlhfless_idle_ratio"},
     "Length-prediction error": {"rlhfless_length_prediction_mae_tokens"},
     "Scheduling decisions": {"rlhfless_scheduling_actors_chosen"},
+    "Dollars per stage": {"rlhfless_cost_dollars_total"},
+    "Cumulative dollars per stage": {"rlhfless_cost_dollars_total"},
+    "GPU-seconds by use per stage": {"rlhfless_gpu_seconds_by_use_total"},
+    "Serverless vs serverful GPU-seconds": {"rlhfless_gpu_seconds_total",
+                                            "rlhfless_serverful_gpu_seconds_total"},
+    "Budget used": {"rlhfless_budget_used_ratio"},
 }
 
 
@@ -154,9 +160,12 @@ def test_dashboard_has_the_required_panels() -> None:
     for title in stage_panels:  # per-stage panels split or label by stage
         exprs = " ".join(t["expr"] + t["legendFormat"] for t in by_title[title]["targets"])
         assert "stage" in exprs, title
-    cumulative = " ".join(t["expr"] for t in by_title["Cumulative GPU-seconds per stage"]
-                          ["targets"])
-    assert "rate(" not in cumulative and "increase(" not in cumulative
+    for title in ("Cumulative GPU-seconds per stage", "Cumulative dollars per stage"):
+        cumulative = " ".join(t["expr"] for t in by_title[title]["targets"])
+        assert "rate(" not in cumulative and "increase(" not in cumulative
+    # The waste split shows each use of each stage.
+    split = by_title["GPU-seconds by use per stage"]["targets"][0]
+    assert "by (stage, use)" in split["expr"] and "{{use}}" in split["legendFormat"]
 
 
 # -- PromQL --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.runtime.base import InstanceUsage
 
 # Every label any rlhfless series may carry, and what bounds its values.
-ALLOWED_LABELS = {"namespace", "job", "stage", "outcome", "phase", "le"}
+ALLOWED_LABELS = {"namespace", "job", "stage", "outcome", "phase", "le", "use"}  # use: 4 values
 HIGH_CARDINALITY = [
     re.compile(r"^\d+$"),  # a step number, a version, a pid
     re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),  # a uid
@@ -65,7 +65,11 @@ def job_step(metrics: JobMetrics, step: int) -> None:
         "cost/gpu_seconds/trainer": 1.0, "cost/cold_start_gpu_seconds/trainer": 0.0,
         "idle_ratio/actor": 0.3, "sched/actors": float(step % 3 + 1),
         "sched/pred_mae_tokens": float(step), "reward/mean": step / 100,
+        "cost/dollars/actor": 0.01, "cost/split/busy/actor": 1.5,
+        "cost/split/cold_start/actor": 0.5, "cost/serverful/gpu_seconds": 4.0,
+        "cost/serverful/dollars": 0.02, "cost/tail/share": 0.25,
         f"train/step_{step}": 1.0}))
+    metrics.observe_budget("ml", "demo", step / 100)
     # A fresh instance name every step, as scale-to-zero produces.
     metrics.observe_usage("ml", "demo", [InstanceUsage("actor", f"actor-{step}", 1, 0.0, None,
                                                        0.0)])

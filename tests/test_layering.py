@@ -41,6 +41,14 @@ def test_imports_point_down(forbidden: str, packages: tuple[str, ...]) -> None:
     assert offenders(packages, forbidden) == []
 
 
+def test_cost_accounting_is_pure() -> None:
+    """rlhfless.cost is numbers in, numbers out: the driver and the operator call it, never
+    the other way round, and it touches no runtime, cluster or function server."""
+    for forbidden in ("rlhfless.driver", "rlhfless.operator", "rlhfless.runtime",
+                      "rlhfless.knative", "rlhfless.functions", "rlhfless.report"):
+        assert offenders(("cost",), forbidden) == [], forbidden
+
+
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from rlhfless.operator.config import Hooks\n")

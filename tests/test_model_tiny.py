@@ -254,6 +254,9 @@ def test_cut_and_continue_reproduces_uncut_samples(eos_prone, temperature, top_p
     keys = [prompt_key(f"p{i}") for i in range(len(prompts))]
     full = generate(model, tok, prompts, n, keys=keys, **kw)
     assert all(s["finished"] for s in full)
+    # One token per sample per decode step: a shorter sample never finishes later.
+    times = [s["finished_at"] for s in sorted(full, key=lambda s: len(s["response"]))]
+    assert None not in times and times == sorted(times)
     lengths = sorted({len(s["response"]) for s in full})
     assert len(lengths) > 1  # samples end at different times: a cut leaves some unfinished
     # cut once every sample of length <= the middle finishing step is done
@@ -265,7 +268,7 @@ def test_cut_and_continue_reproduces_uncut_samples(eos_prone, temperature, top_p
     cut_off = [s for s in cut if not s["finished"]]
     assert len(done) == stop_after and cut_off
     assert all(len(s["response"]) == middle for s in cut_off)
-    assert all(s["stop_reason"] == "cut" for s in cut_off)
+    assert all(s["stop_reason"] == "cut" and s["finished_at"] is None for s in cut_off)
     for s in done:
         assert s["response"] == full[s["prompt_index"] * n + s["sample_index"]]["response"]
 

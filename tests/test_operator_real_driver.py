@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from kmock_cluster import emulated_cluster
 
+from rlhfless.api.spec import GpuPrice
+from rlhfless.cost import CostDefaults
 from rlhfless.driver.records import MetricsLog
 from rlhfless.operator.config import OperatorConfig, real_driver
 from rlhfless.operator.metrics import OperatorMetrics
@@ -34,7 +36,8 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     metrics = OperatorMetrics()
     async with emulated_cluster() as cluster:
         hooks = cluster.hooks(
-            config=OperatorConfig(data_dir=tmp_path, watch_interval_s=0.05),
+            config=OperatorConfig(data_dir=tmp_path, watch_interval_s=0.05,
+                                  cost=CostDefaults("L4", "spot", {"L4": GpuPrice(spot=0.36)})),
             runtime_factory=lambda ctx: LocalRuntime(ctx.job, ctx.store_dir, ctx.run_dir,
                                                      threads_per_instance=1),
             driver_factory=real_driver,
@@ -63,3 +66,8 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     assert [r["step"] for r in rows] == [1, 2]
     assert status["reward"] == pytest.approx(rows[-1]["reward/mean"])
     assert metrics.steps.labels("default", "real")._value.get() == 2
+    # The cluster's GPU type and price reached the driver: status.cost in dollars.
+    cost = status["cost"]
+    assert cost["gpuSeconds"] == pytest.approx(sum(r["cost/gpu_seconds"] for r in rows), rel=1e-3)
+    assert cost["dollars"] == pytest.approx(cost["gpuSeconds"] * 0.36 / 3600, rel=1e-3)
+    assert cost["serverfulGpuSeconds"] > 0

@@ -50,7 +50,8 @@ INTERVAL_S = SCRAPE_S
 RATE_INTERVAL_S = max(INTERVAL_S + SCRAPE_S, 4 * SCRAPE_S)
 DEADLINE_S = 300.0  # for everything to show up on a loaded 2-core machine
 # Labels a scraped rlhfless series may carry (its own, plus the scrape target's instance).
-SERIES_LABELS = {"__name__", "namespace", "job", "stage", "outcome", "phase", "le", "instance"}
+SERIES_LABELS = {"__name__", "namespace", "job", "stage", "outcome", "phase", "le", "use",
+                 "instance"}
 LOCAL_JOB = "e2e"
 JOB_YAML = f"""apiVersion: rlhfless.io/v1alpha1
 kind: RLHFJob
@@ -62,6 +63,7 @@ spec:
   reward: {{name: target_char, args: {{char: "5"}}}}
   generation: {{maxNewTokens: 8}}
   scheduling: {{actors: 1, maxActors: 1, keepAliveS: 120}}
+  budget: {{maxGpuHours: 1000}}  # far from spent: the budget panel has a series to show
   steps: 100000
 """
 

@@ -181,6 +181,8 @@ def test_book_scores_a_continuations_prefix_before_allowing_a_cut():
     assert first.logprobs == [-0.4, -0.41, -0.42, -0.43]
     assert second.response == [EOS] and second.logprobs == [-0.7] and second.finished
     assert book.new_tokens() == 2
+    # When each sample finished (for the rollout-tail accounting); a cut one has no time.
+    assert second.finished_at is not None and first.finished_at is None
 
 
 # ---- the logits processor -----------------------------------------------------------------------

@@ -20,7 +20,8 @@ from pydantic.alias_generators import to_camel
 
 from rlhfless.api.imageref import MAX_NAME_LENGTH, NAME_LENGTH_PATTERN
 from rlhfless.api.names import JOB_NAME_PATTERN, MAX_JOB_NAME
-from rlhfless.api.spec import API_GROUP, KIND, JobSpec
+from rlhfless.api.spec import API_GROUP, GPU_TYPE_PATTERN, KIND, JobSpec
+from rlhfless.api.stages import STAGE_NAMES
 
 VERSION = "v1alpha1"
 PLURAL = "rlhfjobs"
@@ -54,6 +55,35 @@ class Condition(_StatusModel):
     )
 
 
+class StageCostStatus(_StatusModel):
+    gpu_seconds: float = Field(..., ge=0, description="GPU-seconds billed to the stage.")
+    dollars: float | None = Field(
+        None, ge=0, description="Dollars (absent: no price for the stage's GPU type)."
+    )
+
+
+class CostStatus(_StatusModel):
+    """What the job cost so far (rlhfless.cost.cost_status over the recorded steps)."""
+
+    gpu_seconds: float = Field(..., ge=0, description="GPU-seconds billed (GPUs x seconds "
+                               "alive, cold start and keep-alive included).")
+    dollars: float | None = Field(
+        None, ge=0, description="Dollars (absent: a GPU type of the job has no price)."
+    )
+    stages: dict[str, StageCostStatus] | None = Field(None, description="Per stage.")
+    serverful_gpu_seconds: float | None = Field(
+        None, ge=0, description="GPU-seconds a serverful layout would have held on the same "
+        "timings (every stage's GPUs for the whole step)."
+    )
+    serverful_dollars: float | None = Field(None, ge=0, description="The same in dollars.")
+    next_step_gpu_seconds: float | None = Field(
+        None, ge=0, description="Predicted GPU-seconds of the next step (budget check)."
+    )
+    next_step_dollars: float | None = Field(
+        None, ge=0, description="Predicted dollars of the next step (budget check)."
+    )
+
+
 class JobStatus(_StatusModel):
     """What the operator reports; written only through the status subresource."""
 
@@ -63,6 +93,8 @@ class JobStatus(_StatusModel):
     cost_gpu_seconds: float | None = Field(
         None, ge=0, description="GPU-seconds billed so far (GPUs x seconds alive)."
     )
+    cost: CostStatus | None = Field(None, description="Cost so far, per stage, and the "
+                                    "serverful comparison.")
     weights_version: int | None = Field(None, ge=0, description="Current weights version.")
     checkpoint: str | None = Field(None, description="Checkpoint of the last recorded step.")
     observed_generation: int | None = Field(
@@ -92,8 +124,8 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
         return {**merged, **rest}
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in ("title", "$defs"):
-            continue
+        if key in ("title", "$defs", "propertyNames"):
+            continue  # no propertyNames in structural schemas: map keys are checked by CEL
         if key == "default" and value is None:
             continue  # "absent" already means None
         if key == "additionalProperties":
@@ -245,6 +277,13 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
         _rule("self.backend == 'deepspeed' || self.zeroStage == 0",
               "zeroStage needs backend 'deepspeed'"),
     ],
+    ("cost",): [
+        _rule("!has(self.stageGpuTypes) || self.stageGpuTypes.all(k, k in ["
+              + ", ".join(f"'{n}'" for n in STAGE_NAMES) + "])",
+              "stageGpuTypes keys must be stage names: " + ", ".join(STAGE_NAMES)),
+        _rule(f"!has(self.prices) || self.prices.all(k, k.matches('{GPU_TYPE_PATTERN}'))",
+              "prices keys must be GPU type names (letters, digits, '.', '_', '-')"),
+    ],
     ("image",): [
         # The schema's pattern is the reference grammar; this adds the name's length limit.
         _rule(f"self.matches('{NAME_LENGTH_PATTERN}')",
@@ -294,6 +333,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Steps", "type": "integer", "jsonPath": ".spec.steps", "priority": 1},
     {"name": "Reward", "type": "number", "jsonPath": ".status.reward"},
     {"name": "Cost GPU-s", "type": "number", "jsonPath": ".status.costGpuSeconds"},
+    {"name": "Cost $", "type": "number", "jsonPath": ".status.cost.dollars"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -31,7 +31,7 @@ from rlhfless.api.quantity import (
     check_quantity,
     quantity_is_text,
 )
-from rlhfless.api.stages import StageTable, stage_table
+from rlhfless.api.stages import STAGE_NAMES, StageTable, stage_table
 from rlhfless.api.yamlload import json_problem, read_document
 
 API_GROUP = "rlhfless.io"
@@ -341,6 +341,64 @@ class LoggingSpec(SpecModel):
         return self
 
 
+# A GPU type as price tables name it ("H100", "A100-80GB", "L40S"); matched case-insensitively.
+GPU_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+GpuType = Annotated[str, Field(max_length=63, pattern=GPU_TYPE_PATTERN)]
+
+
+class GpuPrice(SpecModel):
+    on_demand: float | None = Field(
+        None, ge=0, le=1_000_000, description="$ per GPU-hour, on demand."
+    )
+    spot: float | None = Field(None, ge=0, le=1_000_000, description="$ per GPU-hour, spot.")
+
+
+class CostSpec(SpecModel):
+    """What a GPU-second costs: dollars = GPU-seconds × the price of the stage's GPU type."""
+
+    gpu_type: GpuType | None = Field(
+        None, description="GPU type of every stage (default: the operator's cost.gpuType; "
+        "H100 for `rlhfless run`)."
+    )
+    stage_gpu_types: dict[str, GpuType] = Field(
+        default_factory=dict, description="GPU type per stage, overriding gpuType "
+        "(keys: stage names, e.g. actor: L40S)."
+    )
+    pricing: Literal["onDemand", "spot"] | None = Field(
+        None, description="Which price applies (default: the operator's cost.pricing; "
+        "onDemand for `rlhfless run`)."
+    )
+    prices: dict[GpuType, GpuPrice] = Field(
+        default_factory=dict, description="$ per GPU-hour by GPU type, over the built-in "
+        "and the operator's table (rlhfless.cost.prices)."
+    )
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> CostSpec:
+        for stage in self.stage_gpu_types:
+            if stage not in STAGE_NAMES:
+                raise FieldError(f"stageGpuTypes.{stage}",
+                                 f"unknown stage; stages: {', '.join(STAGE_NAMES)}")
+        return self
+
+
+class BudgetSpec(SpecModel):
+    """Spend limits: the job suspends (condition BudgetExceeded) before a step that would
+    cross one; raising the limit resumes it."""
+
+    max_gpu_hours: float | None = Field(
+        None, gt=0, le=1e12, description="GPU-hours the job may use (GPUs × hours alive)."
+    )
+    max_dollars: float | None = Field(
+        None, gt=0, le=1e12, description="Dollars the job may spend (needs a price for every "
+        "GPU type it uses)."
+    )
+
+    @property
+    def limited(self) -> bool:
+        return self.max_gpu_hours is not None or self.max_dollars is not None
+
+
 class JobSpec(SpecModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
@@ -352,6 +410,8 @@ class JobSpec(SpecModel):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
     steps: int = Field(10, ge=1, le=10_000_000, description="RL steps to run.")
     seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of sampling and shuffling.")
     image: ImageReference = Field(

@@ -65,6 +65,9 @@ class RolloutSample(BaseModel):
     response: TokenIds
     logprobs: list[float]
     finished: bool
+    # When the sample finished (Unix seconds, the actor's clock); absent from actors that do
+    # not report it, and for unfinished (cut) samples. Feeds the rollout-tail accounting.
+    finished_at: float | None = None
 
 
 class ActorResponse(BaseModel):

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from rlhfless.api.spec import RLHFJob
+from rlhfless.cost import BudgetCheck, Ledger, check_budget, job_cost_warnings, job_prices
 from rlhfless.driver.learn import build_train_request, score_payloads
-from rlhfless.driver.metrics import StepTrace, step_metrics, timeline, work_seconds
+from rlhfless.driver.metrics import (
+    StepTrace,
+    requests_timeline,
+    step_metrics,
+    timeline,
+    work_seconds,
+)
 from rlhfless.driver.planner import Planner
 from rlhfless.driver.prewarm import PhasePrewarmer
 from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
@@ -37,6 +45,7 @@ from rlhfless.store import (
 )
 
 StepCallback = Callable[[StepRecord], Awaitable[None] | None]
+log = logging.getLogger("rlhfless.driver")
 
 
 class Driver:
@@ -50,6 +59,9 @@ class Driver:
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
+        self.prices = job_prices(self.spec)
+        self.ledger = Ledger()
+        self.budget = BudgetCheck()  # exceeded: run() stops before the next step
         self._tokenizer = None
         self._dataset: list[dict] | None = None
 
@@ -60,13 +72,14 @@ class Driver:
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None,
                   on_step: StepCallback | None = None) -> int:
-        """Run until spec.steps are done or `stop` is set (checked between steps)."""
+        """Run until spec.steps are done, `stop` is set (checked between steps) or the next
+        step would exceed spec.budget (`self.budget` says so; the last step is checkpointed)."""
         # Loading a model (materialising v0) is blocking work: keep the event loop free
         # (the operator runs this driver inside kopf's loop).
         await asyncio.to_thread(self._prepare)
         try:
             while self.checkpoint.step < self.spec.steps:
-                if stop is not None and stop.is_set():
+                if (stop is not None and stop.is_set()) or self.budget.exceeded:
                     break
                 record = await self.step(self.checkpoint.step + 1)
                 if on_step is not None:
@@ -88,6 +101,10 @@ class Driver:
         self._dataset = load_dataset(self.spec.dataset, self.spec.reward)
         self.metrics_log.sinks = open_sinks(self.spec.logging, self.job.metadata.name,
                                             self.run_dir, self.checkpoint.step)
+        self.ledger = Ledger.of(self.metrics_log.read())
+        self.budget = check_budget(self.ledger, self.spec.budget)
+        for warning in job_cost_warnings(self.spec):
+            log.warning("%s", warning)
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
@@ -126,7 +143,7 @@ class Driver:
         trace = StepTrace(t0, time.time(), gen_s, busy, self.runtime.meter(), rollout, scores,
                           reply)
         sched = self.planner.observe(items, rollout, trace.usages, work_seconds(trace), t0)
-        metrics = step_metrics(trace, learn_stats, plan.decisions, sched)
+        metrics = step_metrics(trace, learn_stats, plan.decisions, sched, prices=self.prices)
         return self._record(step, trace, metrics, int(reply["weights_version"]))
 
     def _record(self, step: int, trace: StepTrace, metrics: dict[str, Any],
@@ -143,9 +160,13 @@ class Driver:
             gpu_seconds_total=self.checkpoint.gpu_seconds_total, weights_version=new_version,
             checkpoint=str(self.run_dir / CHECKPOINT_FILE),
             timeline=timeline(trace.usages, trace.t0, trace.t1),
+            requests=requests_timeline(trace.busy, trace.t0, trace.t1),
         )
         self.metrics_log.append(record)
-        if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
+        self.ledger.add(metrics)
+        self.budget = check_budget(self.ledger, self.spec.budget)
+        due = step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps
+        if due or self.budget.exceeded:  # a budget stop resumes exactly here
             save_checkpoint(self.run_dir, self.checkpoint)
             self.store.prune(new_version, self.spec.checkpoint.keep)
         return record

@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlhfless.driver.records import BusyInterval, cost_by_stage, idle_ratios
+from rlhfless.api.stages import PHASE_OF
+from rlhfless.cost import StagePrices, cost_metrics
+from rlhfless.driver.records import BusyInterval, cost_by_stage, idle_ratios, lifetimes
 from rlhfless.driver.rollout import RolloutResult
 from rlhfless.runtime.base import InstanceUsage
 
@@ -47,7 +49,20 @@ def work_seconds(trace: StepTrace) -> dict[str, float]:
     }
 
 
-def step_metrics(trace: StepTrace, *extra: Mapping[str, float]) -> dict[str, float]:
+def cost_keys(trace: StepTrace, prices: StagePrices | None) -> dict[str, float]:
+    """Where the step's GPU-seconds went, dollars, the rollout tail, serverful (rlhfless.cost)."""
+    requests: dict[str, list[tuple[float, float]]] = {}
+    for b in trace.busy:
+        requests.setdefault(b.stage, []).append((b.start, b.end))
+    samples = [(s.finished_at, len(s.response))
+               for group in trace.rollout.samples.values() for s in group]
+    return cost_metrics(lifetimes(trace.usages), requests, trace.t0, trace.t1, prices,
+                        rollout_stages=[s for s, p in PHASE_OF.items() if p == "rollout"],
+                        samples=samples)
+
+
+def step_metrics(trace: StepTrace, *extra: Mapping[str, float],
+                 prices: StagePrices | None = None) -> dict[str, float]:
     """The step's metrics row; `extra` (learning, planning, scheduling stats) is merged in."""
     step_s = trace.t1 - trace.t0
     costs = cost_by_stage(trace.usages, trace.t0, trace.t1)
@@ -72,6 +87,7 @@ def step_metrics(trace: StepTrace, *extra: Mapping[str, float]) -> dict[str, flo
         **{f"cost/cold_start_gpu_seconds/{k}": c.cold_gpu_seconds for k, c in costs.items()},
         **{f"idle_ratio/{k}": v
            for k, v in idle_ratios(trace.usages, trace.busy, trace.t0, trace.t1).items()},
+        **cost_keys(trace, prices),
     }
     for more in extra:
         metrics.update(more)
@@ -86,3 +102,10 @@ def timeline(usages: Sequence[InstanceUsage], t0: float, t1: float) -> list[dict
              "end": (u.ended_at or t1) - t0, "cold_start": u.cold_start_s,
              **({"gpus": list(u.devices)} if u.devices else {})}
             for u in usages if (u.ended_at or t1) > t0]
+
+
+def requests_timeline(busy: Sequence[BusyInterval], t0: float,
+                      t1: float) -> list[dict[str, object]]:
+    """Stage requests in flight during the step, relative to its start (busy vs alive)."""
+    return [{"stage": b.stage, "start": max(b.start, t0) - t0, "end": min(b.end, t1) - t0}
+            for b in busy if min(b.end, t1) > max(b.start, t0)]

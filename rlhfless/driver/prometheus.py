@@ -28,6 +28,14 @@ from prometheus_client import (
     start_http_server,
 )
 
+from rlhfless.cost.row import (
+    KEY_DOLLARS,
+    KEY_SERVERFUL_DOLLARS,
+    KEY_SERVERFUL_GPU_SECONDS,
+    KEY_SPLIT,
+    KEY_TAIL_SHARE,
+)
+from rlhfless.cost.split import USES
 from rlhfless.driver.records import StepRecord
 from rlhfless.runtime.base import InstanceUsage
 
@@ -44,6 +52,12 @@ JOB_METRIC_NAMES: tuple[str, ...] = (
     "rlhfless_job_last_step_timestamp_seconds",
     "rlhfless_driver_running",
     "rlhfless_driver_start_time_seconds",
+    "rlhfless_cost_dollars_total",
+    "rlhfless_gpu_seconds_by_use_total",
+    "rlhfless_serverful_gpu_seconds_total",
+    "rlhfless_serverful_dollars_total",
+    "rlhfless_rollout_tail_ratio",
+    "rlhfless_budget_used_ratio",
 )
 """What is exported per job, as PromQL sees it (a histogram by its base name)."""
 
@@ -116,6 +130,24 @@ class JobMetrics:
                                        "job's driver last (re)started: changes() counts "
                                        "restarts, whichever process restarted.", job,
                                        registry=r)
+        self.dollars = Counter("rlhfless_cost_dollars", "Dollars billed (GPU-seconds x the "
+                               "price of the stage's GPU type); absent without a price.",
+                               per_stage, registry=r)
+        self.gpu_seconds_by_use = Counter(
+            "rlhfless_gpu_seconds_by_use", "GPU-seconds by what they were spent on: busy, "
+            "cold_start, prewarm_wait, keep_alive_idle (they add up to "
+            "rlhfless_gpu_seconds_total).", (*per_stage, "use"), registry=r)
+        self.serverful_gpu_seconds = Counter(
+            "rlhfless_serverful_gpu_seconds", "GPU-seconds a serverful layout would have held "
+            "on the same timings (every stage's GPUs for the whole step).", job, registry=r)
+        self.serverful_dollars = Counter("rlhfless_serverful_dollars", "The serverful layout's "
+                                         "GPU-seconds in dollars.", job, registry=r)
+        self.tail_ratio = Gauge("rlhfless_rollout_tail_ratio", "Share of the last rollout "
+                                "spent with fewer than half of its samples running (0-1).",
+                                job, registry=r)
+        self.budget_used = Gauge("rlhfless_budget_used_ratio", "Largest fraction of a "
+                                 "spec.budget limit spent (0-1; above 1 is over).", job,
+                                 registry=r)
 
     # -- updates -------------------------------------------------------------------------
     def driver_started(self, namespace: str, name: str, stages: Iterable[str] = (),
@@ -155,11 +187,29 @@ class JobMetrics:
                 self.cold_gpu_seconds.labels(*job, stage).inc(max(0.0, float(value)))
             elif key.startswith(KEY_IDLE_PREFIX):
                 self.idle_ratio.labels(*job, key.removeprefix(KEY_IDLE_PREFIX)).set(float(value))
+            elif key.startswith(KEY_DOLLARS + "/"):
+                self.dollars.labels(*job, key.removeprefix(KEY_DOLLARS + "/")).inc(
+                    max(0.0, float(value)))
+            elif key.startswith(KEY_SPLIT + "/") and key.count("/") == 3:
+                use, stage = key.split("/")[2:]
+                if use in USES:
+                    self.gpu_seconds_by_use.labels(*job, stage, use).inc(max(0.0, float(value)))
+        for key, counter in ((KEY_SERVERFUL_GPU_SECONDS, self.serverful_gpu_seconds),
+                             (KEY_SERVERFUL_DOLLARS, self.serverful_dollars)):
+            if key in m:
+                counter.labels(*job).inc(max(0.0, float(m[key])))
+        if KEY_TAIL_SHARE in m:
+            self.tail_ratio.labels(*job).set(float(m[KEY_TAIL_SHARE]))
         self.reward.labels(*job).set(float(record.reward_mean))
         if KEY_ACTORS_CHOSEN in m:
             self.actors_chosen.labels(*job).set(float(m[KEY_ACTORS_CHOSEN]))
         if KEY_LENGTH_MAE in m:
             self.length_mae.labels(*job).set(float(m[KEY_LENGTH_MAE]))
+
+    def observe_budget(self, namespace: str, name: str, used: float | None) -> None:
+        """The budget check after a step (`None`: the job sets no budget)."""
+        if used is not None:
+            self.budget_used.labels(namespace, name).set(used)
 
     def observe_usage(self, namespace: str, name: str, usages: Iterable[InstanceUsage]) -> None:
         alive = sum(1 for u in usages if u.stage == "actor" and u.ended_at is None)
@@ -191,7 +241,9 @@ class JobMetrics:
         return (self.steps, self.step_seconds, self.gpu_seconds, self.cold_gpu_seconds,
                 self.reward, self.actors_alive, self.idle_ratio, self.length_mae,
                 self.actors_chosen, self.last_step, self.driver_running,
-                self.driver_started_at)
+                self.driver_started_at, self.dollars, self.gpu_seconds_by_use,
+                self.serverful_gpu_seconds, self.serverful_dollars, self.tail_ratio,
+                self.budget_used)
 
 
 @dataclass
@@ -210,9 +262,11 @@ class JobReporter:
     def driver_stopped(self) -> None:
         self.metrics.driver_stopped(self.namespace, self.name)
 
-    def step(self, record: StepRecord, usages: Iterable[InstanceUsage]) -> None:
+    def step(self, record: StepRecord, usages: Iterable[InstanceUsage],
+             budget_used: float | None = None) -> None:
         self.metrics.observe_step(self.namespace, self.name, record)
         self.metrics.observe_usage(self.namespace, self.name, usages)
+        self.metrics.observe_budget(self.namespace, self.name, budget_used)
 
 
 def _label_sets(metric: Counter | Gauge | Histogram) -> Iterable[tuple[str, ...]]:

@@ -26,14 +26,19 @@ class BusyInterval:
     end: float
 
 
+def lifetimes(usages: Iterable[InstanceUsage]) -> dict[str, list[Lifetime]]:
+    """Each stage's instances as billing lifetimes."""
+    lives: dict[str, list[Lifetime]] = defaultdict(list)
+    for u in usages:
+        lives[u.stage].append(Lifetime(u.started_at, u.ended_at, u.gpus, u.cold_start_s))
+    return lives
+
+
 def cost_by_stage(
     usages: Iterable[InstanceUsage], t0: float, t1: float
 ) -> dict[str, CostBreakdown]:
     """GPU-seconds (and their cold-start share) of each stage's instances inside [t0, t1)."""
-    lives: dict[str, list[Lifetime]] = defaultdict(list)
-    for u in usages:
-        lives[u.stage].append(Lifetime(u.started_at, u.ended_at, u.gpus, u.cold_start_s))
-    return {stage: cost_breakdown(ls, t0, t1) for stage, ls in lives.items()}
+    return {stage: cost_breakdown(ls, t0, t1) for stage, ls in lifetimes(usages).items()}
 
 
 def idle_ratios(
@@ -65,6 +70,7 @@ class StepRecord:
     weights_version: int
     checkpoint: str
     timeline: list[dict[str, object]] = field(default_factory=list)
+    requests: list[dict[str, object]] = field(default_factory=list)  # stage requests in flight
 
 
 class MetricsLog:
@@ -78,7 +84,7 @@ class MetricsLog:
     def append(self, record: StepRecord) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"step": record.step, "weights_version": record.weights_version,
-               **record.metrics, "timeline": record.timeline}
+               **record.metrics, "timeline": record.timeline, "requests": record.requests}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         write_all(self.sinks, record.step, row)
@@ -87,16 +93,17 @@ class MetricsLog:
         close_all(self.sinks)
         self.sinks = []
 
-    def read(self) -> list[dict[str, object]]:
+    def read(self, upto: int | None = None) -> list[dict[str, object]]:
+        """Every row, or those of steps up to `upto` (the checkpointed ones)."""
         if not self.path.exists():
             return []
         rows = []
         for line in self.path.read_text().splitlines():
             if line.strip():
                 rows.append(json.loads(line))
-        return rows
+        return rows if upto is None else [r for r in rows if int(r["step"]) <= upto]
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past the checkpoint (a step that ran but was never checkpointed)."""
-        rows = [r for r in self.read() if int(r["step"]) <= step]
+        rows = self.read(upto=step)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,6 +13,7 @@ prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ class GenerationResult(list):
 
     Each sample: prompt_index, sample_index, response (prefix included), logprobs (one per
     response token: log softmax of the raw logits, i.e. the temperature-1 policy log-prob),
-    finished, stop_reason ("eos" | "length" | "cut").
+    finished, stop_reason ("eos" | "length" | "cut"), finished_at (Unix seconds; None if cut).
     """
 
     def __init__(
@@ -114,6 +115,7 @@ def generate(
         logits, rows, cache = _prefill(model, prompts, prefixes, prompt_of, logprobs)
         for r in range(total):
             reasons[r] = _stop_reason(responses[r], eos, max_new_tokens)
+        finished_at = [time.time() if reason else None for reason in reasons]
         steps, tokens = 0, None
         while True:
             live = [a for a, r in enumerate(rows.ids) if reasons[r] is None]
@@ -140,6 +142,10 @@ def generate(
                 responses[r].append(token)
                 logprobs[r].append(lp)
                 reasons[r] = _stop_reason(responses[r], eos, max_new_tokens)
+            now = time.time()
+            for r in rows.ids:
+                if reasons[r] is not None and finished_at[r] is None:
+                    finished_at[r] = now
             steps += 1
     finally:
         model.train(was_training)
@@ -152,6 +158,7 @@ def generate(
             "logprobs": logprobs[r],
             "finished": reasons[r] is not None,
             "stop_reason": reasons[r] or "cut",
+            "finished_at": finished_at[r],
         }
         for r in range(total)
     ]

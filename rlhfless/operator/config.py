@@ -6,6 +6,7 @@ uses) run the real kopf handlers with the local runtime, or a fake one, instead 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -13,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rlhfless.api.spec import RLHFJob
+from pydantic import TypeAdapter, ValidationError
+
+from rlhfless.api.spec import GPU_TYPE_PATTERN, GpuPrice, GpuType, RLHFJob
+from rlhfless.cost.prices import DEFAULT_GPU_TYPE, DEFAULT_PRICES, ON_DEMAND, SPOT, CostDefaults
+from rlhfless.cost.prices import with_defaults as cost_with_defaults
 from rlhfless.knative.services import FunctionSettings, job_dir
 from rlhfless.operator.metrics import METRICS, OperatorMetrics
 from rlhfless.runtime.base import Runtime
@@ -23,6 +28,34 @@ if TYPE_CHECKING:
 
     from rlhfless.driver.records import StepRecord
     from rlhfless.knative.kube import Kube
+
+
+_PRICE_TABLE = TypeAdapter(dict[GpuType, GpuPrice])
+
+
+def cost_defaults_from_env(env: Mapping[str, str]) -> CostDefaults:
+    """The cluster's GPU type, pricing and price table (Helm values `cost.*`); a bad value is
+    an error naming the variable, so the operator refuses to start rather than misprice."""
+    import re
+
+    gpu_type = env.get("RLHFLESS_GPU_TYPE") or DEFAULT_GPU_TYPE
+    if not re.match(GPU_TYPE_PATTERN, gpu_type):
+        raise ValueError(f"RLHFLESS_GPU_TYPE: {gpu_type!r} is not a GPU type name")
+    pricing = env.get("RLHFLESS_PRICING") or ON_DEMAND
+    if pricing not in (ON_DEMAND, SPOT):
+        raise ValueError(f"RLHFLESS_PRICING: must be {ON_DEMAND!r} or {SPOT!r}, got {pricing!r}")
+    prices = dict(DEFAULT_PRICES)
+    raw = env.get("RLHFLESS_GPU_PRICES")
+    if raw:
+        try:
+            prices = _PRICE_TABLE.validate_python(json.loads(raw), strict=True)
+        except ValidationError as exc:
+            where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                              for e in exc.errors())
+            raise ValueError(f"RLHFLESS_GPU_PRICES (Helm values cost.prices): {where}") from None
+        except ValueError as exc:
+            raise ValueError(f"RLHFLESS_GPU_PRICES: not JSON: {exc}") from None
+    return CostDefaults(gpu_type=gpu_type, pricing=pricing, prices=prices)
 
 
 def _bool(value: str | None, default: bool) -> bool:
@@ -39,6 +72,7 @@ class OperatorConfig:
     max_retries: int = 5  # consecutive failures before waiting for a spec change
     meter_interval_s: float = 5.0
     watch_interval_s: float = 0.2  # how often a running job checks for suspend/spec changes
+    cost: CostDefaults = field(default_factory=CostDefaults)  # GPU type and prices
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -57,6 +91,7 @@ class OperatorConfig:
             retry_backoff_s=float(env.get("RLHFLESS_RETRY_BACKOFF_S", "30")),
             max_retries=int(env.get("RLHFLESS_MAX_RETRIES", "5")),
             meter_interval_s=float(env.get("RLHFLESS_METER_INTERVAL_S", "5")),
+            cost=cost_defaults_from_env(env),
         )
 
     def job_paths(self, namespace: str, name: str, uid: str) -> tuple[Path, Path]:
@@ -98,10 +133,17 @@ def knative_runtime(ctx: JobContext) -> AbstractAsyncContextManager[Runtime]:
                           meter_interval_s=ctx.config.meter_interval_s)
 
 
+def priced_job(job: RLHFJob, defaults: CostDefaults) -> RLHFJob:
+    """The job with the cluster's GPU type and prices filled into `spec.cost`."""
+    spec = job.spec.model_copy(update={"cost": cost_with_defaults(job.spec.cost, defaults)})
+    return job.model_copy(update={"spec": spec})
+
+
 def real_driver(ctx: JobContext, runtime: Runtime) -> DriverLike:
     from rlhfless.driver import Driver
 
-    return Driver(ctx.job, runtime, ctx.run_dir, store_dir=ctx.store_dir)
+    return Driver(priced_job(ctx.job, ctx.config.cost), runtime, ctx.run_dir,
+                  store_dir=ctx.store_dir)
 
 
 async def cluster_api_client() -> ApiClient:

@@ -6,8 +6,10 @@
    stage), owned by the job (deleting the job deletes them through owner references).
 2. a daemon per job acts on `decide(...)` (operator/decide.py): it reports an invalid
    spec, suspends, reports success, backs off after failures, or runs the driver with the
-   runtime and patches the status after every step. `spec.suspend: true` stops it after
-   the current step and scales every stage to zero; `false` resumes from the checkpoint.
+   runtime and patches the status (`status.cost` included) after every step.
+   `spec.suspend: true` stops it after the current step and scales every stage to zero;
+   `false` resumes from the checkpoint. When the next step would cross `spec.budget` it
+   stops the same way with condition BudgetExceeded; raising the budget resumes it.
    Any other spec change restarts the driver after the current step. When kopf stops the
    daemon (job deleted, operator exiting) the step in flight is abandoned; the next
    operator resumes after the last checkpointed step, so no recorded step is repeated.
@@ -31,7 +33,8 @@ import kopf
 
 from rlhfless.api.crd import PLURAL, VERSION
 from rlhfless.api.spec import API_GROUP, API_VERSION, KIND, RLHFJob, SpecError, parse_job
-from rlhfless.driver.records import StepRecord
+from rlhfless.cost import BudgetCheck, Ledger, check_budget, cost_status
+from rlhfless.driver.records import MetricsLog, StepRecord
 from rlhfless.knative.kube import Kube
 from rlhfless.knative.manifests import job_manifests
 from rlhfless.model.fit import check_job
@@ -114,6 +117,18 @@ def immutable_changes(before: RLHFJob | None, job: RLHFJob) -> list[str]:
 def completed_steps(run_dir: Any) -> int:
     checkpoint = load_checkpoint(run_dir)
     return checkpoint.step if checkpoint is not None else 0
+
+
+def recorded_cost(run_dir: Any, job: RLHFJob) -> tuple[Ledger, BudgetCheck]:
+    """Spend over the checkpointed steps (metrics.jsonl) and the budget check on it; an
+    unreadable log counts as no spend (logged), it must not stop the daemon."""
+    try:
+        rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=_safe_steps(run_dir))
+        ledger = Ledger.of(rows)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cost of %s not read from its metrics log: %s", job.metadata.name, exc)
+        ledger = Ledger()
+    return ledger, check_budget(ledger, job.spec.budget)
 
 
 def _safe_steps(run_dir: Any) -> int:
@@ -267,10 +282,11 @@ async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo
             seen, job = state.version, state.job
             if seen != failed_version:
                 failures, retry_due = 0, False
+            ledger, budget = recorded_cost(run_dir, job) if job else (Ledger(), BudgetCheck())
             view = JobView(valid=job is not None, suspend=bool(job and job.spec.suspend),
                            steps_done=_safe_steps(run_dir), steps=job.spec.steps if job else 0,
                            failures=0 if retry_due else failures,
-                           max_retries=config.max_retries)
+                           max_retries=config.max_retries, over_budget=budget.exceeded)
             action = decide(view)
             if action is Action.INVALID:
                 await reporter.write(st.invalid_spec(reporter.conditions, state.errors or [],
@@ -293,12 +309,18 @@ async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo
                         await _scale_to_zero(ctx, hooks)
                         await reporter.write(st.suspended(reporter.conditions,
                                                           view.steps_done, state.generation))
+                    elif action is Action.BUDGET:  # raising spec.budget is a change: resumes
+                        await _scale_to_zero(ctx, hooks)
+                        await reporter.write(st.budget_exceeded(
+                            reporter.conditions, view.steps_done, budget.message,
+                            state.generation, cost=cost_status(ledger)))
                     elif action is Action.SUCCEEDED:
                         await reporter.write(st.succeeded(reporter.conditions,
                                                           view.steps_done, state.generation))
                     elif await _drive(ctx, hooks, state, seen, stopped, reporter) == "stopped":
                         return
-                    elif state.version == seen and completed_steps(run_dir) < job.spec.steps:
+                    elif (state.version == seen and completed_steps(run_dir) < job.spec.steps
+                          and not recorded_cost(run_dir, job)[1].exceeded):
                         raise RuntimeError(f"driver stopped after {completed_steps(run_dir)} "
                                            f"of {job.spec.steps} steps")
                     else:
@@ -330,13 +352,20 @@ async def _drive(ctx: JobContext, hooks: Hooks, state: JobState, seen: int,
     stop = asyncio.Event()
     async with hooks.runtime_factory(ctx) as runtime:
         done = completed_steps(ctx.run_dir)
+        ledger, _ = recorded_cost(ctx.run_dir, job)
         await reporter.write(st.started(reporter.conditions, state.services, done,
-                                        job.spec.steps, state.generation))
+                                        job.spec.steps, state.generation,
+                                        has_budget=job.spec.budget.limited))
 
         async def on_step(record: StepRecord) -> None:
+            ledger.add(record.metrics)
+            budget = check_budget(ledger, job.spec.budget)
+            if budget.exceeded:
+                stop.set()  # the driver stops itself too; this covers any DriverLike
             await reporter.write(st.step_done(reporter.conditions, record, job.spec.steps,
-                                              state.generation))
+                                              state.generation, cost=cost_status(ledger)))
             hooks.metrics.observe_step(ctx.namespace, ctx.name, record)
+            hooks.metrics.observe_budget(ctx.namespace, ctx.name, budget.used)
             hooks.metrics.observe_usage(ctx.namespace, ctx.name, runtime.meter())
 
         driver = hooks.driver_factory(ctx, runtime)

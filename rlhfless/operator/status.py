@@ -19,7 +19,8 @@ READY = "Ready"
 RUNNING = "Running"
 SUSPENDED = "Suspended"
 COMPLETE = "Complete"
-CONDITION_TYPES = (READY, RUNNING, SUSPENDED, COMPLETE)
+BUDGET_EXCEEDED = "BudgetExceeded"
+CONDITION_TYPES = (READY, RUNNING, SUSPENDED, COMPLETE, BUDGET_EXCEEDED)
 
 # Reasons (CamelCase, stable: tooling matches on them).
 INVALID_SPEC = "InvalidSpec"
@@ -31,6 +32,8 @@ NOT_SUSPENDED = "NotSuspended"
 STEPS_REACHED = "StepsReached"
 IN_PROGRESS = "InProgress"
 DRIVER_ERROR = "DriverError"
+NEXT_STEP_OVER_BUDGET = "NextStepOverBudget"
+WITHIN_BUDGET = "WithinBudget"
 
 
 @dataclass(frozen=True)
@@ -89,24 +92,48 @@ def invalid_spec(current: Iterable[dict[str, Any]], errors: list[str],
 
 
 def started(current: Iterable[dict[str, Any]], services: list[str], step: int, steps: int,
-            generation: int | None, now: str | None = None) -> dict[str, Any]:
-    return _status(current, "Running", generation, [
+            generation: int | None, now: str | None = None,
+            has_budget: bool = False) -> dict[str, Any]:
+    """Running; a job with a budget (or one stopped by it before) gets BudgetExceeded=False."""
+    current = list(current)
+    updates = [
         Cond(READY, True, SERVICES_CREATED,
              f"{len(services)} Knative Services: {', '.join(services)}"),
         Cond(RUNNING, True, STARTING, f"starting after step {step} of {steps}"),
         Cond(SUSPENDED, False, NOT_SUSPENDED, "spec.suspend is false"),
         Cond(COMPLETE, False, IN_PROGRESS, f"{step} of {steps} steps done"),
-    ], now, step=step)
+    ]
+    if has_budget or condition({"conditions": current}, BUDGET_EXCEEDED) is not None:
+        updates.append(Cond(BUDGET_EXCEEDED, False, WITHIN_BUDGET,
+                            "the next step fits spec.budget" if has_budget
+                            else "spec.budget sets no limit"))
+    return _status(current, "Running", generation, updates, now, step=step)
 
 
 def step_done(current: Iterable[dict[str, Any]], record: StepRecord, steps: int,
-              generation: int | None, now: str | None = None) -> dict[str, Any]:
+              generation: int | None, now: str | None = None,
+              cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """After a step; `cost` is `status.cost` (rlhfless.cost.cost_status) when known."""
+    extra = {} if cost is None else {"cost": cost}
     return _status(current, "Running", generation, [
         Cond(RUNNING, True, STEP_COMPLETED, f"step {record.step} of {steps} done"),
         Cond(COMPLETE, False, IN_PROGRESS, f"{record.step} of {steps} steps done"),
     ], now, step=record.step, reward=float(record.reward_mean),
         costGpuSeconds=round(float(record.gpu_seconds_total), 3),
-        weightsVersion=int(record.weights_version), checkpoint=record.checkpoint)
+        weightsVersion=int(record.weights_version), checkpoint=record.checkpoint, **extra)
+
+
+def budget_exceeded(current: Iterable[dict[str, Any]], step: int, message: str,
+                    generation: int | None, now: str | None = None,
+                    cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Suspended by spec.budget after `step`: raising the budget resumes the job."""
+    extra = {} if cost is None else {"cost": cost}
+    return _status(current, "Suspended", generation, [
+        Cond(RUNNING, False, NEXT_STEP_OVER_BUDGET, f"stopped after step {step}: {message}"),
+        Cond(SUSPENDED, True, NEXT_STEP_OVER_BUDGET,
+             f"stopped after step {step} by spec.budget; functions scaled to zero"),
+        Cond(BUDGET_EXCEEDED, True, NEXT_STEP_OVER_BUDGET, message),
+    ], now, step=step, **extra)
 
 
 def suspended(current: Iterable[dict[str, Any]], step: int, generation: int | None,

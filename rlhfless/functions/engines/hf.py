@@ -72,7 +72,7 @@ class TransformersEngine:
         elapsed = time.perf_counter() - started
         samples = [
             RolloutSample(key=p.key, index=i, response=s["response"], logprobs=s["logprobs"],
-                          finished=s["finished"])
+                          finished=s["finished"], finished_at=s["finished_at"])
             for (p, i), s in zip(rows, result.samples, strict=True)
         ]
         new_tokens = sum(len(s.response) for s in samples) - sum(

@@ -200,6 +200,7 @@ class _SampleState:
     finished: bool = False
     prefix_len: int = 0
     cached_tokens: int = 0
+    finished_at: float | None = None  # Unix seconds
 
 
 @dataclass
@@ -258,6 +259,7 @@ class RolloutBook:
                 )
             if completion.finish_reason is not None:
                 state.finished = True
+                state.finished_at = time.time()
 
     def should_cut(self, stop_after: int | None) -> bool:
         """The cut rule: enough samples done, and every continuation's prefix scored (a
@@ -281,7 +283,8 @@ class RolloutBook:
             for index in prompt.sample_indices:
                 s = self.samples[(prompt.key, index)]
                 out.append(RolloutSample(key=s.key, index=s.index, response=s.response,
-                                         logprobs=s.logprobs, finished=s.finished))
+                                         logprobs=s.logprobs, finished=s.finished,
+                                         finished_at=s.finished_at))
         return out
 
     def new_tokens(self) -> int:
