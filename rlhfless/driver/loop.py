@@ -1,10 +1,13 @@
 """The driver loop: one synchronous RL step at a time, as a short list of calls.
 
-    plan → rollout → score → advantages → train → record
+    plan → begin learner ║ rollout ═► each finished group: reward → shard → learner add
+                                     (while the other actors still generate)
+         → finish (one optimizer step, weights v+1) → record
 
 It knows the runtime interface, not Knative or processes; the scheduling policies are pure
-functions behind `Planner`; the math lives in `rlhfless.algo`; which stages exist comes from
-the job's stage table.
+functions behind `Planner`; the math lives in `rlhfless.algo` and `rlhfless.train` (inside
+the learner function); which stages exist comes from the job's stage table. With
+`scheduling.streaming: false` the same calls run as barriers (the comparison baseline).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhfless.api.spec import RLHFJob
-from rlhfless.driver.learn import build_train_request, score_payloads
+from rlhfless.driver.learn import INLINE_LIMIT_BYTES, StepLearning
 from rlhfless.driver.metrics import StepTrace, step_metrics, timeline, work_seconds
 from rlhfless.driver.planner import Planner
 from rlhfless.driver.prewarm import PhasePrewarmer
 from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
-from rlhfless.driver.rollout import PromptItem, RolloutSettings, invoke_timed, run_rollout
+from rlhfless.driver.rollout import PromptItem, RolloutSettings, StreamingRollout
 from rlhfless.model.materialize import materialize_base
 from rlhfless.model.tokenizer import load_tokenizer
 from rlhfless.rewards.datasets import batch_for_step, load_dataset
@@ -30,6 +33,7 @@ from rlhfless.runtime.base import Runtime
 from rlhfless.store import (
     CHECKPOINT_FILE,
     Checkpoint,
+    ShardStore,
     WeightStore,
     load_checkpoint,
     save_checkpoint,
@@ -40,12 +44,14 @@ StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 
 class Driver:
     def __init__(self, job: RLHFJob, runtime: Runtime, run_dir: Path,
-                 store_dir: Path | None = None):
+                 store_dir: Path | None = None, inline_limit: int = INLINE_LIMIT_BYTES):
         self.job = job
         self.spec = job.spec
         self.runtime = runtime
         self.run_dir = Path(run_dir)
         self.store = WeightStore(store_dir or self.run_dir / "store")
+        self.shards = ShardStore(self.store.root)
+        self.inline_limit = inline_limit
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
@@ -95,33 +101,24 @@ class Driver:
 
         plan = self.planner.plan(items, warm_actors=self._alive("actor"))
         await self.runtime.scale("actor", plan.n_actors)
-        async with phases.phase("rollout"):
-            started = time.time()
-            rollout = await run_rollout(
-                self.runtime, items, plan.bins, version, self._rollout_settings(step),
-                prefix, busy, self.planner.migration_bins,
-            )
-            gen_s = time.time() - started
+        learn = StepLearning(self.runtime, self.spec, self.shards, self._tokenizer, items, step,
+                             version, prefix, busy, self.inline_limit)
+        rollout = StreamingRollout(self.runtime, items, plan.bins, version,
+                                   self._rollout_settings(step), prefix, busy, learn.submit)
+        try:
+            async with phases.phase("rollout"):  # groups already flow to the learner
+                learn.start()
+                rolled = await rollout.run()
+            async with phases.phase("learn"):  # the last groups, then one optimizer step
+                learned = await learn.finish()
+        except BaseException:
+            await learn.abort()
+            raise
 
-        async with phases.phase("score"):  # reference, reward and critic side by side
-            payloads = await asyncio.to_thread(
-                score_payloads, self.spec, items, rollout.samples, version, prefix,
-                self._tokenizer)
-            replies = await asyncio.gather(*(invoke_timed(self.runtime, stage, payload, busy)
-                                             for stage, payload in payloads.items()))
-            scores = dict(zip(payloads, replies, strict=True))
-
-        async with phases.phase("train"):  # advantages here, the update in the trainer
-            request, learn_stats = await asyncio.to_thread(
-                build_train_request, self.spec, items, rollout.samples, scores, version,
-                f"{prefix}-train")
-            reply = await invoke_timed(self.runtime, "trainer", request, busy)
-
-        trace = StepTrace(t0, time.time(), gen_s, busy, self.runtime.meter(), rollout, scores,
-                          reply)
-        sched = self.planner.observe(items, rollout, trace.usages, work_seconds(trace), t0)
-        metrics = step_metrics(trace, learn_stats, plan.decisions, sched)
-        return self._record(step, trace, metrics, int(reply["weights_version"]))
+        trace = StepTrace(t0, time.time(), busy, self.runtime.meter(), rolled, learned)
+        sched = self.planner.observe(items, rolled, trace.usages, work_seconds(trace), t0)
+        metrics = step_metrics(trace, plan.decisions, sched)
+        return self._record(step, trace, metrics, int(learned.reply["weights_version"]))
 
     def _record(self, step: int, trace: StepTrace, metrics: dict[str, Any],
                 new_version: int) -> StepRecord:
@@ -142,6 +139,7 @@ class Driver:
         if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
             save_checkpoint(self.run_dir, self.checkpoint)
             self.store.prune(new_version, self.spec.checkpoint.keep)
+            self.shards.prune(step + 1)  # a checkpointed step is never re-sent
         return record
 
     def _instances_wanted(self, stage: str) -> int:

@@ -10,7 +10,8 @@ Shared by the driver and the simulator. One module per job:
 * `assign` — `assign(pred_lengths_per_group, n_bins, profile, group_size, policy, seed)`:
   "length-aware" | "round-robin" | "random".
 * `scaling` — `choose_actor_count(...)` → `ScalingDecision(n, table, bins, ...)` by λ.
-* `migrate` — `should_cut`, `cut_threshold`, `remaining_estimate`, `plan_migration`.
+* `migrate` — `should_cut`, `cut_threshold`, `handoff_target`, `remaining_estimate`,
+  `plan_migration`.
 * `prewarm` — `prewarm_plan(phase_durations, cold_starts)` → start times and releases.
 * `cost` — planned and measured GPU-seconds, idle ratio.
 """
@@ -26,6 +27,7 @@ from rlhfless.scheduling.cost import (
 from rlhfless.scheduling.migrate import (
     MigrationPlan,
     cut_threshold,
+    handoff_target,
     plan_migration,
     remaining_estimate,
     should_cut,
@@ -68,6 +70,7 @@ __all__ = [
     "choose_actor_count",
     "cost_breakdown",
     "cut_threshold",
+    "handoff_target",
     "lower_bound",
     "makespan",
     "plan_migration",
