@@ -116,14 +116,14 @@ async def test_url_comes_from_status_or_cluster_local_dns(cluster: Cluster) -> N
         set_url(cluster, "reward", "http://kn-reward.default.example/")
         assert await runtime.url("reward", refresh=True) == "http://kn-reward.default.example"
         with pytest.raises(InvocationError, match="no such stage"):
-            await runtime.url("critic")  # GRPO: no critic deployed
+            await runtime.url("critic")  # fused into the learner: no Service of its own
 
 
 async def test_invoke_unreachable_service_fails_after_retries(cluster: Cluster) -> None:
-    set_url(cluster, "trainer", "http://127.0.0.1:9")  # discard port: connection refused
+    set_url(cluster, "learner", "http://127.0.0.1:9")  # discard port: connection refused
     async with knative(cluster, retries=2) as runtime:
         with pytest.raises(InvocationError, match="gave up after 2 attempts: ConnectError"):
-            await runtime.invoke("trainer", {"request_id": "t"})
+            await runtime.invoke("learner", {"request_id": "t"})
 
 
 def template_annotations(cluster: Cluster, stage: str) -> dict[str, str]:
@@ -160,7 +160,7 @@ async def test_scale_patches_scale_bounds_only_when_they_change(
         assert ann[AUTOSCALING + "initial-scale"] == ("0" if zero_initial else "1")
         svc = cluster.get(KSVC, "kn-actor")
         assert check_webhook_rules(svc, allow_zero_initial_scale=zero_initial) == []
-        await runtime.scale("critic", 0)  # not deployed for GRPO: releasing it is a no-op
+        await runtime.scale("critic", 0)  # not a stage of the job: releasing it is a no-op
         with pytest.raises(InvocationError):
             await runtime.scale("critic", 1)
 

@@ -29,8 +29,10 @@ LABEL_STAGE = "rlhfless.io/stage"
 LABEL_KSVC = "serving.knative.dev/service"
 VISIBILITY_LABEL = "networking.knative.dev/visibility"
 # Knative names revisions "<service>-00001" and their private Services "<revision>-private";
-# both must stay DNS labels (63 chars), so "<job>-reference" may use at most 49.
-MAX_JOB_NAME = 63 - len("-00001-private") - len("-reference")
+# both must stay DNS labels (63 chars). A 10-character "-<stage>" suffix is reserved (the
+# longest stage, "-learner", takes 8): job names accepted by earlier versions stay valid.
+STAGE_SUFFIX_RESERVE = 10
+MAX_JOB_NAME = 63 - len("-00001-private") - STAGE_SUFFIX_RESERVE
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
