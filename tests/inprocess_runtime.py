@@ -26,6 +26,7 @@ class InProcessRuntime:
         self.scaled: list[tuple[str, int]] = []
         self.released: list[str] = []
         self.controls: list[tuple[str, dict]] = []
+        self.calls: list[tuple[str, dict]] = []
         self.duplicate_frames = duplicate_frames
         self._names = itertools.count()
 
@@ -47,6 +48,7 @@ class InProcessRuntime:
         self.scaled.append((stage, n))
 
     async def invoke(self, stage: str, payload: dict) -> dict:
+        self.calls.append((stage, payload))
         name = self._instance(stage)
         request = TypeAdapter(REQUESTS[stage]).validate_python(payload)
         try:

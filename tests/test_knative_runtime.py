@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -21,7 +22,9 @@ from rlhfless.knative.services import (
     FunctionSettings,
     build_services,
 )
-from rlhfless.runtime.base import InvocationError, Runtime
+from rlhfless.api import codec
+from rlhfless.api.wire import INSTANCE_HEADER
+from rlhfless.runtime.base import InvocationError, Runtime, StreamBroken
 
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},
                   "resources": {"actor": {"gpus": 2}}}, "kn")
@@ -41,6 +44,33 @@ class FunctionServer:
             status = self.fail_with.pop(0)
             return web.json_response({"error": f"failed with {status}"}, status=status)
         return web.json_response({"echo": body, "stage": request.headers.get("Host")})
+
+
+class StreamingFunction:
+    """A stand-in actor pod: streams frames naming itself, takes /control requests."""
+
+    def __init__(self, pod: str) -> None:
+        self.pod = pod
+        self.controls: list[dict[str, Any]] = []
+        self.break_after_first = False
+
+    async def invoke(self, request: web.Request) -> web.StreamResponse:
+        body = codec.decode(await request.read())
+        response = web.StreamResponse(headers={INSTANCE_HEADER: self.pod,
+                                               "content-type": codec.FRAMES_TYPE})
+        await response.prepare(request)
+        await response.write(codec.frame({"type": "hello", "instance": self.pod}))
+        if self.break_after_first:
+            request.transport.close()  # the pod dies mid-stream
+            return response
+        await response.write(codec.frame({"type": "samples", "echo": body["ids"]}))
+        await response.write(codec.frame({"type": "end", "stats": {}}))
+        await response.write_eof()
+        return response
+
+    async def control(self, request: web.Request) -> web.Response:
+        self.controls.append(await request.json())
+        return web.json_response({"accepted": True}, headers={INSTANCE_HEADER: self.pod})
 
 
 @pytest.fixture
@@ -219,3 +249,42 @@ async def test_readiness_comes_from_service_conditions(cluster: Cluster) -> None
             await runtime.wait_ready(("actor", "reward"), timeout_s=0.2, poll_s=0.05)
         set_url(cluster, "reward", "http://r", ready=True)
         await runtime.wait_ready(("actor", "reward"), timeout_s=1, poll_s=0.05)
+
+
+async def test_streams_name_their_pod_and_control_requests_reach_that_pod_directly(
+        cluster: Cluster) -> None:
+    fn = StreamingFunction("kn-actor-00001-deployment-abc")
+    app = web.Application()
+    app.router.add_post("/invoke", fn.invoke)
+    app.router.add_post("/control", fn.control)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        set_url(cluster, "actor", url)
+        start = float(int(time.time()) - 10)
+        record = pod(fn.pod, "kn-actor", 2, start, 1)
+        record["status"]["podIP"] = "127.0.0.1"  # the pod's own address, not the Service's
+        await cluster.create_object(PODS, record)
+        async with knative(cluster, pod_port=server.port) as runtime:
+            got = [(inst, frame) async for inst, frame in runtime.invoke_stream(
+                "actor", {"request_id": "r", "ids": np.arange(3, dtype=np.int32)})]
+            assert [f["type"] for _, f in got] == ["hello", "samples", "end"]
+            assert {inst for inst, _ in got} == {fn.pod}
+            assert got[1][1]["echo"].tolist() == [0, 1, 2]  # arrays went raw both ways
+            reply = await runtime.invoke_instance("actor", fn.pod, {"op": "cut",
+                                                                    "request_id": "c"})
+            assert reply == {"accepted": True} and fn.controls == [{"op": "cut",
+                                                                    "request_id": "c"}]
+            busy = {u.instance: u.busy for u in runtime.meter()}[fn.pod]
+            assert len(busy) == 1 and busy[0][1] >= busy[0][0]
+            with pytest.raises(InvocationError, match="no running pod"):
+                await runtime.invoke_instance("actor", "kn-actor-gone", {"request_id": "c"})
+            fn.break_after_first = True
+            with pytest.raises(StreamBroken):
+                async for _ in runtime.invoke_stream("actor", {"request_id": "r2",
+                                                               "ids": np.arange(2)}):
+                    pass
+            await runtime.release_instance("actor", fn.pod)  # nothing to do on Knative
+    finally:
+        await server.close()

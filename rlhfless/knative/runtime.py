@@ -117,6 +117,7 @@ class KnativeRuntime:
         meter_interval_s: float = 5.0,
         retries: int = 4,
         retry_backoff_s: float = 1.0,
+        pod_port: int = FUNCTION_PORT,
     ):
         self.job = job
         self.namespace = namespace
@@ -126,6 +127,7 @@ class KnativeRuntime:
         self.meter_interval_s = meter_interval_s
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.pod_port = pod_port  # the user container's port (FUNCTION_PORT in every Service)
         timeout = httpx.Timeout(self.settings.timeout_s + 30.0, connect=10.0)
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._own_http = http is None
@@ -271,7 +273,7 @@ class KnativeRuntime:
             pod = self._by_name(stage, instance)
         if pod is None or pod.ip is None or pod.ended_at is not None:
             raise InvocationError(stage, f"no running pod {instance!r} with an IP", 404)
-        return f"http://{pod.ip}:{FUNCTION_PORT}"
+        return f"http://{pod.ip}:{self.pod_port}"
 
     def _by_name(self, stage: str, name: str) -> _Pod | None:
         return next((p for p in self._pods.values() if p.name == name and p.stage == stage),
