@@ -81,7 +81,8 @@ class RolloutPrompt(BaseModel):
 
     `sample_indices` keeps each sample's identity (its random stream); `prefixes[i]`, when
     given, is the partial response already generated for `sample_indices[i]` (a hand-off or
-    a re-run continues it).
+    a re-run continues it). `max_new_tokens`, when given, is this prompt's own response
+    budget (the request's still caps it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +90,7 @@ class RolloutPrompt(BaseModel):
     prompt_ids: TokenArray
     sample_indices: list[int] = Field(..., min_length=1)
     prefixes: list[TokenArray] | None = None
+    max_new_tokens: int | None = Field(None, ge=1, le=32768)
 
     @model_validator(mode="after")
     def _prefixes_match(self) -> RolloutPrompt:

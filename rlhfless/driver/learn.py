@@ -242,5 +242,7 @@ def response_stats(samples: dict[str, list[RolloutSample]]) -> dict[str, float]:
     lengths = np.array([s.response.size for group in samples.values() for s in group],
                        dtype=np.float64)
     return {"response_length/mean": float(lengths.mean()),
+            "response_length/p50": float(np.percentile(lengths, 50)),
+            "response_length/p99": float(np.percentile(lengths, 99)),
             "response_length/max": float(lengths.max())}
 

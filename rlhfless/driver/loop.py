@@ -66,9 +66,7 @@ class Driver:
     async def run(self, stop: asyncio.Event | None = None,
                   on_step: StepCallback | None = None) -> int:
         """Run until spec.steps are done or `stop` is set (checked between steps)."""
-        # Loading a model (materialising v0) is blocking work: keep the event loop free
-        # (the operator runs this driver inside kopf's loop).
-        await asyncio.to_thread(self._prepare)
+        await self.prepare()
         while self.checkpoint.step < self.spec.steps:
             if stop is not None and stop.is_set():
                 break
@@ -79,6 +77,12 @@ class Driver:
                     await result
         await self._scale_all(0)
         return self.checkpoint.step
+
+    async def prepare(self) -> None:
+        """Materialise v0 if needed, load the tokenizer and the dataset (before `step`)."""
+        # Loading a model is blocking work: keep the event loop free (the operator runs
+        # this driver inside kopf's loop).
+        await asyncio.to_thread(self._prepare)
 
     def _prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,8 @@ class Driver:
             text = self._tokenizer.render_prompt(row["prompt"], self.spec.dataset.system_prompt)
             items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
                                     prompt_ids=self._tokenizer.encode(text),
-                                    meta={"answer": row.get("answer")}))
+                                    meta={"answer": row.get("answer")},
+                                    max_new_tokens=row.get("max_new_tokens")))
         return items
 
     def _rollout_settings(self, step: int) -> RolloutSettings:

@@ -57,6 +57,7 @@ class PromptItem:
     text: str
     prompt_ids: list[int]
     meta: dict[str, object]
+    max_new_tokens: int | None = None  # this prompt's own response budget, if any
 
 
 @dataclass
@@ -151,9 +152,7 @@ class StreamingRollout:
     async def run(self) -> RolloutResult:
         cut = self.s.cut_fraction if len(self.bins) > 1 else None
         for i, bin_ in enumerate(self.bins):
-            prompts = [RolloutPrompt(key=self.item_list[j].key,
-                                     prompt_ids=self.item_list[j].prompt_ids,
-                                     sample_indices=list(range(self.s.group_size)))
+            prompts = [self._prompt(self.item_list[j].key, list(range(self.s.group_size)))
                        for j in bin_]
             self._spawn(f"{self.prefix}-a{i}", prompts, cut)
         try:
@@ -177,6 +176,12 @@ class StreamingRollout:
         works = [a.stats.get("function_s", 0.0) for a in self.actors if a.stats]
         self.result.round_work_s = [max(works, default=0.0)]
         return self.result
+
+    def _prompt(self, key: str, indices: list[int], prefixes: list | None = None
+                ) -> RolloutPrompt:
+        item = self.items[key]
+        return RolloutPrompt(key=key, prompt_ids=item.prompt_ids, sample_indices=indices,
+                             prefixes=prefixes, max_new_tokens=item.max_new_tokens)
 
     def _spawn(self, name: str, prompts: list[RolloutPrompt], cut: float | None) -> None:
         request = ActorRequest(
@@ -266,9 +271,8 @@ class StreamingRollout:
         prompts = []
         for key in dict.fromkeys(s.key for s in unfinished):
             mine = [s for s in unfinished if s.key == key]
-            prompts.append(RolloutPrompt(key=key, prompt_ids=self.items[key].prompt_ids,
-                                         sample_indices=[s.index for s in mine],
-                                         prefixes=[s.response for s in mine]))
+            prompts.append(self._prompt(key, [s.index for s in mine],
+                                        [s.response for s in mine]))
         merge = ActorMerge(request_id=f"{actor.name}-handoff", weights_version=self.version,
                            max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
                            top_p=self.s.top_p, seed=self.s.seed, prompts=prompts)
@@ -308,6 +312,5 @@ class StreamingRollout:
         by_key: dict[str, list[int]] = {}
         for key, index in lost:
             by_key.setdefault(key, []).append(index)
-        prompts = [RolloutPrompt(key=key, prompt_ids=self.items[key].prompt_ids,
-                                 sample_indices=indices) for key, indices in by_key.items()]
+        prompts = [self._prompt(key, indices) for key, indices in by_key.items()]
         self._spawn(f"{actor.name}-rerun{self._broken}", prompts, None)

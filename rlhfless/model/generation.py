@@ -62,6 +62,7 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     reason: str | None = None  # "eos" | "length" once finished
     prefix_len: int = 0
+    max_new: int | None = None  # this row's own length cap (the session's still applies)
 
 
 class _Rows:
@@ -130,6 +131,10 @@ class GenerationSession:
         self._cache: DynamicCache | None = None
         self._logits: torch.Tensor | None = None  # next-token logits of each batch row
 
+    def _cap(self, row: Row) -> int:
+        return self.max_new_tokens if row.max_new is None else min(row.max_new,
+                                                                   self.max_new_tokens)
+
     @property
     def live(self) -> int:
         return len(self._batch.ids) if self._batch is not None else 0
@@ -175,7 +180,7 @@ class GenerationSession:
         batch.ids = [first + i for i in batch.ids]
         done = []
         for row in rows:
-            row.reason = _stop_reason(row.response, self.eos, self.max_new_tokens)
+            row.reason = _stop_reason(row.response, self.eos, self._cap(row))
             if row.reason is not None:
                 done.append(row)
         keep = [k for k, r in enumerate(batch.ids) if self.rows[r].reason is None]
@@ -209,7 +214,7 @@ class GenerationSession:
                                   strict=True):
             row.response.append(token)
             row.logprobs.append(lp)
-            row.reason = _stop_reason(row.response, self.eos, self.max_new_tokens)
+            row.reason = _stop_reason(row.response, self.eos, self._cap(row))
             if row.reason is not None:
                 done.append(row)
         keep = [k for k, row in enumerate(live) if row.reason is None]

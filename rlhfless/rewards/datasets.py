@@ -2,7 +2,9 @@
 
 Every item is a dict with at least "id" (stable across epochs: the length predictor keys on
 it), "prompt" (user text), "answer" (str, "" when there is none) and "system" (str or None);
-jsonl files may carry further fields, which travel along as the reward's `meta`.
+jsonl files may carry further fields, which travel along as the reward's `meta`, and
+"max_new_tokens" (a positive integer): that prompt's own response budget, capped by the
+job's `generation.maxNewTokens`.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
         answer = record.get("answer", "")
         if answer is None or isinstance(answer, dict | list | bool):
             raise DatasetError(f"{where}: 'answer' must be a string or a number")
+        budget = record.get("max_new_tokens")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                                   or budget < 1):
+            raise DatasetError(f"{where}: 'max_new_tokens' must be a positive integer")
         item_id = str(record.get("id", f"{path.stem}-{lineno}"))
         if item_id in seen:
             raise DatasetError(f"{where}: duplicate id '{item_id}' (first on line {seen[item_id]})")

@@ -29,7 +29,7 @@ def _rows(prompts: list[RolloutPrompt]) -> list[Row]:
         for k, index in enumerate(p.sample_indices):
             prefix = p.prefixes[k].tolist() if p.prefixes is not None else []
             rows.append(Row(prompt=prompt, key=prompt_key(p.key), index=index, tag=p.key,
-                            response=prefix))
+                            response=prefix, max_new=p.max_new_tokens))
     return rows
 
 

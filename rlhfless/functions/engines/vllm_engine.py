@@ -107,8 +107,8 @@ def plan_requests(request: ActorRequest, eos: int, tag: str,
     """Map an ActorRequest's prompts (or `prompts` merged into it, with its settings) onto
     vLLM requests (ids `{tag}/{k}`, unique per call)."""
     plans: list[PlannedRequest] = []
-    limit = request.max_new_tokens
     for prompt in request.prompts if prompts is None else prompts:
+        limit = min(request.max_new_tokens, prompt.max_new_tokens or request.max_new_tokens)
         base = seed_base(request.seed, prompt.key)
         prompt_ids = [int(t) for t in prompt.prompt_ids]
         prefixes = ([[int(t) for t in p] for p in prompt.prefixes] if prompt.prefixes
