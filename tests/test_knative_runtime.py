@@ -14,7 +14,9 @@ from aiohttp.test_utils import TestServer
 from kmock_cluster import KSVC, PODS, Cluster, emulated_cluster
 from knative_webhook import check_webhook_rules
 
+from rlhfless.api import codec
 from rlhfless.api.spec import parse_spec
+from rlhfless.api.wire import INSTANCE_HEADER
 from rlhfless.knative.kube import Kube
 from rlhfless.knative.runtime import KnativeRuntime
 from rlhfless.knative.services import (
@@ -22,8 +24,6 @@ from rlhfless.knative.services import (
     FunctionSettings,
     build_services,
 )
-from rlhfless.api import codec
-from rlhfless.api.wire import INSTANCE_HEADER
 from rlhfless.runtime.base import InvocationError, Runtime, StreamBroken
 
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},

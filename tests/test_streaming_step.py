@@ -4,6 +4,7 @@ step, groups going to the learner inline or as store shards, the overlap measure
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from inprocess_runtime import InProcessRuntime
@@ -14,10 +15,11 @@ from rlhfless.store import ShardStore, WeightStore
 from tests.conftest import tiny_job
 
 
-def _one_step(tmp_path, name, inline_limit=1 << 20, **scheduling):
+def _one_step(tmp_path, name, inline_limit=1 << 20, dataset=None, **scheduling):
     job = tiny_job(name, steps=1, algorithm={"lr": 1e-4, "entropyCoef": 0.01},
                    scheduling={"prewarm": False, "actors": 2, "costAware": False,
-                               "tau": 0.5, **scheduling})
+                               "tau": 0.5, **scheduling}, **({"dataset": dataset} if dataset
+                                                             else {}))
     run_dir = tmp_path / name
     runtime = InProcessRuntime(job, WeightStore(run_dir / "store"))
 
@@ -46,6 +48,21 @@ def test_streaming_and_barrier_steps_train_the_same_weights(tmp_path):
         assert key in row_s, key
     assert row_b["timing_s/overlap"] == 0.0  # barrier: the learner waits for every actor
     assert row_b["timing_s/first_group"] <= row_b["timing_s/gen"] + 1e-6
+
+
+def test_each_prompt_keeps_its_own_response_budget(tmp_path):
+    budgets = {"a": 2, "b": 5, "c": 8, "d": 30}
+    path = tmp_path / "budgets.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "prompt": f"{k}:", "max_new_tokens": n}) + "\n"
+                            for k, n in budgets.items()))
+    _, row, runtime = _one_step(tmp_path, "budget", dataset={
+        "kind": "jsonl", "path": str(path), "promptsPerStep": 4})
+    adds = [p["group"] for stage, p in runtime.calls if stage == "learner" and p["op"] == "add"]
+    assert len(adds) == 4 and row["response_length/max"] <= 8  # maxNewTokens caps "d"
+    for group in adds:
+        cap = min(budgets[group["group_id"]], 8)
+        assert all(r.size <= cap for r in group["responses"])
+    assert max(r.size for g in adds if g["group_id"] == "a" for r in g["responses"]) <= 2
 
 
 def test_shards_of_a_checkpointed_step_are_pruned(tmp_path):
