@@ -17,6 +17,7 @@ then carries on; the update equals the uninterrupted one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +124,7 @@ class LearnerClient:
 class LearnResult:
     reply: dict[str, Any]
     rewards: dict[str, list[float]]
+    finished_at: float  # when the learner's finish replied (epoch s)
     stats: dict[str, float] = field(default_factory=dict)
     recoveries: int = 0
 
@@ -191,8 +193,8 @@ class StepLearning:
                 group = self._group(key, samples, rewards[key])
                 await self.client.add(group, await asyncio.to_thread(self._write_shard, group))
         reply = await self.client.finish()
-        return LearnResult(reply=reply, rewards=self.rewards, stats=self._stats(),
-                           recoveries=self.client.recoveries)
+        return LearnResult(reply=reply, rewards=self.rewards, finished_at=time.time(),
+                           stats=self._stats(), recoveries=self.client.recoveries)
 
     async def abort(self) -> None:
         """The rollout failed: stop the learn side's tasks."""

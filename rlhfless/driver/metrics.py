@@ -42,7 +42,9 @@ class StepTrace:
 
     @property
     def after_rollout_s(self) -> float:
-        return max(0.0, self.t1 - self.rollout.ended_at)
+        """The last actor's end to the learner's finish: the part of the step's critical
+        path left after the rollout (prewarm work the step waits for is not in it)."""
+        return max(0.0, self.learn.finished_at - self.rollout.ended_at)
 
 
 def _stats(reply: dict[str, Any]) -> dict[str, Any]:
