@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from rlhfless.runtime.base import InstanceUsage, InvocationError
 class InProcessRuntime:
     """One handler per instance; an actor instance serves one stream at a time."""
 
-    def __init__(self, job, store, duplicate_frames: bool = False):
+    def __init__(self, job, store, duplicate_frames: bool = False, hold_at_tau: bool = False):
         self.job, self.store = job, store
         self.instances: dict[str, Any] = {}
         self.busy: set[str] = set()
@@ -28,12 +29,23 @@ class InProcessRuntime:
         self.controls: list[tuple[str, dict]] = []
         self.calls: list[tuple[str, dict]] = []
         self.duplicate_frames = duplicate_frames
+        # Hold an actor that reported τ until the driver's cut reaches it: on a tiny model
+        # the rest of its samples would otherwise finish before any decision could arrive.
+        self.hold_at_tau = hold_at_tau
         self._names = itertools.count()
 
     def _instance(self, stage: str) -> str:
         for name in self.instances:
             if name.startswith(stage) and name not in self.busy and name not in self.released:
                 return name
+        return self._start(stage)
+
+    def prestart(self, stage: str, n: int) -> None:
+        """Start `n` instances now (warm), as a prewarmed platform would have them."""
+        for _ in range(n):
+            self._start(stage)
+
+    def _start(self, stage: str) -> str:
         name = f"{stage}-{next(self._names)}"
         handler = build_handler(stage, self.job, self.store)
         # Load here, one at a time: model loading is not thread-safe within one process
@@ -68,6 +80,12 @@ class InProcessRuntime:
         def emit(frame) -> None:
             for _ in range(2 if self.duplicate_frames and frame.type == "samples" else 1):
                 loop.call_soon_threadsafe(queue.put_nowait, frame.model_dump())
+            if self.hold_at_tau and frame.type == "progress":
+                self.hold_at_tau = False  # the first actor to report τ only
+                control = handler._running
+                deadline = time.monotonic() + 30.0
+                while not control.cut_requested and time.monotonic() < deadline:
+                    time.sleep(0.001)
 
         def work() -> None:
             try:

@@ -29,6 +29,7 @@ def _rollout(job, store, items, bins, tau, **runtime_kw):
     settings = RolloutSettings(group_size=G, max_new_tokens=MAX_NEW, temperature=1.0,
                                top_p=1.0, seed=SEED, cut_fraction=tau)
     runtime = InProcessRuntime(job, store, **runtime_kw)
+    runtime.prestart("actor", len(bins))  # warm actors: every stream starts at once
     groups: list[str] = []
     rollout = StreamingRollout(runtime, items, bins, 0, settings, "t", [],
                                lambda key, samples: groups.append(key))
@@ -52,7 +53,8 @@ def test_cut_samples_continue_in_a_running_actor_exactly_as_uncut(tiny_store):
     items = _items(store)
     uncut = _uncut(store, items)
     # One small bin reaches τ early while the big bin is still generating.
-    result, runtime, groups = _rollout(job, store, items, [[0], [1, 2, 3, 4, 5, 6]], tau=0.25)
+    result, runtime, groups = _rollout(job, store, items, [[0], [1, 2, 3, 4, 5, 6]], tau=0.25,
+                                       hold_at_tau=True)
     assert result.migrated > 0, "the small actor must have been cut with unfinished samples"
     assert result.migration_actors == 1
     cut_actor = runtime.released[0]

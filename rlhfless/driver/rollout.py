@@ -146,6 +146,7 @@ class StreamingRollout:
         self._seen: set[Sample] = set()
         self._receivers: set[str] = set()
         self._broken = 0
+        self._tau_waiting: list[_Actor] = []  # reached τ while another actor was starting
 
     # ------------------------------------------------------------------ the run
 
@@ -212,6 +213,11 @@ class StreamingRollout:
 
     async def _on_frame(self, actor: _Actor, frame: object) -> None:
         if isinstance(frame, HelloFrame):
+            # A new actor is running: one that reached τ while it started can hand off now.
+            waiting, self._tau_waiting = self._tau_waiting, []
+            for other in waiting:
+                if other.running:
+                    await self._maybe_cut(other)
             return
         if isinstance(frame, SamplesFrame):
             self._receive(actor, frame.samples)
@@ -256,6 +262,8 @@ class StreamingRollout:
         if actor.merged_in or actor.cut or actor.instance is None:
             return
         if not self._running_others(actor):
+            if any(a is not actor and a.running and a.instance is None for a in self.actors):
+                self._tau_waiting.append(actor)  # decide when that one is up
             return  # the last actor keeps its tail
         actor.cut = True
         try:

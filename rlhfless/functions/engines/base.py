@@ -73,6 +73,10 @@ class RolloutControl:
         self.discard = False  # nobody reads the stream any more: stop without reporting
         self.closed = False
 
+    @property
+    def cut_requested(self) -> bool:
+        return self._cut
+
     def request_cut(self, discard: bool = False) -> bool:
         with self._lock:
             if self.closed:
