@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from engine_collect import collect
 
 from rlhfless.api.wire import ActorRequest, RolloutPrompt
-from rlhfless.functions.engines.base import collect
 from rlhfless.model.logprobs import sequence_logprobs
 from rlhfless.model.materialize import load_from_store, materialize_base
 from rlhfless.store import WeightStore

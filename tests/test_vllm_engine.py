@@ -19,11 +19,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from engine_collect import collect
 
 from rlhfless.api.wire import ActorMerge, ActorRequest, RolloutPrompt
 from rlhfless.functions.app import FunctionError
 from rlhfless.functions.engines import vllm_engine as ve
-from rlhfless.functions.engines.base import RolloutControl, collect
+from rlhfless.functions.engines.base import RolloutControl
 from rlhfless.model.materialize import materialize_base
 from rlhfless.model.sampler import choose_tokens, prompt_key, sample_uniform
 from rlhfless.store import WeightStore
