@@ -45,7 +45,6 @@ from rlhfless.api.wire import (
     INSTANCE_HEADER,
     REQUESTS,
     ErrorFrame,
-    HelloFrame,
 )
 from rlhfless.functions.metrics import FunctionMetrics
 
@@ -368,8 +367,3 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ])
-
-
-def hello() -> HelloFrame:
-    """The first frame of a stream: which instance serves it."""
-    return HelloFrame(instance=instance_name())

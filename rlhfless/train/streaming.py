@@ -180,6 +180,8 @@ class StreamingLearner:
         stats.update({k: float(v) for k, v in self.timings.items()})
         stats["streamed_responses"] = float(len(self.first))
         self.finished[int(self.step or 0)] = stats
+        for old in sorted(self.finished)[:-4]:  # a repeated finish asks for a recent step
+            del self.finished[old]
         self.step = None
         return stats
 
