@@ -20,13 +20,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "all on": {},
     "no length prediction": {"lengthPrediction": False},
     "round-robin assignment": {"assignment": "round-robin"},
-    "no cut-and-migrate": {"cutMigrate": False},
+    "no hand-off cut": {"cutMigrate": False},
+    "barrier step (no streaming)": {"streaming": False},
     "no cost-aware scaling (N=4)": {"costAware": False, "actors": 4},
     "no prewarm / release": {"prewarm": False},
     "no shared-prefix dedup": {"dedupPrefill": False},
     "all off (N=4, RR)": {"lengthPrediction": False, "assignment": "round-robin",
                           "cutMigrate": False, "costAware": False, "actors": 4,
-                          "prewarm": False, "dedupPrefill": False},
+                          "prewarm": False, "dedupPrefill": False, "streaming": False},
 }
 
 

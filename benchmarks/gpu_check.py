@@ -247,6 +247,7 @@ def check_engine(device: str, sizes: Sizes, work: Path) -> dict[str, Any]:
     import torch
 
     from rlhfless.api.wire import ActorRequest, RolloutPrompt
+    from rlhfless.functions.engines.collect import collect
     from rlhfless.functions.engines.hf import TransformersEngine
     from rlhfless.model.materialize import materialize_base
     from rlhfless.model.tokenizer import CharTokenizer
@@ -273,17 +274,17 @@ def check_engine(device: str, sizes: Sizes, work: Path) -> dict[str, Any]:
                            prompts=[RolloutPrompt(key=f"p{i}", prompt_ids=p,
                                                   sample_indices=list(range(sizes.group)))
                                     for i, p in enumerate(prompts)])
-    engine.rollout(request.model_copy(update={"request_id": "warm-up"}))
+    collect(engine, request.model_copy(update={"request_id": "warm-up"}))
     _sync(device)
     started = time.perf_counter()
-    response = engine.rollout(request)
+    response = collect(engine, request)
     _sync(device)
     seconds = time.perf_counter() - started
     samples = response.samples
     contract = (sorted((s.key, s.index) for s in samples)
                 == sorted((f"p{i}", j) for i in range(len(prompts)) for j in range(sizes.group))
                 and all(len(s.logprobs) == len(s.response) > 0 for s in samples)
-                and all(lp <= 1e-3 for s in samples for lp in s.logprobs))
+                and all(float(lp) <= 1e-3 for s in samples for lp in s.logprobs))
     tokens = sum(len(s.response) for s in samples)
     return {"ok": contract and on.device.type == device and on.dtype == dtype,
             "model_params": sum(p.numel() for p in loaded.parameters()),

@@ -7,9 +7,11 @@ SmolLM2-135M-Instruct on generated arithmetic problems, actor on vLLM, through t
 local runtime (real function processes, the real driver). Two configurations of the same job
 (same seeds, same prompts):
   baseline  one actor, no prefill dedup (vLLM prefix caching off), round-robin assignment,
-            no length prediction, no cut-and-migrate, no cost-aware scaling, no prewarm
-  rlhfless  the RLHFless policies: length-aware assignment, cut-and-migrate (τ 0.7),
-            cost-aware actor count up to --max-actors, prewarm, deduplicated prefill
+            no length prediction, no hand-off cut, no cost-aware scaling, no prewarm, the
+            barrier step (nothing learned before the whole rollout is in)
+  rlhfless  the RLHFless policies: length-aware assignment, hand-off cut (τ 0.7),
+            cost-aware actor count up to --max-actors, prewarm, deduplicated prefill, the
+            streaming step (each group scored and learned as it finishes)
 Each configuration runs --runs times from cold; per run the step-time breakdown (verl keys:
 gen, ref, reward, update_actor, step) and tokens/s are taken as the median over the warm
 steps (2..--steps; step 1 carries every cold start and is reported apart). The table shows
@@ -68,11 +70,12 @@ def job_document(config: str, args: argparse.Namespace) -> dict[str, Any]:
     if config == "baseline":
         scheduling = {"actors": 1, "maxActors": 1, "costAware": False, "lengthPrediction": False,
                       "assignment": "round-robin", "cutMigrate": False, "prewarm": False,
-                      "dedupPrefill": False}
+                      "dedupPrefill": False, "streaming": False}
     else:
         scheduling = {"actors": 1, "maxActors": args.max_actors, "costAware": True,
                       "lengthPrediction": True, "assignment": "length-aware",
-                      "cutMigrate": True, "tau": 0.7, "prewarm": True, "dedupPrefill": True}
+                      "cutMigrate": True, "tau": 0.7, "prewarm": True, "dedupPrefill": True,
+                      "streaming": True}
     scheduling["keepAliveS"] = 600  # nothing scales to zero between steps of one run
     return {
         "apiVersion": "rlhfless.io/v1alpha1", "kind": "RLHFJob",

@@ -1,8 +1,9 @@
 """Where a step's wall time goes on the embedded runtime: inside stage functions vs overhead.
 
-Overhead = step wall time − time on the step's critical path spent inside functions (the
-slowest actor of each rollout round + the slowest scoring function + the trainer). It holds
-HTTP, JSON (de)serialisation, the driver's own work (tokenising, advantages) and scheduling.
+Overhead = step wall time − the step's critical path inside functions (the slowest actor's
+function time + what runs after the last actor: the last groups' reward and learner adds
+and the learner's finish, driver-observed, so their HTTP is counted as inside). It holds the
+rollout's HTTP and frame decoding, the driver's own work (tokenising, shards) and scheduling.
 Functions are kept warm (long keep-alive, no prewarm-driven release, so no cold start is
 exposed) and the first steps are skipped, so this measures the steady state of the runtime
 itself; exposed cold starts are a scheduling matter (see benchmarks/ablation.py).

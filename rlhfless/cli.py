@@ -481,7 +481,7 @@ def operator(
 
 @app.command()
 def serve(
-    stage: Annotated[str, typer.Option(help="actor|reference|reward|critic|trainer")],
+    stage: Annotated[str, typer.Option(help="actor|reward|learner")],
     port: Annotated[int, typer.Option()] = 8080,
     host: Annotated[str, typer.Option()] = "0.0.0.0",
     store: Annotated[Path, typer.Option(help="Weights store directory.")] = Path("/weights"),

@@ -68,11 +68,11 @@ def test_manifests_print_what_the_operator_creates(tmp_path):
         return [d["metadata"]["name"] for d in docs if d["kind"] == "Service"]
 
     example = EXAMPLES / "tiny-grpo.yaml"
-    assert services(example) == ["tiny-grpo-actor", "tiny-grpo-reference", "tiny-grpo-reward",
-                                 "tiny-grpo-trainer"]  # klBeta 0.01: the KL term needs it
+    # The learner holds the reference (klBeta 0.01) itself: no Service of its own.
+    assert services(example) == ["tiny-grpo-actor", "tiny-grpo-reward", "tiny-grpo-learner"]
     no_kl = tmp_path / "no-kl.yaml"
     no_kl.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: 0"))
-    assert services(no_kl) == ["tiny-grpo-actor", "tiny-grpo-reward", "tiny-grpo-trainer"]
+    assert services(no_kl) == ["tiny-grpo-actor", "tiny-grpo-reward", "tiny-grpo-learner"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(example.read_text().replace("klBeta: 0.01", "klBeta: -1"))
     result = runner.invoke(app, ["manifests", str(bad)])

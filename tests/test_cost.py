@@ -111,15 +111,15 @@ def test_finish_times_estimated_from_lengths() -> None:
 def test_prices_resolve_most_specific_first() -> None:
     cost = CostSpec.model_validate({
         "gpuType": "a100-80gb",  # case-insensitive
-        "stageGpuTypes": {"trainer": "B200", "reward": "L4"},
+        "stageGpuTypes": {"learner": "B200", "reward": "L4"},
         "prices": {"L4": {"spot": 0.1}},
     }, by_alias=True)
     cluster = CostDefaults(gpu_type="H100", pricing="spot",
                            prices={"B200": GpuPrice(on_demand=9.0, spot=4.0)})
-    prices = stage_prices(cost, ["actor", "reward", "trainer"], cluster)
+    prices = stage_prices(cost, ["actor", "reward", "learner"], cluster)
     assert prices.pricing == "spot"
-    assert prices.gpu_type == {"actor": "a100-80gb", "reward": "L4", "trainer": "B200"}
-    assert prices.per_gpu_hour == {"actor": 1.60, "reward": 0.1, "trainer": 4.0}
+    assert prices.gpu_type == {"actor": "a100-80gb", "reward": "L4", "learner": "B200"}
+    assert prices.per_gpu_hour == {"actor": 1.60, "reward": 0.1, "learner": 4.0}
     on_demand = stage_prices(cost.model_copy(update={"pricing": "onDemand"}), ["reward"])
     assert on_demand.of("reward") == 0.80  # the job overrode only L4's spot price
 
@@ -155,27 +155,27 @@ def test_merge_and_cluster_defaults() -> None:
 
 
 def test_cost_metrics_row() -> None:
-    """Window [0, 10). actor: 1 GPU alive 0..10 (cold 1), request 1..9; trainer: 2 GPUs
+    """Window [0, 10). actor: 1 GPU alive 0..10 (cold 1), request 1..9; learner: 2 GPUs
     alive 6..10 (cold 2), request 8..10 (ready at 8). Prices $3.6/GPU-hour = $0.001/GPU-s."""
-    lives = {"actor": [Lifetime(0, None, 1, 1.0)], "trainer": [Lifetime(6, None, 2, 2.0)]}
-    requests = {"actor": [(1, 9)], "trainer": [(8, 10)]}
+    lives = {"actor": [Lifetime(0, None, 1, 1.0)], "learner": [Lifetime(6, None, 2, 2.0)]}
+    requests = {"actor": [(1, 9)], "learner": [(8, 10)]}
     prices = stage_prices(CostSpec(gpu_type="X", prices={"X": GpuPrice(on_demand=3.6)}),
-                          ["actor", "trainer"])
+                          ["actor", "learner"])
     samples = [(2.0, 3), (4.0, 5), (5.0, 6), (None, 16)]  # the last estimated: 9.0
     row = cost_metrics(lives, requests, 0, 10, prices, rollout_stages=["actor"],
                        samples=samples)
     assert row["cost/split/busy/actor"] == pytest.approx(8)
     assert row["cost/split/cold_start/actor"] == pytest.approx(1)
     assert row["cost/split/keep_alive_idle/actor"] == pytest.approx(1)
-    assert row["cost/split/cold_start/trainer"] == pytest.approx(4)
-    assert row["cost/split/busy/trainer"] == pytest.approx(4)
+    assert row["cost/split/cold_start/learner"] == pytest.approx(4)
+    assert row["cost/split/busy/learner"] == pytest.approx(4)
     assert row["cost/split/busy"] == pytest.approx(12)
     assert row["cost/dollars/actor"] == pytest.approx(0.010)
-    assert row["cost/dollars/trainer"] == pytest.approx(0.008)
+    assert row["cost/dollars/learner"] == pytest.approx(0.008)
     assert row["cost/dollars"] == pytest.approx(0.018)
     # Serverful: 1 + 2 GPUs for all 10 s = 30 GPU-s; busy 8 + 2×2 = 12.
     assert row["cost/serverful/gpu_seconds"] == pytest.approx(30)
-    assert row["cost/serverful/gpu_seconds/trainer"] == pytest.approx(20)
+    assert row["cost/serverful/gpu_seconds/learner"] == pytest.approx(20)
     assert (row["cost/serverful/busy"], row["cost/serverful/idle"]) == pytest.approx((12, 18))
     assert row["cost/saving/gpu_seconds"] == pytest.approx(12)
     assert row["cost/saving/ratio"] == pytest.approx(0.4)

@@ -116,7 +116,7 @@ def test_server_defaults_equal_the_model_defaults() -> None:
 VALID = [
     {},
     {"algorithm": {"name": "ppo"}},
-    {"algorithm": {"name": "ppo", "advantage": "gae"}, "resources": {"critic": {"gpus": 2}}},
+    {"algorithm": {"name": "ppo", "advantage": "gae"}, "resources": {"learner": {"gpus": 2}}},
     {"algorithm": {"name": "grpo", "advantage": "drgrpo"}, "steps": 3, "suspend": True},
     {"model": {"source": "gguf", "path": "smollm2"}, "generation": {"maxNewTokens": 2000}},
     {"model": {"tiny": {"nEmbd": 30, "nHead": 3}}, "scheduling": {"actors": 4, "maxActors": 4}},

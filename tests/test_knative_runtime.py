@@ -7,13 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kmock_cluster import KSVC, PODS, Cluster, emulated_cluster
 from knative_webhook import check_webhook_rules
 
+from rlhfless.api import codec
 from rlhfless.api.spec import parse_spec
+from rlhfless.api.wire import INSTANCE_HEADER
 from rlhfless.knative.kube import Kube
 from rlhfless.knative.runtime import KnativeRuntime
 from rlhfless.knative.services import (
@@ -21,7 +24,7 @@ from rlhfless.knative.services import (
     FunctionSettings,
     build_services,
 )
-from rlhfless.runtime.base import InvocationError, Runtime
+from rlhfless.runtime.base import InvocationError, Runtime, StreamBroken
 
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},
                   "resources": {"actor": {"gpus": 2}}}, "kn")
@@ -41,6 +44,33 @@ class FunctionServer:
             status = self.fail_with.pop(0)
             return web.json_response({"error": f"failed with {status}"}, status=status)
         return web.json_response({"echo": body, "stage": request.headers.get("Host")})
+
+
+class StreamingFunction:
+    """A stand-in actor pod: streams frames naming itself, takes /control requests."""
+
+    def __init__(self, pod: str) -> None:
+        self.pod = pod
+        self.controls: list[dict[str, Any]] = []
+        self.break_after_first = False
+
+    async def invoke(self, request: web.Request) -> web.StreamResponse:
+        body = codec.decode(await request.read())
+        response = web.StreamResponse(headers={INSTANCE_HEADER: self.pod,
+                                               "content-type": codec.FRAMES_TYPE})
+        await response.prepare(request)
+        await response.write(codec.frame({"type": "hello", "instance": self.pod}))
+        if self.break_after_first:
+            request.transport.close()  # the pod dies mid-stream
+            return response
+        await response.write(codec.frame({"type": "samples", "echo": body["ids"]}))
+        await response.write(codec.frame({"type": "end", "stats": {}}))
+        await response.write_eof()
+        return response
+
+    async def control(self, request: web.Request) -> web.Response:
+        self.controls.append(await request.json())
+        return web.json_response({"accepted": True}, headers={INSTANCE_HEADER: self.pod})
 
 
 @pytest.fixture
@@ -116,14 +146,14 @@ async def test_url_comes_from_status_or_cluster_local_dns(cluster: Cluster) -> N
         set_url(cluster, "reward", "http://kn-reward.default.example/")
         assert await runtime.url("reward", refresh=True) == "http://kn-reward.default.example"
         with pytest.raises(InvocationError, match="no such stage"):
-            await runtime.url("critic")  # GRPO: no critic deployed
+            await runtime.url("critic")  # fused into the learner: no Service of its own
 
 
 async def test_invoke_unreachable_service_fails_after_retries(cluster: Cluster) -> None:
-    set_url(cluster, "trainer", "http://127.0.0.1:9")  # discard port: connection refused
+    set_url(cluster, "learner", "http://127.0.0.1:9")  # discard port: connection refused
     async with knative(cluster, retries=2) as runtime:
         with pytest.raises(InvocationError, match="gave up after 2 attempts: ConnectError"):
-            await runtime.invoke("trainer", {"request_id": "t"})
+            await runtime.invoke("learner", {"request_id": "t"})
 
 
 def template_annotations(cluster: Cluster, stage: str) -> dict[str, str]:
@@ -160,7 +190,7 @@ async def test_scale_patches_scale_bounds_only_when_they_change(
         assert ann[AUTOSCALING + "initial-scale"] == ("0" if zero_initial else "1")
         svc = cluster.get(KSVC, "kn-actor")
         assert check_webhook_rules(svc, allow_zero_initial_scale=zero_initial) == []
-        await runtime.scale("critic", 0)  # not deployed for GRPO: releasing it is a no-op
+        await runtime.scale("critic", 0)  # not a stage of the job: releasing it is a no-op
         with pytest.raises(InvocationError):
             await runtime.scale("critic", 1)
 
@@ -219,3 +249,42 @@ async def test_readiness_comes_from_service_conditions(cluster: Cluster) -> None
             await runtime.wait_ready(("actor", "reward"), timeout_s=0.2, poll_s=0.05)
         set_url(cluster, "reward", "http://r", ready=True)
         await runtime.wait_ready(("actor", "reward"), timeout_s=1, poll_s=0.05)
+
+
+async def test_streams_name_their_pod_and_control_requests_reach_that_pod_directly(
+        cluster: Cluster) -> None:
+    fn = StreamingFunction("kn-actor-00001-deployment-abc")
+    app = web.Application()
+    app.router.add_post("/invoke", fn.invoke)
+    app.router.add_post("/control", fn.control)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        set_url(cluster, "actor", url)
+        start = float(int(time.time()) - 10)
+        record = pod(fn.pod, "kn-actor", 2, start, 1)
+        record["status"]["podIP"] = "127.0.0.1"  # the pod's own address, not the Service's
+        await cluster.create_object(PODS, record)
+        async with knative(cluster, pod_port=server.port) as runtime:
+            got = [(inst, frame) async for inst, frame in runtime.invoke_stream(
+                "actor", {"request_id": "r", "ids": np.arange(3, dtype=np.int32)})]
+            assert [f["type"] for _, f in got] == ["hello", "samples", "end"]
+            assert {inst for inst, _ in got} == {fn.pod}
+            assert got[1][1]["echo"].tolist() == [0, 1, 2]  # arrays went raw both ways
+            reply = await runtime.invoke_instance("actor", fn.pod, {"op": "cut",
+                                                                    "request_id": "c"})
+            assert reply == {"accepted": True} and fn.controls == [{"op": "cut",
+                                                                    "request_id": "c"}]
+            busy = {u.instance: u.busy for u in runtime.meter()}[fn.pod]
+            assert len(busy) == 1 and busy[0][1] >= busy[0][0]
+            with pytest.raises(InvocationError, match="no running pod"):
+                await runtime.invoke_instance("actor", "kn-actor-gone", {"request_id": "c"})
+            fn.break_after_first = True
+            with pytest.raises(StreamBroken):
+                async for _ in runtime.invoke_stream("actor", {"request_id": "r2",
+                                                               "ids": np.arange(2)}):
+                    pass
+            await runtime.release_instance("actor", fn.pod)  # nothing to do on Knative
+    finally:
+        await server.close()

@@ -43,8 +43,8 @@ def test_a_step_uses_every_gpu_and_never_shares_one(tmp_path, monkeypatch):
     job = tiny_job("pool", steps=1, dataset={"kind": "repeat", "size": 3, "promptsPerStep": 3},
                    scheduling={"actors": 3, "maxActors": 3, "costAware": False,
                                "prewarm": False, "keepAliveS": 60},
-                   resources={"actor": {"gpus": 1}, "reference": {"gpus": 1},
-                              "reward": {"gpus": 0}, "trainer": {"gpus": 2}})
+                   resources={"actor": {"gpus": 1}, "reward": {"gpus": 0},
+                              "learner": {"gpus": 2}})
 
     async def go():
         async with LocalRuntime(job, tmp_path / "store", tmp_path) as runtime:
@@ -65,14 +65,14 @@ def test_a_step_uses_every_gpu_and_never_shares_one(tmp_path, monkeypatch):
     (row,) = MetricsLog(tmp_path / "metrics.jsonl").read()
     for lane in row["timeline"]:
         assert lane.get("gpus", []) == list(by_name[lane["instance"]].devices)
-    assert any(lane["stage"] == "trainer" and len(lane["gpus"]) == 2 for lane in row["timeline"])
+    assert any(lane["stage"] == "learner" and len(lane["gpus"]) == 2 for lane in row["timeline"])
 
 
 def test_a_start_waits_for_gpus_and_idle_instances_of_other_stages_make_room(
         tmp_path, monkeypatch):
     monkeypatch.setenv("RLHFLESS_GPUS", "6,7")
     job = tiny_job("wait", resources={"actor": {"gpus": 2}, "reward": {"gpus": 0},
-                                      "trainer": {"gpus": 1}},
+                                      "learner": {"gpus": 1}},
                    scheduling={"actors": 1, "maxActors": 1, "keepAliveS": 600})
 
     async def go():
@@ -83,33 +83,39 @@ def test_a_start_waits_for_gpus_and_idle_instances_of_other_stages_make_room(
             (reward,) = runtime.instances("reward")
             assert visible_devices(actor.process.pid) == "6,7"
             assert visible_devices(reward.process.pid) == ""  # a CPU stage sees no GPU
-            actor.busy = True  # serving a request: it must not be stopped
-            trainer = asyncio.create_task(runtime.scale("trainer", 1))
+            # Scaled up for work to come, the actor is no spare: a start of another stage
+            # waits for it instead of stopping it before its first request.
+            learner = asyncio.create_task(runtime.scale("learner", 1))
             await until(lambda: runtime._pool.waiting())
-            assert not runtime.instances("trainer") and actor.alive  # waits, does not fail
+            assert actor.reserved and actor.alive and not runtime.instances("learner")
+            actor.busy, actor.reserved = True, False  # serving a request: not stopped either
+            async with runtime._changed:
+                runtime._changed.notify_all()
+            await asyncio.sleep(0)
+            assert not runtime.instances("learner") and actor.alive  # waits, does not fail
             actor.busy = False  # the request is done: now idle, it may make room
             async with runtime._changed:
                 runtime._changed.notify_all()
-            await trainer
-            (started,) = runtime.instances("trainer")
+            await learner
+            (started,) = runtime.instances("learner")
             assert actor.ended_at is not None and actor.ended_at <= started.started_at
             assert visible_devices(started.process.pid) == "6"
             return runtime.meter()
 
     usages = asyncio.run(go())
     assert {u.instance: u.devices for u in usages} == {
-        "actor-0": ("6", "7"), "reward-1": (), "trainer-2": ("6",)}
+        "actor-0": ("6", "7"), "reward-1": (), "learner-2": ("6",)}
 
 
 def test_a_stage_asking_for_more_gpus_than_exist_is_an_error_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHFLESS_GPUS", "0,1")
-    job = tiny_job("big", resources={"trainer": {"gpus": 4}})
+    job = tiny_job("big", resources={"learner": {"gpus": 4}})
 
     async def go():
         async with LocalRuntime(job, tmp_path / "store", tmp_path):
             pass
 
-    with pytest.raises(InvocationError, match=r"trainer: asks for 4 GPUs .*resources.trainer"
+    with pytest.raises(InvocationError, match=r"learner: asks for 4 GPUs .*resources.learner"
                                               r".gpus.* has 2"):
         asyncio.run(go())
 

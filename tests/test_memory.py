@@ -65,7 +65,7 @@ def test_a_training_estimate_adds_up():
                                           n_positions=96))())
     work = Workload("train", trained=("policy",), sequences=4, group_size=4,
                     response_tokens=8)
-    est = estimate("trainer", "cpu", shape, work, 4)
+    est = estimate("learner", "cpu", shape, work, 4)
     p = shape.params
     tokens = 4 * 8 + 1 * 88  # responses + one group's prompt (min(128, 96 - 8) tokens)
     expected = {
@@ -93,17 +93,17 @@ BIG_TINY = {"source": "tiny", "tiny": {"nLayer": 48, "nEmbd": 8192, "nHead": 64,
                                        "nPositions": 512}}
 
 
-def test_a_huge_tiny_model_on_a_cpu_trainer_is_refused_naming_the_fields():
-    job = tiny_job(model=BIG_TINY, resources={"trainer": {"gpus": 0}})
+def test_a_huge_tiny_model_on_a_cpu_learner_is_refused_naming_the_fields():
+    job = tiny_job(model=BIG_TINY, resources={"learner": {"gpus": 0}})
     report = check_job(job.spec)
-    trainer = next(e for e in report.estimates if e.stage == "trainer")
+    learner = next(e for e in report.estimates if e.stage == "learner")
     # 38.67 B parameters (GPT-2 layout) x 16 bytes of fp32 AdamW state, plus the margin
     assert report.shape.params == 38_665_076_736
-    assert trainer.total > 16 * 38_665_076_736 and not trainer.fits
-    (message,) = [e for e in report.errors if e.startswith("resources.trainer")]
+    assert learner.total > 16 * 38_665_076_736 and not learner.fits
+    (message,) = [e for e in report.errors if e.startswith("resources.learner")]
     assert "needs ~" in message and "per cpu" in message
-    assert "resources.trainer.memory 32Gi" in message  # what it has, and where that is set
-    assert "change resources.trainer.memory" in message and "model (a smaller one)" in message
+    assert "resources.learner.memory 32Gi" in message  # what it has, and where that is set
+    assert "change resources.learner.memory" in message and "model (a smaller one)" in message
 
 
 def test_defaults_and_examples_fit(tmp_path):
@@ -142,7 +142,7 @@ def test_tensor_parallelism_must_divide_the_heads(tmp_path):
 def test_the_cli_refuses_and_explains(tmp_path):
     from rlhfless.cli import app
 
-    job = tiny_job("huge", model=BIG_TINY, resources={"trainer": {"gpus": 0}})
+    job = tiny_job("huge", model=BIG_TINY, resources={"learner": {"gpus": 0}})
     path = tmp_path / "job.yaml"
     from rlhfless.api.spec import dump_job
 
@@ -150,23 +150,23 @@ def test_the_cli_refuses_and_explains(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(path)])
     output = " ".join(result.output.split())
     assert result.exit_code == 2
-    assert "does not fit its resources" in output and "resources.trainer:" in output
+    assert "does not fit its resources" in output and "resources.learner:" in output
     result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and not (tmp_path / "run").exists()  # refused before start
     ok = tmp_path / "ok.yaml"
     ok.write_text(json.dumps(dump_job(tiny_job("ok"))))
     result = CliRunner().invoke(app, ["validate", str(ok), "--gpu-memory", "24Gi"])
     output = " ".join(result.output.split())
-    assert result.exit_code == 0 and "trainer: ~" in output and "of 24.0 GiB" in output
+    assert result.exit_code == 0 and "learner: ~" in output and "of 24.0 GiB" in output
 
 
 def test_the_operator_checks_known_shapes_and_never_opens_spec_paths(tmp_path, monkeypatch):
     from rlhfless.model import shape as shape_module
     from rlhfless.operator.handlers import validate
 
-    job, errors = validate({"model": BIG_TINY, "resources": {"trainer": {"gpus": 0}}},
+    job, errors = validate({"model": BIG_TINY, "resources": {"learner": {"gpus": 0}}},
                            "huge", "ns")
-    assert job is None and any(e.startswith("resources.trainer") for e in errors)
+    assert job is None and any(e.startswith("resources.learner") for e in errors)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
     def opened(*args, **kwargs):

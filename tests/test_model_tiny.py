@@ -21,6 +21,7 @@ from rlhfless.model import (
     sequence_logprobs,
 )
 from rlhfless.model.checkpointing import enable_checkpointing
+from rlhfless.model.generation import GenerationSession, Row
 
 TOL = 1e-4
 
@@ -315,3 +316,53 @@ def test_generation_respects_caps_and_restores_mode(tiny):
     assert generate(model, tok, [], n=2, max_new_tokens=5).samples == []
     with pytest.raises(ValueError):
         generate(model, tok, [[1, 2]], n=2, max_new_tokens=5, prefixes=[[3]])
+
+
+def test_rows_merged_into_a_running_batch_finish_as_if_uncut(eos_prone):
+    """A hand-off at the model level: rows cut from one session continue inside another
+    session's running batch (different padding and cache width) and equal uncut ones."""
+    model, tok = eos_prone
+    prompts = [tok.encode(tok.render_prompt(w)) for w in ["hi", "a much longer prompt"]]
+    keys = [prompt_key(f"p{i}") for i in range(2)]
+    n, cap, seed = 4, 24, 3
+    full = generate(model, tok, prompts, n, cap, seed=seed, keys=keys)
+    first = GenerationSession(model, tok, cap, seed=seed)
+    first.add([Row(prompts[0], keys[0], j, tag=(0, j)) for j in range(n)])
+    for _ in range(3):
+        first.step()
+    moved = [Row(r.prompt, r.key, r.index, tag=r.tag, response=list(r.response))
+             for r in first.unfinished()]
+    first.release()
+    assert moved and first.live == 0
+    second = GenerationSession(model, tok, cap, seed=seed)
+    own = [Row(prompts[1], keys[1], j, tag=(1, j)) for j in range(n)]
+    second.add(own)
+    second.step()  # already running when the hand-off arrives
+    done = second.add(moved)
+    while second.live:
+        done += second.step()
+    assert {r.tag for r in done} >= {r.tag for r in moved}
+    for row in moved + own:
+        p, j = row.tag
+        ref = full[p * n + j]
+        assert row.response == ref["response"] and row.reason is not None
+        assert max(abs(a - b) for a, b in zip(row.logprobs[row.prefix_len:],
+                                              ref["logprobs"][row.prefix_len:],
+                                              strict=True)) <= 1e-5
+
+
+def test_session_row_caps_and_prefill_dedup(tiny):
+    model, tok = tiny
+    prompt = tok.encode("abc")
+    shared = GenerationSession(model, tok, 6, seed=0)
+    shared.add([Row(prompt, 1, j, max_new=2 if j == 0 else None) for j in range(3)])
+    while shared.live:
+        shared.step()
+    assert len(shared.rows[0].response) <= 2 and all(len(r.response) <= 6 for r in shared.rows)
+    assert shared.prefill_tokens_saved == 2 * len(prompt)
+    apart = GenerationSession(model, tok, 6, seed=0, dedup_prefill=False)
+    apart.add([Row(prompt, 1, j, max_new=2 if j == 0 else None) for j in range(3)])
+    while apart.live:
+        apart.step()
+    assert apart.prefill_tokens_saved == 0
+    assert [r.response for r in apart.rows] == [r.response for r in shared.rows]

@@ -43,10 +43,10 @@ STEP_USD = 2.5
 
 def step_row(step: int) -> dict[str, float]:
     return {"timing_s/step": 0.1, "cost/gpu_seconds": STEP_GPU_S,
-            "cost/gpu_seconds/actor": 1200.0, "cost/gpu_seconds/trainer": 600.0,
-            "cost/dollars": STEP_USD, "cost/dollars/actor": 1.5, "cost/dollars/trainer": 1.0,
+            "cost/gpu_seconds/actor": 1200.0, "cost/gpu_seconds/learner": 600.0,
+            "cost/dollars": STEP_USD, "cost/dollars/actor": 1.5, "cost/dollars/learner": 1.0,
             "cost/split/busy/actor": 1000.0, "cost/split/keep_alive_idle/actor": 200.0,
-            "cost/split/cold_start/trainer": 600.0, "cost/serverful/gpu_seconds": 3600.0,
+            "cost/split/cold_start/learner": 600.0, "cost/serverful/gpu_seconds": 3600.0,
             "cost/serverful/dollars": 5.0, "cost/tail/share": 0.25, "reward/mean": 0.5}
 
 
@@ -113,10 +113,10 @@ def test_cost_metrics_are_exported_per_stage_and_use() -> None:
     text = generate_latest(m.registry).decode()
     for line in (
         'rlhfless_cost_dollars_total{job="j",namespace="ns",stage="actor"} 3.0',
-        'rlhfless_cost_dollars_total{job="j",namespace="ns",stage="trainer"} 2.0',
+        'rlhfless_cost_dollars_total{job="j",namespace="ns",stage="learner"} 2.0',
         'rlhfless_gpu_seconds_by_use_total{job="j",namespace="ns",stage="actor",use="busy"} '
         '2000.0',
-        'rlhfless_gpu_seconds_by_use_total{job="j",namespace="ns",stage="trainer",'
+        'rlhfless_gpu_seconds_by_use_total{job="j",namespace="ns",stage="learner",'
         'use="cold_start"} 1200.0',
         'rlhfless_serverful_gpu_seconds_total{job="j",namespace="ns"} 7200.0',
         'rlhfless_serverful_dollars_total{job="j",namespace="ns"} 10.0',
@@ -135,10 +135,10 @@ def test_chart_prices_reach_the_driver_and_bad_ones_stop_the_operator() -> None:
     config = OperatorConfig.from_env(env)
     assert config.cost == CostDefaults("L40S", "spot", {"L40S": GpuPrice(on_demand=2.0,
                                                                           spot=0.8)})
-    job = parse_spec({**TINY, "cost": {"stageGpuTypes": {"trainer": "H100"}}})
+    job = parse_spec({**TINY, "cost": {"stageGpuTypes": {"learner": "H100"}}})
     prices = job_prices(priced_job(job, config.cost).spec)
     assert prices.of("actor") == 0.8  # the chart's GPU type and spot price
-    assert prices.of("trainer") == 3.00  # the job's GPU type, the built-in spot price
+    assert prices.of("learner") == 3.00  # the job's GPU type, the built-in spot price
     assert job_prices(job.spec).of("actor") == 6.88  # unpriced by a cluster: the defaults
     for bad, field in ((
             {"RLHFLESS_GPU_PRICES": '{"H100": {"onDemand": -1}}'}, "H100.onDemand"),
@@ -231,7 +231,7 @@ async def test_budget_suspends_the_job_and_raising_it_resumes(tmp_path: Path) ->
         assert status["cost"]["stages"]["actor"] == {"gpuSeconds": 2400.0, "dollars": 3.0}
         assert status["cost"]["serverfulGpuSeconds"] == 7200.0
         assert status["cost"]["nextStepGpuSeconds"] == STEP_GPU_S
-        assert {stage for stage, n in scales if n == 0} >= {"actor", "reward", "trainer"}
+        assert {stage for stage, n in scales if n == 0} >= {"actor", "reward", "learner"}
         await asyncio.sleep(0.5)  # suspended means no further step
         assert started == [1, 2]
         assert metrics.budget_used.labels("default", "capped")._value.get() == pytest.approx(

@@ -154,7 +154,7 @@ async def test_job_creates_owned_services_and_status_follows_steps(tmp_path: Pat
         await cluster.wait_for(progressed, interval=0.01, what="Succeeded")
 
         services = {s["metadata"]["name"]: s for s in cluster.services()}
-        assert set(services) == {"demo-actor", "demo-reference", "demo-reward", "demo-trainer"}
+        assert set(services) == {"demo-actor", "demo-reward", "demo-learner"}
         for name, svc in services.items():
             owner = svc["metadata"]["ownerReferences"][0]
             assert (owner["kind"], owner["name"], owner["uid"]) == ("RLHFJob", "demo", uid)
@@ -230,7 +230,7 @@ async def test_invalid_specs_are_reported_and_create_nothing(tmp_path: Path) -> 
         assert condition(cluster, "bad-steps", "Ready")["status"] == "True"
         assert condition(cluster, "bad-steps", "Ready")["observedGeneration"] == 2
         assert {s["metadata"]["name"] for s in cluster.services()} == {
-            f"bad-steps-{s}" for s in ("actor", "reward", "trainer")}  # klBeta 0: no reference
+            f"bad-steps-{s}" for s in ("actor", "reward", "learner")}
 
 
 async def test_suspend_stops_after_current_step_and_resume_continues(tmp_path: Path) -> None:
@@ -247,9 +247,9 @@ async def test_suspend_stops_after_current_step_and_resume_continues(tmp_path: P
         assert trace.started == trace.completed
         assert condition(cluster, "sus", "Suspended")["status"] == "True"
         assert condition(cluster, "sus", "Running")["reason"] == "SuspendRequested"
-        # Every stage of the PPO job (critic included) was scaled to zero.
+        # Every stage of the PPO job (the learner holds its critic) was scaled to zero.
         zeroed = {stage for job, stage, n in trace.scales if job == "sus" and n == 0}
-        assert {"actor", "reference", "reward", "critic", "trainer"} <= zeroed
+        assert {"actor", "reward", "learner"} <= zeroed
         await asyncio.sleep(0.8)  # suspended really means no more steps
         assert cluster.status("sus")["step"] == suspended_at
         assert len(trace.started) == suspended_at
@@ -259,7 +259,8 @@ async def test_suspend_stops_after_current_step_and_resume_continues(tmp_path: P
         await cluster.wait_for(lambda: cluster.phase("sus") == "Succeeded", what="Succeeded")
         assert condition(cluster, "sus", "Suspended")["status"] == "False"
     assert [s for j, s in trace.completed if j == "sus"] == [1, 2, 3, 4]
-    assert {s["metadata"]["name"] for s in cluster.services()} >= {"sus-critic"}
+    assert {s["metadata"]["name"] for s in cluster.services()} == {
+        "sus-actor", "sus-reward", "sus-learner"}  # PPO's critic lives in the learner
 
 
 async def test_changing_an_immutable_field_is_refused_until_reverted(tmp_path: Path) -> None:
@@ -306,7 +307,7 @@ async def test_delete_stops_the_job_and_children_are_garbage_collected(tmp_path:
         await cluster.create_job("gone", {**TINY, "steps": 50})
         await cluster.wait_for(lambda: cluster.status("gone").get("step", 0) >= 1,
                                what="running")
-        assert len(cluster.services()) == 4
+        assert len(cluster.services()) == 3
         await cluster.delete_job("gone")
         # kopf stops the daemon, then releases its finalizer: the job disappears.
         await cluster.wait_for(lambda: cluster.job("gone") is None, what="job deleted")
@@ -317,7 +318,7 @@ async def test_delete_stops_the_job_and_children_are_garbage_collected(tmp_path:
         # The cluster's garbage collector removes what the job owned, and only that.
         collected = cluster.collect_garbage()
         assert sorted(name for _, name in collected) == [
-            "gone-actor", "gone-reference", "gone-reward", "gone-trainer"]
+            "gone-actor", "gone-learner", "gone-reward"]
         assert cluster.services() == []
 
 
@@ -356,9 +357,15 @@ class InvokingDriver(FakeDriver):
 
         async def step_work(step: int) -> float:
             await rt.scale("actor", 2)
+            # Prewarm means two actor pods running before the requests go out: wait for
+            # Knative (emulated) to run them, as the metered pods show.
+            deadline = time.monotonic() + 60
+            while sum(u.stage == "actor" and u.ended_at is None for u in rt.meter()) < 2:
+                assert time.monotonic() < deadline, "the second actor pod never ran"
+                await asyncio.sleep(0.05)
             await asyncio.gather(*(rt.invoke("actor", {"request_id": f"s{step}-a{i}"})
                                    for i in range(2)))
-            for stage in ("reference", "reward", "trainer"):
+            for stage in ("reward", "learner"):
                 await rt.invoke(stage, {"request_id": f"s{step}-{stage}"})
             await rt.scale("actor", 0)
             return sum(u.gpu_seconds(time.time()) for u in rt.meter()
@@ -409,7 +416,7 @@ async def test_operator_drives_knative_services_through_the_knative_runtime(
     finally:
         await server.close()
     assert sorted(invoked) == sorted(
-        f"s{s}-{x}" for s in (1, 2) for x in ("a0", "a1", "reference", "reward", "trainer"))
+        f"s{s}-{x}" for s in (1, 2) for x in ("a0", "a1", "reward", "learner"))
     assert [s for _, s in trace.completed] == [1, 2]
     assert trace.gpu_seconds and trace.gpu_seconds[-1] > 0  # metered from the pods
 

@@ -281,7 +281,7 @@ async def _check_targets_and_labels(prom: Prometheus, run_dir: Path, started: fl
     """Every live function instance is a target Prometheus scrapes, labelled like a function
     pod; no scraped rlhfless series carries a label beyond the bounded set."""
     listed = json.loads((run_dir / TARGETS_FILE).read_text())
-    assert {g["labels"]["stage"] for g in listed} >= {"actor", "reward", "trainer"}
+    assert {g["labels"]["stage"] for g in listed} >= {"actor", "reward", "learner"}
     addresses = {g["targets"][0]: g["labels"] for g in listed}
 
     async def all_up() -> bool:

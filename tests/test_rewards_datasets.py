@@ -81,6 +81,9 @@ def test_load_dataset_kinds_and_system_prompt(tmp_path):
         ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": "1"}\n',
          r"d\.jsonl:2: duplicate id '1' \(first on line 1\)"),
         ("\n\n", r"no prompts found"),
+        ('{"prompt": "a", "max_new_tokens": 0}\n', r"d\.jsonl:1: 'max_new_tokens' must be a "
+         "positive integer"),
+        ('{"prompt": "a", "max_new_tokens": "9"}\n', r"'max_new_tokens' must be a positive"),
     ],
 )
 def test_jsonl_errors_name_the_line(tmp_path, content, message):

@@ -4,33 +4,47 @@ from __future__ import annotations
 
 import pytest
 
-from rlhfless.api.spec import parse_spec
-from rlhfless.api.stages import PHASES, STAGE_NAMES
+from rlhfless.api.spec import SpecError, parse_spec
+from rlhfless.api.stages import PHASES, STAGE_NAMES, learner_parts
 
 
 def table(spec: dict):
     return parse_spec(spec).spec.stages
 
 
-def test_default_grpo_deploys_no_reference_and_no_critic() -> None:
-    stages = table({})
-    assert stages.deployed == ("actor", "reward", "trainer")
-    assert not stages["reference"].deployed and not stages["critic"].deployed
-    assert stages.phases() == (("rollout", ("actor",)), ("score", ("reward",)),
-                               ("train", ("trainer",)))
+def test_every_job_has_actor_reward_and_the_fused_learner() -> None:
+    for spec in ({}, {"algorithm": {"klBeta": 0.1}}, {"algorithm": {"name": "ppo"}}):
+        stages = table(spec)
+        assert stages.deployed == STAGE_NAMES == ("actor", "reward", "learner")
+    assert stages.phases() == (("rollout", ("actor",)), ("learn", ("reward", "learner")))
 
 
-def test_kl_term_deploys_the_reference_and_ppo_the_critic() -> None:
-    assert table({"algorithm": {"klBeta": 0.1}}).deployed == (
-        "actor", "reference", "reward", "trainer")
-    assert table({"algorithm": {"name": "ppo", "klBeta": 0.1}}).deployed == STAGE_NAMES
+def test_the_learner_holds_the_reference_only_with_a_kl_term_and_the_critic_for_ppo() -> None:
+    assert learner_parts(parse_spec({}).spec) == ("policy",)
+    assert learner_parts(parse_spec({"algorithm": {"klBeta": 0.1}}).spec) == (
+        "policy", "reference")
+    assert learner_parts(parse_spec({"algorithm": {"name": "ppo", "klBeta": 0.1}}).spec) == (
+        "policy", "reference", "critic")
 
 
 def test_scale_gpus_and_phases_come_from_the_spec() -> None:
     stages = table({"scheduling": {"maxActors": 7},
-                    "resources": {"actor": {"gpus": 4}, "reward": {"gpus": 0}}})
+                    "resources": {"actor": {"gpus": 4}, "learner": {"gpus": 2}}})
     assert stages["actor"].max_scale == 7 and stages["actor"].gpus == 4
-    assert stages["trainer"].max_scale == 1 and stages["reward"].gpus == 0
+    assert stages["learner"].max_scale == 1 and stages["learner"].gpus == 2
+    assert stages["reward"].gpus == 0 and stages["reward"].max_scale == 2
     assert {s.phase for s in stages} == set(PHASES)
     with pytest.raises(KeyError, match="unknown stage"):
-        stages["learner-x"]
+        stages["trainer"]
+
+
+@pytest.mark.parametrize("old", ["trainer", "reference", "critic"])
+def test_resources_of_stages_that_no_longer_exist_are_refused_by_name(old: str) -> None:
+    with pytest.raises(SpecError, match=f"spec.resources.{old}: unknown field"):
+        parse_spec({"resources": {old: {"gpus": 1}}})
+
+
+def test_every_stage_name_fits_the_suffix_reserved_in_job_names() -> None:
+    from rlhfless.api.names import STAGE_SUFFIX_RESERVE
+
+    assert all(len(f"-{name}") <= STAGE_SUFFIX_RESERVE for name in STAGE_NAMES)

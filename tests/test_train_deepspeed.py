@@ -121,3 +121,30 @@ def test_deepspeed_rejects_zero3():
     base, _ = load_tiny(TINY)
     with pytest.raises(ValueError, match="ZeRO stage 0 or 2"):
         PolicyTrainer(base, ALGO, TrainerSpec(backend="deepspeed", zero_stage=3))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_streaming_learner_on_deepspeed_matches_the_torch_whole_batch_update(stage):
+    """ZeRO-0 streams gradients (they sit in .grad); ZeRO-2 keeps them partitioned, so its
+    learner streams only the forward-only work and backpropagates in finish: same update."""
+    from rlhfless.train.streaming import GroupInput, StreamingLearner
+    from rlhfless.train.update import step_seed
+
+    algo = ALGO.model_copy(update={"mini_batch_size": 64, "lr": 1e-3})
+    batch = _batch()
+    base, _ = load_tiny(TINY)
+    ref_model = copy.deepcopy(base)
+    PolicyTrainer(ref_model, algo).step(make_train_batch(
+        algo, batch.prompts, batch.groups, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]]), step_seed(0, 1))
+    trainer = PolicyTrainer(copy.deepcopy(base), algo,
+                            TrainerSpec(backend="deepspeed", zero_stage=stage))
+    learner = StreamingLearner(trainer, algo, 3)
+    assert learner.streams_gradients == (stage == 0)
+    learner.begin(1, ["a", "b"], step_seed(0, 1))
+    rewards = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]]
+    for gid, p in (("b", 1), ("a", 0)):
+        learner.add_group(GroupInput(gid, batch.prompts[p], batch.groups[p], rewards[p]))
+    stats = learner.finish()
+    assert stats["num_minibatches"] == 1
+    torch.testing.assert_close(_params(trainer.model), _params(ref_model), atol=2e-4, rtol=0)
+    assert not torch.equal(_params(trainer.model), _params(base))

@@ -56,7 +56,7 @@ def test_logprobs_and_entropy_match_naive_forward():
     trainer = PolicyTrainer(model, _algo())
     prompts, groups, _ = _fixed_batch()
     with torch.no_grad():
-        logp, ent = trainer._logprobs_and_entropy(prompts, groups)
+        logp, ent = trainer.logprobs_and_entropy(prompts, groups)
     flat_prompts = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
     naive = sequence_logprobs(model, flat_prompts, [r for g in groups for r in g])
     for mine, ref in zip(logp, naive, strict=True):

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfless.api.wire import ActorRequest, RolloutPrompt
+from rlhfless.api.wire import ActorMerge, ActorRequest, RolloutPrompt
 from rlhfless.functions.app import FunctionError
 from rlhfless.functions.engines import vllm_engine as ve
+from rlhfless.functions.engines.base import RolloutControl
+from rlhfless.functions.engines.collect import collect
 from rlhfless.model.materialize import materialize_base
 from rlhfless.model.sampler import choose_tokens, prompt_key, sample_uniform
 from rlhfless.store import WeightStore
@@ -153,10 +155,13 @@ def test_book_accumulates_deltas_and_applies_the_cut():
     assert book.done == 2 and book.should_cut(stop_after) and not book.complete()
     assert book.open_request_ids() == [rid]
     res = book.results(req)
-    assert [(s.index, s.response, s.finished) for s in res] == [
+    assert [(s.index, s.response.tolist(), s.finished) for s in res] == [
         (0, [11, 14, EOS], True), (1, [12], False), (2, [13], True)
     ]
-    assert res[0].logprobs == [-0.11, -0.14, 0.0]
+    assert res[0].logprobs.tolist() == pytest.approx([-0.11, -0.14, 0.0])
+    assert [(s.key, s.index) for s in book.newly_finished()] == [("a", 0), ("a", 2)]
+    assert book.newly_finished() == []  # each finished sample is handed out once
+    assert [s.index for s in book.unfinished()] == [1]
     assert book.new_tokens() == 5 and book.cached_tokens() == 16
 
 
@@ -171,15 +176,16 @@ def test_book_scores_a_continuations_prefix_before_allowing_a_cut():
     # the score-only sample finishes at once, but the continuation's prefix is not scored yet
     plp = [None, {6: Logprob(-0.5)}, {7: Logprob(-0.6)}, {EOS: Logprob(-0.7)}]
     book.record(output(done.request_id, [completion(0, [77], "length")], prompt_logprobs=plp))
-    assert book.done == 1 and not book.should_cut(1)
+    assert book.done == 1 and not book.should_cut(1) and not book.scored
     plp = [None, {6: Logprob(-0.5)}, {7: Logprob(-0.6)}, {40: Logprob(-0.4)}, {41: Logprob(-0.41)}]
     book.record(output(cont.request_id, [completion(0, [42])], prompt_logprobs=plp))
     book.record(output(cont.request_id, [completion(0, [43])], prompt_logprobs=[]))
-    assert book.should_cut(1)
+    assert book.should_cut(1) and book.scored
     first, second = book.results(req)
-    assert first.response == [40, 41, 42, 43] and not first.finished
-    assert first.logprobs == [-0.4, -0.41, -0.42, -0.43]
-    assert second.response == [EOS] and second.logprobs == [-0.7] and second.finished
+    assert first.response.tolist() == [40, 41, 42, 43] and not first.finished
+    assert first.logprobs.tolist() == pytest.approx([-0.4, -0.41, -0.42, -0.43])
+    assert second.response.tolist() == [EOS] and second.finished
+    assert second.logprobs.tolist() == pytest.approx([-0.7])
     assert book.new_tokens() == 2
     # When each sample finished (for the rollout-tail accounting); a cut one has no time.
     assert second.finished_at is not None and first.finished_at is None
@@ -394,17 +400,21 @@ def expected_response(seed: int, max_new: int) -> list[int]:
 def test_fake_rollout_returns_every_sample_once_with_its_seeded_stream(fake):
     engine, _ = fake
     req = request([group("a", 4), group("b", 3, prompt=list(range(2, 22)))])
-    res = engine.rollout(req)
+    res = collect(engine, req)
+    assert res.frames[0].type == "hello" and res.frames[-1].type == "end"
+    # each prompt's samples come in one frame, once all of them are done
+    reported = [[(s.key, s.index) for s in f.samples] for f in res.frames if f.type == "samples"]
+    assert sorted(reported) == [[("a", i) for i in range(4)], [("b", i) for i in range(3)]]
     assert [(s.key, s.index) for s in res.samples] == [("a", i) for i in range(4)] + [
         ("b", i) for i in range(3)]
     for s in res.samples:
-        assert s.response == expected_response(ve.seed_base(3, s.key) + s.index, 12)
-        assert s.logprobs == [-t / 100 for t in s.response]
+        assert s.response.tolist() == expected_response(ve.seed_base(3, s.key) + s.index, 12)
+        assert s.logprobs.tolist() == pytest.approx([-t / 100 for t in s.response.tolist()])
         assert s.finished
     llm = engine._llm
     assert [p.n for _, _, p in llm.llm_engine.added] == [4, 3]
     assert res.stats["batch_size"] == 7 and res.stats["requests"] == 2
-    assert res.stats["tokens"] == sum(len(s.response) for s in res.samples)
+    assert res.stats["tokens"] == sum(s.response.size for s in res.samples)
     assert res.stats["prefill_tokens_saved"] == 2 * 16  # b's children 1 and 2 hit the cache
     assert engine.loaded_version() == 0 and not llm.llm_engine.active
 
@@ -412,8 +422,10 @@ def test_fake_rollout_returns_every_sample_once_with_its_seeded_stream(fake):
 def test_fake_cut_then_continue_reproduces_the_uncut_samples(fake):
     engine, _ = fake
     req = request([group("a", 4), group("b", 4)], max_new_tokens=10)
-    full = {(s.key, s.index): s for s in engine.rollout(req).samples}
-    cut = engine.rollout(req.model_copy(update={"request_id": "r2", "cut_fraction": 0.25}))
+    full = {(s.key, s.index): s for s in collect(engine, req).samples}
+    cut = collect(engine, req.model_copy(update={"request_id": "r2", "cut_fraction": 0.25}),
+                  cut_at_tau=True)
+    assert cut.cut and cut.frames[-1].type == "cut"
     done = [s for s in cut.samples if s.finished]
     assert len(cut.samples) == 8 and 2 <= len(done) < 8
     left = [s for s in cut.samples if not s.finished]
@@ -421,8 +433,8 @@ def test_fake_cut_then_continue_reproduces_the_uncut_samples(fake):
     assert not core.active and core.aborted  # the long tail was aborted, not left running
     for s in cut.samples:
         whole = full[(s.key, s.index)]
-        assert s.response == whole.response[: len(s.response)]
-        assert s.logprobs == whole.logprobs[: len(s.response)]
+        assert s.response.tolist() == whole.response.tolist()[: s.response.size]
+        assert s.logprobs.tolist() == whole.logprobs.tolist()[: s.response.size]
     prompts = []
     for key in ("a", "b"):
         mine = [s for s in left if s.key == key]
@@ -430,31 +442,58 @@ def test_fake_cut_then_continue_reproduces_the_uncut_samples(fake):
             prompts.append(RolloutPrompt(key=key, prompt_ids=req.prompts[0 if key == "a" else 1]
                                          .prompt_ids, sample_indices=[s.index for s in mine],
                                          prefixes=[s.response for s in mine]))
-    cont = engine.rollout(req.model_copy(update={"request_id": "r3", "prompts": prompts}))
+    cont = collect(engine, req.model_copy(update={"request_id": "r3", "prompts": prompts}))
     for s in cont.samples:
         whole = full[(s.key, s.index)]
-        assert s.response == whole.response and s.logprobs == whole.logprobs and s.finished
+        assert s.response.tolist() == whole.response.tolist() and s.finished
+        assert s.logprobs.tolist() == whole.logprobs.tolist()
     assert cont.stats["tokens"] == sum(
-        len(s.response) - len(p) for s, p in zip(cont.samples,
+        s.response.size - p.size for s, p in zip(cont.samples,
                                                   [x for pr in prompts for x in pr.prefixes],
                                                   strict=True))
+
+
+def test_fake_merge_joins_the_running_rollout_and_reproduces_the_uncut_samples(fake):
+    """A hand-off: samples cut elsewhere are merged into a running rollout (same version,
+    same per-sample streams) and finish there exactly as they would have uncut."""
+    engine, _ = fake
+    req = request([group("a", 4), group("b", 4)], max_new_tokens=10)
+    full = {(s.key, s.index): s for s in collect(engine, req).samples}
+    cut = collect(engine, req.model_copy(update={"request_id": "r2", "cut_fraction": 0.25}),
+                  cut_at_tau=True)
+    left = [s for s in cut.samples if not s.finished]
+    assert left
+    merge = ActorMerge(request_id="m", weights_version=0, max_new_tokens=10, seed=3, prompts=[
+        RolloutPrompt(key=s.key, prompt_ids=req.prompts[0 if s.key == "a" else 1].prompt_ids,
+                      sample_indices=[s.index], prefixes=[s.response]) for s in left])
+    other = request([group("c", 2)], request_id="r3", max_new_tokens=10)
+    control = RolloutControl(other)
+    assert not control.offer(merge.model_copy(update={"seed": 4})).accepted  # other stream
+    assert control.offer(merge).accepted  # taken at the running rollout's first step
+    res = collect(engine, other, control=control)
+    assert res.frames[-1].type == "end" and res.stats["merged"] == len(left)
+    assert not control.offer(merge).accepted  # that rollout is over: nothing is taken
+    got = {(s.key, s.index): s for s in res.samples}
+    assert set(got) == {("c", 0), ("c", 1)} | {(s.key, s.index) for s in left}
+    for s in left:
+        assert got[(s.key, s.index)].response.tolist() == full[(s.key, s.index)].response.tolist()
 
 
 def test_fake_version_switch_reloads_in_place_and_resets_the_prefix_cache(fake):
     engine, store = fake
     tensors, _ = store.load(0)
     store.save(1, {k: v + 0.01 for k, v in tensors.items()})
-    engine.rollout(request([group("a", 2)]))
+    collect(engine, request([group("a", 2)]))
     llm = engine._llm
     first_dir = llm.directory
-    engine.rollout(request([group("a", 2)], weights_version=1))
+    collect(engine, request([group("a", 2)], weights_version=1))
     assert engine._llm is llm and len(engine.created) == 1  # no restart
     method, kwargs = llm.calls[0]
     assert method == "reload_weights" and kwargs["weights_path"].endswith("v1")
     assert llm.calls[1] == ("reset_prefix_cache", None)
     assert not first_dir.exists() and engine.loaded_version() == 1
     with pytest.raises(FunctionError) as err:
-        engine.rollout(request([group("a", 2)], weights_version=9))
+        collect(engine, request([group("a", 2)], weights_version=9))
     assert err.value.status == 404
 
 
@@ -465,7 +504,7 @@ def test_fake_sleep_and_wake(fake):
     llm = engine._llm
     assert engine.sleep(level=1) and llm.sleeping == 1
     assert not engine.sleep()  # already asleep
-    engine.rollout(request([group("a", 2)]))  # wakes up by itself
+    collect(engine, request([group("a", 2)]))  # wakes up by itself
     assert llm.sleeping is None and ("reset_prefix_cache", None) in llm.calls
     engine.sleep(level=2)
     llm.calls.clear()
@@ -650,12 +689,12 @@ def test_real_rollout_equals_the_reference_sampler(real):
     engine, models = real
     req = request([group("a", 4, prompt=list(range(10, 50))), group("b", 2)], max_new_tokens=16,
                   temperature=0.9, top_p=0.95, seed=5)
-    res = engine.rollout(req)
-    prompts = {p.key: p.prompt_ids for p in req.prompts}
+    res = collect(engine, req)
+    prompts = {p.key: p.prompt_ids.tolist() for p in req.prompts}
     for s in res.samples:
         want = reference_sample(models[0], prompts[s.key], 5, s.key, s.index, 16, 0.9, 0.95)
-        assert s.response == want
-        lp = naive_logprobs(models[0], prompts[s.key], s.response)
+        assert s.response.tolist() == want
+        lp = naive_logprobs(models[0], prompts[s.key], s.response.tolist())
         assert max(abs(a - b) for a, b in zip(s.logprobs, lp, strict=True)) < 1e-4
     assert res.stats["prefill_tokens_saved"] > 0  # group "a" shares its 40-token prompt
 
@@ -664,31 +703,33 @@ def test_real_rollout_equals_the_reference_sampler(real):
 def test_real_weights_switch_in_place_and_cut_continue_is_exact(real):
     engine, models = real
     req = request([group("a", 4), group("b", 4)], weights_version=1, max_new_tokens=24, seed=9)
-    full = engine.rollout(req)
+    full = collect(engine, req)
     assert engine.loaded_version() == 1
-    lengths = [len(s.response) for s in full.samples]
+    lengths = [s.response.size for s in full.samples]
     assert min(lengths) < 24 and len(set(lengths)) > 2  # v1 emits EOS: the new weights are live
-    prompts = {p.key: p.prompt_ids for p in req.prompts}
+    prompts = {p.key: p.prompt_ids.tolist() for p in req.prompts}
     for s in full.samples:
-        lp = naive_logprobs(models[1], prompts[s.key], s.response)
+        lp = naive_logprobs(models[1], prompts[s.key], s.response.tolist())
         assert max(abs(a - b) for a, b in zip(s.logprobs, lp, strict=True)) < 1e-4
-    cut = engine.rollout(req.model_copy(update={"request_id": "c", "cut_fraction": 0.5}))
+    cut = collect(engine, req.model_copy(update={"request_id": "c", "cut_fraction": 0.5}),
+                  cut_at_tau=True)
     assert sum(s.finished for s in cut.samples) >= 4
     left = [s for s in cut.samples if not s.finished]
     whole = {(s.key, s.index): s for s in full.samples}
     assert left  # the cut returned before the long tail finished
     for s in cut.samples:
-        assert s.response == whole[(s.key, s.index)].response[: len(s.response)]
+        ref = whole[(s.key, s.index)].response.tolist()
+        assert s.response.tolist() == ref[: s.response.size]
     cont_prompts = [
         RolloutPrompt(key=k, prompt_ids=prompts[k],
                       sample_indices=[s.index for s in left if s.key == k],
                       prefixes=[s.response for s in left if s.key == k])
         for k in ("a", "b") if any(s.key == k for s in left)
     ]
-    cont = engine.rollout(req.model_copy(update={"request_id": "d", "prompts": cont_prompts}))
+    cont = collect(engine, req.model_copy(update={"request_id": "d", "prompts": cont_prompts}))
     for s in cont.samples:
         ref = whole[(s.key, s.index)]
-        assert s.response == ref.response and s.finished
+        assert s.response.tolist() == ref.response.tolist() and s.finished
         assert max(abs(a - b) for a, b in zip(s.logprobs, ref.logprobs, strict=True)) < 1e-4
 
 
@@ -699,21 +740,22 @@ def test_real_native_sampling_is_seeded_per_sample_and_returns_raw_logprobs(real
     try:
         req = request([group("a", 4)], weights_version=0, max_new_tokens=12, temperature=0.6,
                       seed=2)
-        first = engine.rollout(req)
-        again = engine.rollout(req.model_copy(update={"request_id": "again"}))
-        alone = engine.rollout(req.model_copy(update={"request_id": "alone", "prompts": [
+        first = collect(engine, req)
+        again = collect(engine, req.model_copy(update={"request_id": "again"}))
+        alone = collect(engine, req.model_copy(update={"request_id": "alone", "prompts": [
             RolloutPrompt(key="a", prompt_ids=req.prompts[0].prompt_ids, sample_indices=[3, 1])
         ]}))
     finally:
         engine.exact_sampling = True
-    assert [s.response for s in first.samples] == [s.response for s in again.samples]
+    assert [s.response.tolist() for s in first.samples] == [
+        s.response.tolist() for s in again.samples]
     # sample j of an n-request and the same sample on its own share seed_base + j
-    assert [s.response for s in alone.samples] == [first.samples[3].response,
-                                                    first.samples[1].response]
-    prompt = req.prompts[0].prompt_ids
+    assert [s.response.tolist() for s in alone.samples] == [
+        first.samples[3].response.tolist(), first.samples[1].response.tolist()]
+    prompt = req.prompts[0].prompt_ids.tolist()
     for s in first.samples:
         # logprobs_mode="raw_logprobs": temperature-1 policy log-probs, not the T=0.6 ones
-        lp = naive_logprobs(models[0], prompt, s.response)
+        lp = naive_logprobs(models[0], prompt, s.response.tolist())
         assert max(abs(a - b) for a, b in zip(s.logprobs, lp, strict=True)) < 1e-4
 
 

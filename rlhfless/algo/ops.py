@@ -76,15 +76,50 @@ def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor) -> Tensor:
     return masked_sum(loss, m) / float(max(batch * length, 1))
 
 
+def _token_sum(loss: Tensor, mask: Tensor) -> Tensor:
+    # Not a user choice: the un-normalised numerator a streaming learner accumulates
+    # (`mask` then carries each token's weight, see `aggregation_weight`).
+    return masked_sum(loss, mask)
+
+
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "token-mean": _token_mean,
     "seq-mean": _seq_mean_token_mean,
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum": _seq_mean_token_sum,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+    "token-sum": _token_sum,
 }
 
 
 def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     """Reduce a [B, T] per-token loss to a scalar with the named aggregation."""
     return lookup(AGGREGATIONS, agg, "loss aggregation")(loss_mat, mask)
+
+
+# ---- aggregation as a weighted sum over a batch's totals (streaming accumulation) ----------
+# Every aggregation above is linear in the per-token losses: Σ_i Σ_t w(len_i) · loss_it / D,
+# where the weight depends only on the response's own length and D only on batch totals.
+# A learner that receives groups one by one accumulates the weighted sums (and their
+# gradients) and divides by D once the batch is complete: exactly the whole-batch value.
+
+
+def aggregation_weight(length: int, agg: str) -> float:
+    """Weight of each token of a response of `length` tokens under `agg`."""
+    lookup(AGGREGATIONS, agg, "loss aggregation")
+    if length <= 0:
+        return 0.0
+    return 1.0 / length if agg in ("seq-mean", "seq-mean-token-mean") else 1.0
+
+
+def aggregation_denominator(lengths: list[int], agg: str, width: int) -> float:
+    """D of a mini-batch with these response lengths; `width` is the padded length the
+    whole-batch computation uses (the longest response of the batch)."""
+    lookup(AGGREGATIONS, agg, "loss aggregation")
+    if agg == "token-mean":
+        return float(max(sum(lengths), 1))
+    if agg == "seq-mean-token-sum-norm":
+        return float(max(len(lengths) * width, 1))
+    if agg == "token-sum":
+        return 1.0
+    return float(max(sum(1 for n in lengths if n > 0), 1))

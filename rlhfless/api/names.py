@@ -2,17 +2,16 @@
 
 Knative names a Service's revisions "<service>-00001" and their private Services
 "<revision>-private"; all of them must stay DNS-1035 labels (63 characters, starting with a
-letter), and the longest Service a job gets is "<job>-reference".
+letter). Ten characters are reserved for the "-<stage>" suffix, whatever stages exist now,
+so a name that was valid once stays valid when stages are renamed or added.
 """
 
 from __future__ import annotations
 
 import re
 
-from rlhfless.api.stages import STAGE_NAMES
-
-LONGEST_STAGE = max(STAGE_NAMES, key=len)  # "reference"
-MAX_JOB_NAME = 63 - len("-00001-private") - len(f"-{LONGEST_STAGE}")  # 39
+STAGE_SUFFIX_RESERVE = 10  # "-" + a stage name of at most 9 characters
+MAX_JOB_NAME = 63 - len("-00001-private") - STAGE_SUFFIX_RESERVE  # 39
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # what Knative Service names are
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # what namespace names are
 JOB_NAME_PATTERN = DNS1035_LABEL

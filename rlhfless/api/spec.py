@@ -263,11 +263,12 @@ class StageResources(SpecModel):
 
 
 class ResourcesSpec(SpecModel):
+    """Per stage function (see rlhfless.api.stages): the learner holds the policy, the frozen
+    reference and the critic in one instance."""
+
     actor: StageResources = Field(default_factory=StageResources)
-    reference: StageResources = Field(default_factory=StageResources)
     reward: StageResources = Field(default_factory=lambda: StageResources(gpus=0))
-    critic: StageResources = Field(default_factory=StageResources)
-    trainer: StageResources = Field(default_factory=StageResources)
+    learner: StageResources = Field(default_factory=StageResources)
 
 
 class SchedulingSpec(SpecModel):
@@ -276,14 +277,21 @@ class SchedulingSpec(SpecModel):
     lam: float = Field(
         0.5, ge=0, le=1, description="λ: 1 = fastest step, 0 = fewest GPU-seconds."
     )
-    tau: float = Field(0.7, gt=0, le=1, description="τ: cut an actor when this fraction is done.")
+    tau: float = Field(
+        0.7, gt=0, le=1,
+        description="τ: at this fraction of its own samples done, an actor hands its unfinished "
+        "samples to a running actor and scales down.")
     ewma_alpha: float = Field(0.5, gt=0, le=1, description="EWMA weight of the newest length.")
     length_prediction: bool = Field(True, description="Predict response lengths.")
     assignment: Literal["length-aware", "round-robin", "random"] = Field("length-aware")
-    cut_migrate: bool = Field(True, description="Cut and migrate the long tail.")
+    cut_migrate: bool = Field(True, description="Hand the long tail off at τ (cut actors scale "
+                              "down).")
     cost_aware: bool = Field(True, description="Choose the actor count by λ.")
     prewarm: bool = Field(True, description="Start the next phase's functions ahead.")
     dedup_prefill: bool = Field(True, description="Compute shared prompt prefixes once.")
+    streaming: bool = Field(
+        True, description="Score and learn each group as it finishes (off: the barrier step, "
+        "every actor done before anything is scored; same weights, for comparisons).")
     keep_alive_s: float = Field(
         30.0, ge=0, le=3600, description="Idle seconds before an instance scales to zero."
     )

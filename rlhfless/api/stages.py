@@ -4,7 +4,10 @@ This is the only answer to "which stages does this job have". The operator's Ser
 builder, both runtimes, the driver, prewarm, the trainer and the simulator read it, so a
 stage the job never calls is never deployed, waited for, or billed.
 
-A step runs its phases in order (rollout → score → train); each stage belongs to one phase.
+A step has two phases on its critical path: `rollout` (until the last actor finished) and
+`learn` (what is left after it: the last groups' rewards and learner adds, then `finish`).
+In a streaming step the learn stages already work during the rollout, on each group as it
+finishes; the phases are what prewarm plans over.
 """
 
 from __future__ import annotations
@@ -17,24 +20,16 @@ if TYPE_CHECKING:
     from rlhfless.api.spec import JobSpec
 
 # Every stage function the code knows, in the order a step calls them.
-STAGE_NAMES: tuple[str, ...] = ("actor", "reference", "reward", "critic", "trainer")
-PHASES: tuple[str, ...] = ("rollout", "score", "train")
+STAGE_NAMES: tuple[str, ...] = ("actor", "reward", "learner")
+PHASES: tuple[str, ...] = ("rollout", "learn")
 PHASE_OF: dict[str, str] = {
     "actor": "rollout",
-    "reference": "score",
-    "reward": "score",
-    "critic": "score",
-    "trainer": "train",
+    "reward": "learn",
+    "learner": "learn",
 }
-# Scoring functions serve a whole step's batch in one request; two instances cover a
-# retry while the first still runs. The trainer holds the optimizer: exactly one.
-_MAX_SCALE = {"reference": 2, "reward": 2, "critic": 2, "trainer": 1}
-# The models an instance holds in memory (memory planning sizes them): "policy" and
-# "critic" are trained where the phase is "train", "reference" is always frozen.
-_HOLDS: dict[str, tuple[str, ...]] = {
-    "actor": ("policy",), "reference": ("reference",), "reward": (), "critic": ("critic",),
-    "trainer": ("policy", "critic"),
-}
+# Two reward instances score groups side by side while others still stream in. The learner
+# holds the step's accumulated gradient and the optimizer: exactly one.
+_MAX_SCALE = {"reward": 2, "learner": 1}
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class Stage:
     max_scale: int  # most instances the platform may run at once
     gpus: int  # per instance
     deployed: bool  # False: the job never calls it (no Service, no process, no bill)
-    holds: tuple[str, ...] = ()  # models in the instance's memory (of those the job has)
+    holds: tuple[str, ...] = ()  # models in the instance's memory (memory planning sizes them)
 
 
 @dataclass(frozen=True)
@@ -75,22 +70,21 @@ class StageTable:
 
 
 def stage_table(spec: JobSpec) -> StageTable:
-    """The stages of a job: the reference only when the KL term uses it (klBeta > 0), the
-    critic only for PPO; actors scale up to `scheduling.maxActors`."""
-    algo = spec.algorithm
-    deployed = {
-        "actor": True,
-        "reference": algo.kl_beta > 0,
-        "reward": True,
-        "critic": algo.name == "ppo",
-        "trainer": True,
-    }
+    """The stages of a job: actors (up to `scheduling.maxActors`), reward, and the learner,
+    which holds the policy, the frozen reference (only when klBeta > 0: see `learner_parts`)
+    and, for PPO, the critic."""
     max_scale = {**_MAX_SCALE, "actor": spec.scheduling.max_actors}
-    models = {"policy", "reference" if deployed["reference"] else "",
-              "critic" if deployed["critic"] else ""}
+    holds = {"actor": ("policy",), "reward": (), "learner": learner_parts(spec)}
     return StageTable(tuple(
         Stage(name=name, phase=PHASE_OF[name], max_scale=max_scale[name],
-              gpus=getattr(spec.resources, name).gpus, deployed=deployed[name],
-              holds=tuple(m for m in _HOLDS[name] if m in models))
+              gpus=getattr(spec.resources, name).gpus, deployed=True, holds=holds[name])
         for name in STAGE_NAMES
     ))
+
+
+def learner_parts(spec: JobSpec) -> tuple[str, ...]:
+    """The models one learner instance holds: the policy, the frozen reference (version 0)
+    only when the KL term reads it, the critic only for PPO."""
+    algo = spec.algorithm
+    return ("policy",) + (("reference",) if algo.kl_beta > 0 else ()) + (
+        ("critic",) if algo.name == "ppo" else ())

@@ -1,10 +1,13 @@
 """The driver loop: one synchronous RL step at a time, as a short list of calls.
 
-    plan → rollout → score → advantages → train → record
+    plan → begin learner ║ rollout ═► each finished group: reward → shard → learner add
+                                     (while the other actors still generate)
+         → finish (one optimizer step, weights v+1) → record
 
 It knows the runtime interface, not Knative or processes; the scheduling policies are pure
-functions behind `Planner`; the math lives in `rlhfless.algo`; which stages exist comes from
-the job's stage table.
+functions behind `Planner`; the math lives in `rlhfless.algo` and `rlhfless.train` (inside
+the learner function); which stages exist comes from the job's stage table. With
+`scheduling.streaming: false` the same calls run as barriers (the comparison baseline).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 from rlhfless.api.spec import RLHFJob
 from rlhfless.cost import BudgetCheck, Ledger, check_budget, job_cost_warnings, job_prices
-from rlhfless.driver.learn import build_train_request, score_payloads
+from rlhfless.driver.learn import INLINE_LIMIT_BYTES, StepLearning
 from rlhfless.driver.metrics import (
     StepTrace,
     requests_timeline,
@@ -30,7 +33,7 @@ from rlhfless.driver.metrics import (
 from rlhfless.driver.planner import Planner
 from rlhfless.driver.prewarm import PhasePrewarmer
 from rlhfless.driver.records import BusyInterval, MetricsLog, StepRecord
-from rlhfless.driver.rollout import PromptItem, RolloutSettings, invoke_timed, run_rollout
+from rlhfless.driver.rollout import PromptItem, RolloutSettings, StreamingRollout
 from rlhfless.driver.tracking import open_sinks
 from rlhfless.model.materialize import materialize_base
 from rlhfless.model.tokenizer import load_tokenizer
@@ -39,23 +42,26 @@ from rlhfless.runtime.base import Runtime
 from rlhfless.store import (
     CHECKPOINT_FILE,
     Checkpoint,
+    ShardStore,
     WeightStore,
     load_checkpoint,
     save_checkpoint,
 )
 
-StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 log = logging.getLogger("rlhfless.driver")
+StepCallback = Callable[[StepRecord], Awaitable[None] | None]
 
 
 class Driver:
     def __init__(self, job: RLHFJob, runtime: Runtime, run_dir: Path,
-                 store_dir: Path | None = None):
+                 store_dir: Path | None = None, inline_limit: int = INLINE_LIMIT_BYTES):
         self.job = job
         self.spec = job.spec
         self.runtime = runtime
         self.run_dir = Path(run_dir)
         self.store = WeightStore(store_dir or self.run_dir / "store")
+        self.shards = ShardStore(self.store.root)
+        self.inline_limit = inline_limit
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
@@ -74,9 +80,7 @@ class Driver:
                   on_step: StepCallback | None = None) -> int:
         """Run until spec.steps are done, `stop` is set (checked between steps) or the next
         step would exceed spec.budget (`self.budget` says so; the last step is checkpointed)."""
-        # Loading a model (materialising v0) is blocking work: keep the event loop free
-        # (the operator runs this driver inside kopf's loop).
-        await asyncio.to_thread(self._prepare)
+        await self.prepare()
         try:
             while self.checkpoint.step < self.spec.steps:
                 if (stop is not None and stop.is_set()) or self.budget.exceeded:
@@ -90,6 +94,12 @@ class Driver:
             self.metrics_log.close()  # flush the trackers, however the run ends
         await self._scale_all(0)
         return self.checkpoint.step
+
+    async def prepare(self) -> None:
+        """Materialise v0 if needed, load the tokenizer and the dataset (before `step`)."""
+        # Loading a model is blocking work: keep the event loop free (the operator runs
+        # this driver inside kopf's loop).
+        await asyncio.to_thread(self._prepare)
 
     def _prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,33 +128,24 @@ class Driver:
 
         plan = self.planner.plan(items, warm_actors=self._alive("actor"))
         await self.runtime.scale("actor", plan.n_actors)
-        async with phases.phase("rollout"):
-            started = time.time()
-            rollout = await run_rollout(
-                self.runtime, items, plan.bins, version, self._rollout_settings(step),
-                prefix, busy, self.planner.migration_bins,
-            )
-            gen_s = time.time() - started
+        learn = StepLearning(self.runtime, self.spec, self.shards, self._tokenizer, items, step,
+                             version, prefix, busy, self.inline_limit)
+        rollout = StreamingRollout(self.runtime, items, plan.bins, version,
+                                   self._rollout_settings(step), prefix, busy, learn.submit)
+        try:
+            async with phases.phase("rollout"):  # groups already flow to the learner
+                learn.start()
+                rolled = await rollout.run()
+            async with phases.phase("learn"):  # the last groups, then one optimizer step
+                learned = await learn.finish()
+        except BaseException:
+            await learn.abort()
+            raise
 
-        async with phases.phase("score"):  # reference, reward and critic side by side
-            payloads = await asyncio.to_thread(
-                score_payloads, self.spec, items, rollout.samples, version, prefix,
-                self._tokenizer)
-            replies = await asyncio.gather(*(invoke_timed(self.runtime, stage, payload, busy)
-                                             for stage, payload in payloads.items()))
-            scores = dict(zip(payloads, replies, strict=True))
-
-        async with phases.phase("train"):  # advantages here, the update in the trainer
-            request, learn_stats = await asyncio.to_thread(
-                build_train_request, self.spec, items, rollout.samples, scores, version,
-                f"{prefix}-train")
-            reply = await invoke_timed(self.runtime, "trainer", request, busy)
-
-        trace = StepTrace(t0, time.time(), gen_s, busy, self.runtime.meter(), rollout, scores,
-                          reply)
-        sched = self.planner.observe(items, rollout, trace.usages, work_seconds(trace), t0)
-        metrics = step_metrics(trace, learn_stats, plan.decisions, sched, prices=self.prices)
-        return self._record(step, trace, metrics, int(reply["weights_version"]))
+        trace = StepTrace(t0, time.time(), busy, self.runtime.meter(), rolled, learned)
+        sched = self.planner.observe(items, rolled, trace.usages, work_seconds(trace), t0)
+        metrics = step_metrics(trace, plan.decisions, sched, prices=self.prices)
+        return self._record(step, trace, metrics, int(learned.reply["weights_version"]))
 
     def _record(self, step: int, trace: StepTrace, metrics: dict[str, Any],
                 new_version: int) -> StepRecord:
@@ -169,6 +170,7 @@ class Driver:
         if due or self.budget.exceeded:  # a budget stop resumes exactly here
             save_checkpoint(self.run_dir, self.checkpoint)
             self.store.prune(new_version, self.spec.checkpoint.keep)
+            self.shards.prune(step + 1)  # a checkpointed step is never re-sent
         return record
 
     def _instances_wanted(self, stage: str) -> int:
@@ -191,7 +193,8 @@ class Driver:
             text = self._tokenizer.render_chat(chat_messages(row, self.spec.dataset.system_prompt))
             items.append(PromptItem(key=str(row["id"]), text=row["prompt"],
                                     prompt_ids=self._tokenizer.encode(text),
-                                    meta=reward_meta(row)))
+                                    meta=reward_meta(row),
+                                    max_new_tokens=row.get("max_new_tokens")))
         return items
 
     def _rollout_settings(self, step: int) -> RolloutSettings:

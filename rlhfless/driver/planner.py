@@ -14,11 +14,9 @@ from typing import Any
 import numpy as np
 
 from rlhfless.api.spec import JobSpec
-from rlhfless.api.wire import RolloutSample
 from rlhfless.driver.rollout import PromptItem, RolloutResult
 from rlhfless.runtime.base import InstanceUsage
 from rlhfless.scheduling.assign import assign
-from rlhfless.scheduling.migrate import plan_migration, remaining_estimate
 from rlhfless.scheduling.predictor import LengthPredictor, prediction_error
 from rlhfless.scheduling.prewarm import PrewarmPlan, prewarm_plan
 from rlhfless.scheduling.profile import Profile, ProfileEstimator
@@ -92,29 +90,6 @@ class Planner:
         self.last_plan = RolloutPlan(n, [list(b) for b in bins], predicted.tolist(), decisions)
         return self.last_plan
 
-    # -- 2. migration of the cut tail ----------------------------------------------------
-    def migration_bins(self, unfinished: list[RolloutSample], remaining: list[int]) -> list[
-            list[int]]:
-        """Bins (indices into `unfinished`) on fewer actors than the cut round used."""
-        plan = self.last_plan
-        predicted = dict(zip(self._keys(), plan.predicted, strict=True)) if plan else {}
-        generated = [len(s.response) for s in unfinished]
-        est = remaining_estimate(
-            [predicted.get(s.key, self.predictor.default()) for s in unfinished],
-            generated, self.spec.generation.max_new_tokens,
-        )
-        est = np.minimum(est, np.maximum(np.asarray(remaining, dtype=float), 1.0))
-        prefill = [self._prompt_len.get(s.key, 0) + len(s.response) for s in unfinished]
-        n_from = plan.n_actors if plan else 2
-        migration = plan_migration(
-            est, max(n_from, 2), self.profile.profile(), lam=self.spec.scheduling.lam,
-            prefill_tokens=prefill, keys=[s.key for s in unfinished],
-        )
-        return migration.bins
-
-    def _keys(self) -> list[str]:
-        return list(self._prompt_len)
-
     # -- 5. learn from what happened -----------------------------------------------------
     def observe(self, items: Sequence[PromptItem], rollout: RolloutResult,
                 usages: Iterable[InstanceUsage], phase_work_s: dict[str, float],
@@ -122,7 +97,7 @@ class Planner:
         """Learn lengths, the actor profile, cold starts and phase durations from a step."""
         metrics: dict[str, float] = {}
         keys = [i.key for i in items]
-        actual = [float(np.mean([len(s.response) for s in rollout.samples[k]])) for k in keys]
+        actual = [float(np.mean([s.response.size for s in rollout.samples[k]])) for k in keys]
         if self.last_plan is not None and self.spec.scheduling.length_prediction:
             err = prediction_error(self.last_plan.predicted, actual)
             metrics["sched/pred_mae_tokens"] = err["mae"]

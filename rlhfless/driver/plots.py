@@ -9,10 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGE_COLOURS = {
-    "actor": "#4c72b0", "reference": "#55a868", "reward": "#c44e52",
-    "critic": "#8172b2", "trainer": "#ccb974",
-}
+STAGE_COLOURS = {"actor": "#4c72b0", "reward": "#c44e52", "learner": "#55a868"}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -58,27 +55,39 @@ def _lane_label(row: dict, instance: str) -> str:
 
 
 def plot_timeline(rows: list[dict], path: Path, last: int = 3) -> Path:
-    """Function instances alive over the last few steps (one lane per instance, labelled
-    with the GPUs it held)."""
+    """Function instances over the last few steps, one lane per instance (labelled with the
+    GPUs it held): alive (light), serving a request (dark), cold start (hatched)."""
     shown = rows[-last:]
-    fig, axes = plt.subplots(len(shown), 1, figsize=(7, 1.2 + 1.3 * len(shown)), squeeze=False)
+    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 1.2 + 1.4 * len(shown)),
+                             squeeze=False)
+    order = list(STAGE_COLOURS)
     for ax, row in zip(axes[:, 0], shown, strict=True):
+        step_s = float(row["timing_s/step"])
         lanes = sorted({t["instance"] for t in row["timeline"]},
-                       key=lambda name: (list(STAGE_COLOURS).index(name.rsplit("-", 1)[0])
-                                         if name.rsplit("-", 1)[0] in STAGE_COLOURS else 9,
-                                         name))
+                       key=lambda name: (order.index(name.rsplit("-", 1)[0])
+                                         if name.rsplit("-", 1)[0] in order else 9, name))
         for lane, name in enumerate(lanes):
             for t in (t for t in row["timeline"] if t["instance"] == name):
-                start = max(0.0, float(t["start"]))
-                end = min(float(row["timing_s/step"]), float(t["end"]))
                 colour = STAGE_COLOURS.get(str(t["stage"]), "grey")
-                ax.barh(lane, end - start, left=start, color=colour, height=0.7)
+                start, end = max(0.0, float(t["start"])), min(step_s, float(t["end"]))
+                ax.barh(lane, end - start, left=start, color=colour, alpha=0.3, height=0.7)
                 cold = min(float(t["cold_start"]), end - start)
                 if float(t["start"]) >= 0 and cold > 0:
-                    ax.barh(lane, cold, left=start, color="black", alpha=0.35, height=0.7)
+                    ax.barh(lane, cold, left=start, color="none", edgecolor=colour,
+                            hatch="////", height=0.7, linewidth=0)
+                for b_start, b_end in t.get("busy", []):
+                    b_start, b_end = max(0.0, float(b_start)), min(step_s, float(b_end))
+                    if b_end > b_start:
+                        ax.barh(lane, b_end - b_start, left=b_start, color=colour, height=0.7)
+        gen = float(row.get("timing_s/gen", 0.0))
+        if 0 < gen < step_s:
+            ax.axvline(gen, color="black", linewidth=0.8, linestyle="--")
         ax.set_yticks(range(len(lanes)), [_lane_label(row, name) for name in lanes], fontsize=7)
-        ax.set_xlim(0, float(row["timing_s/step"]))
-        ax.set_title(f"step {row['step']}: instances alive (dark = cold start)", fontsize=9)
+        ax.set_xlim(0, step_s)
+        overlap = float(row.get("timing_s/overlap", 0.0))
+        ax.set_title(f"step {row['step']}: alive (light), busy (dark), cold start (hatched); "
+                     f"learner busy while actors ran {overlap:.2f} s; dashed: last actor done",
+                     fontsize=8)
     axes[-1, 0].set_xlabel("seconds since step start")
     return _save(fig, path)
 

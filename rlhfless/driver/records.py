@@ -19,11 +19,37 @@ from rlhfless.scheduling.cost import CostBreakdown, Lifetime, clip, cost_breakdo
 
 @dataclass(frozen=True)
 class BusyInterval:
-    """One invocation as the driver saw it."""
+    """One invocation as the driver saw it (`instance`: who served it, where known)."""
 
     stage: str
     start: float
     end: float
+    instance: str | None = None
+
+
+def union_spans(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted spans covering the same time as `spans`."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def overlap_seconds(a: Iterable[tuple[float, float]], b: Iterable[tuple[float, float]]) -> float:
+    """Seconds during which something of `a` and something of `b` both ran."""
+    total, ua, ub = 0.0, union_spans(a), union_spans(b)
+    i = j = 0
+    while i < len(ua) and j < len(ub):
+        lo, hi = max(ua[i][0], ub[j][0]), min(ua[i][1], ub[j][1])
+        total += max(0.0, hi - lo)
+        if ua[i][1] < ub[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def lifetimes(usages: Iterable[InstanceUsage]) -> dict[str, list[Lifetime]]:

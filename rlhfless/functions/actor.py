@@ -1,10 +1,22 @@
-"""The actor function: rollout generation for whole GRPO groups, with the cut rule."""
+"""The actor function: streamed rollout of whole GRPO groups, cut and merge on request.
+
+`/invoke` streams: a HelloFrame once the request is accepted, a SamplesFrame whenever every
+sample of a prompt this actor holds has finished, a ProgressFrame when τ of its own samples
+are done, and an EndFrame (or, when cut, a CutFrame with the unfinished samples). While it
+streams, `/control` takes an ActorCut (stop at the next decode step) or an ActorMerge
+(continue these samples inside the running batch).
+"""
 
 from __future__ import annotations
 
-from rlhfless.api.wire import ActorRequest, ActorResponse
+import threading
+
+from pydantic import BaseModel
+
+from rlhfless.api.wire import ActorCut, ActorMerge, ActorRequest, ControlReply
+from rlhfless.functions.app import Emit, instance_name
 from rlhfless.functions.engines import make_engine
-from rlhfless.functions.engines.base import RolloutEngine
+from rlhfless.functions.engines.base import RolloutControl, RolloutEngine, RolloutLedger
 from rlhfless.store import WeightStore
 
 
@@ -13,6 +25,8 @@ class ActorHandler:
 
     def __init__(self, engine: RolloutEngine):
         self.engine = engine
+        self._lock = threading.Lock()
+        self._running: RolloutControl | None = None
 
     @classmethod
     def from_store(cls, store: WeightStore, engine: str, dedup_prefill: bool,
@@ -27,5 +41,33 @@ class ActorHandler:
         if warm is not None:
             warm(latest)
 
-    def handle(self, request: ActorRequest) -> ActorResponse:
-        return self.engine.rollout(request)
+    def stream(self, request: ActorRequest, emit: Emit) -> None:
+        control = RolloutControl(request)
+        with self._lock:
+            self._running = control
+        try:
+            self.engine.rollout(request, RolloutLedger(request, emit, instance_name()),
+                                control)
+        finally:
+            control.close()
+            with self._lock:
+                if self._running is control:
+                    self._running = None
+
+    def control(self, request: ActorCut | ActorMerge) -> BaseModel:
+        with self._lock:
+            running = self._running
+        if running is None:
+            return ControlReply(accepted=False, message="no rollout is running here")
+        if isinstance(request, ActorCut):
+            if request.rollout_id != running.rollout_id:
+                return ControlReply(accepted=False, message=f"rollout {request.rollout_id!r}"
+                                    " is not the one running here")
+            return ControlReply(accepted=running.request_cut())
+        return running.offer(request)
+
+    def abandon(self, request_id: str) -> None:
+        with self._lock:
+            running = self._running
+        if running is not None and running.rollout_id == request_id:
+            running.request_cut(discard=True)

@@ -4,14 +4,24 @@
 revision with containerConcurrency=1), `GET /healthz` reports readiness, `GET /metrics` is
 Prometheus. Repeated request ids are answered from a small cache, so a retry after a lost
 response never redoes (or double-applies) work.
+
+Bodies are JSON or the binary codec (`rlhfless.api.codec`, by Content-Type); the reply uses
+the request's format. A streaming stage (the actor) answers `/invoke` with length-prefixed
+frames over a chunked response, the first one sent only once the request was accepted, so
+a bad request is still a plain 4xx. While it streams, `POST /control` reaches the running
+request (cut it, merge samples into it) without waiting for it. Every reply names the
+instance that served it (header `x-rlhfless-instance`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -21,14 +31,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rlhfless.api.wire import REQUESTS
+from rlhfless.api import codec
+from rlhfless.api.wire import (
+    CONTROLS,
+    INSTANCE_ENV,
+    INSTANCE_HEADER,
+    REQUESTS,
+    ErrorFrame,
+)
 from rlhfless.functions.metrics import FunctionMetrics
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -49,14 +66,24 @@ def process_started_at() -> float:
 
 PROCESS_STARTED_AT = process_started_at()
 
+def instance_name() -> str:
+    """This instance's name: set by the local runtime, else the host name (on Kubernetes,
+    the pod's name)."""
+    return os.environ.get(INSTANCE_ENV) or socket.gethostname()
+
 
 class FunctionError(Exception):
-    """A request the function refuses; becomes an HTTP error with a JSON message."""
+    """A request the function refuses; becomes an HTTP error with a JSON message (and a
+    machine-readable `code` where a caller may recover from it)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         self.status = status
         self.message = message
+        self.code = code
         super().__init__(message)
+
+
+Emit = Callable[[BaseModel], None]
 
 
 class StageHandler(Protocol):
@@ -69,14 +96,26 @@ class StageHandler(Protocol):
         """The weights version in memory, if any."""
 
 
+class StreamingHandler(StageHandler, Protocol):
+    def stream(self, request: Any, emit: Emit) -> None:
+        """Serve one request as a sequence of frames (blocking; a worker thread). The first
+        frame means "accepted": raise before it to refuse the request."""
+
+    def control(self, request: Any) -> BaseModel:
+        """A control request for the running stream (never waits for it to finish)."""
+
+    def abandon(self, request_id: str) -> None:
+        """The caller went away: stop the stream `request_id` soon."""
+
+
 class _ResponseCache:
     """Bounded request-id → (body digest, response) map."""
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str, Any]] = OrderedDict()
 
-    def get(self, request_id: str, digest: str) -> dict[str, Any] | None:
+    def get(self, request_id: str, digest: str) -> Any:
         hit = self._items.get(request_id)
         if hit is None:
             return None
@@ -85,14 +124,17 @@ class _ResponseCache:
         self._items.move_to_end(request_id)
         return hit[1]
 
-    def put(self, request_id: str, digest: str, response: dict[str, Any]) -> None:
+    def put(self, request_id: str, digest: str, response: Any) -> None:
         self._items[request_id] = (digest, response)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if code:
+        body["code"] = code
+    return JSONResponse(body, status_code=status, headers={INSTANCE_HEADER: instance_name()})
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -103,6 +145,31 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _binary(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip() == codec.CONTENT_TYPE
+
+
+def _parse(body: bytes, binary: bool) -> Any:
+    if binary:
+        return codec.decode(body)
+    return json.loads(body)
+
+
+def _reply(data: dict[str, Any], binary: bool) -> Response:
+    headers = {INSTANCE_HEADER: instance_name()}
+    if binary:
+        return Response(codec.encode(data), media_type=codec.CONTENT_TYPE, headers=headers)
+    return JSONResponse(codec.to_json_compatible(data), headers=headers)
+
+
+class _Refused(Exception):
+    """Raised inside `serve` for a request-level failure, carrying its HTTP reply."""
+
+    def __init__(self, response: Response, outcome: str):
+        self.response = response
+        self.outcome = outcome
+
+
 def create_app(
     handler: StageHandler,
     *,
@@ -111,18 +178,26 @@ def create_app(
     on_shutdown: Callable[[], None] | None = None,
 ) -> Starlette:
     stage = handler.stage
-    request_model = REQUESTS[stage]
+    request_model = TypeAdapter(REQUESTS[stage])
+    control_model = TypeAdapter(CONTROLS[stage]) if stage in CONTROLS else None
+    streaming = callable(getattr(handler, "stream", None))
     metrics = FunctionMetrics(stage)
     if cold_start_s is not None:
         metrics.cold_start.labels(stage).set(cold_start_s)
     cache = _ResponseCache()
     one_at_a_time = threading.Lock()
 
-    def serve(body: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(body).hexdigest()
+    def observe(stats: dict[str, Any], elapsed: float) -> None:
+        stats["function_s"] = elapsed
+        metrics.seconds.labels(stage).observe(elapsed)
+        metrics.tokens.labels(stage).inc(stats.get("tokens", 0))
+        metrics.prefill_saved.labels(stage).inc(stats.get("prefill_tokens_saved", 0))
+        version = handler.loaded_version()
+        if version is not None:
+            metrics.version.labels(stage).set(version)
+
+    def serve(request: Any, digest: str) -> dict[str, Any]:
         with one_at_a_time:
-            raw = json.loads(body)
-            request = request_model.model_validate(raw)
             cached = cache.get(request.request_id, digest)
             if cached is not None:
                 metrics.requests.labels(stage, "cached").inc()
@@ -130,48 +205,149 @@ def create_app(
             metrics.busy.labels(stage).set(1)
             started = time.perf_counter()
             try:
-                response = handler.handle(request).model_dump(mode="json")
+                response = handler.handle(request).model_dump()
             finally:
                 metrics.busy.labels(stage).set(0)
-            elapsed = time.perf_counter() - started
-            response.setdefault("stats", {})["function_s"] = elapsed
-            metrics.seconds.labels(stage).observe(elapsed)
-            stats = response["stats"]
-            metrics.tokens.labels(stage).inc(stats.get("tokens", 0))
-            metrics.prefill_saved.labels(stage).inc(stats.get("prefill_tokens_saved", 0))
-            version = handler.loaded_version()
-            if version is not None:
-                metrics.version.labels(stage).set(version)
+            observe(response.setdefault("stats", {}), time.perf_counter() - started)
             cache.put(request.request_id, digest, response)
             return response
 
-    async def invoke(request: Request) -> Response:
+    async def read(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
+            raise _Refused(_error(413, f"request body over {max_body_bytes} bytes"), "invalid")
         body = await request.body()
         if len(body) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
+            raise _Refused(_error(413, f"request body over {max_body_bytes} bytes"), "invalid")
+        return body
+
+    def validate(adapter: TypeAdapter, body: bytes, binary: bool) -> Any:
         try:
-            result = await run_in_threadpool(serve, body)
-        except json.JSONDecodeError as exc:
-            metrics.requests.labels(stage, "invalid").inc()
-            return _error(400, f"body is not JSON: {exc.msg}")
+            return adapter.validate_python(_parse(body, binary))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Refused(_error(400, f"body is not JSON: {exc}"), "invalid") from None
+        except codec.CodecError as exc:
+            raise _Refused(_error(400, f"body is not a valid message: {exc}"),
+                           "invalid") from None
         except ValidationError as exc:
-            metrics.requests.labels(stage, "invalid").inc()
-            return _error(422, _validation_message(exc))
-        except FunctionError as exc:
-            metrics.requests.labels(stage, "refused").inc()
-            return _error(exc.status, exc.message)
-        except ValueError as exc:  # the request does not fit (e.g. longer than the model)
-            metrics.requests.labels(stage, "invalid").inc()
-            return _error(422, f"cannot serve this request: {exc}")
-        except Exception as exc:  # noqa: BLE001 - report, don't drop the connection
-            metrics.requests.labels(stage, "error").inc()
-            log.exception("request failed")
-            return _error(500, f"{type(exc).__name__}: {exc}")
+            raise _Refused(_error(422, _validation_message(exc)), "invalid") from None
+
+    def refusal(exc: Exception) -> _Refused:
+        if isinstance(exc, FunctionError):
+            return _Refused(_error(exc.status, exc.message, exc.code), "refused")
+        if isinstance(exc, ValueError):  # the request does not fit (e.g. longer than the model)
+            return _Refused(_error(422, f"cannot serve this request: {exc}"), "invalid")
+        log.exception("request failed", exc_info=exc)
+        return _Refused(_error(500, f"{type(exc).__name__}: {exc}"), "error")
+
+    async def invoke(request: Request) -> Response:
+        try:
+            body = await read(request)
+            binary = _binary(request)
+            parsed = validate(request_model, body, binary)
+            if streaming:
+                return await stream(parsed, hashlib.sha256(body).hexdigest())
+            try:
+                result = await run_in_threadpool(serve, parsed, hashlib.sha256(body).hexdigest())
+            except Exception as exc:  # noqa: BLE001 - report, don't drop the connection
+                raise refusal(exc) from None
+        except _Refused as refused:
+            metrics.requests.labels(stage, refused.outcome).inc()
+            return refused.response
         metrics.requests.labels(stage, "ok").inc()
-        return JSONResponse(result)
+        return _reply(result, binary)
+
+    async def stream(request: Any, digest: str) -> Response:
+        """Frames from the handler's thread, through a queue, into a chunked response."""
+        try:
+            cached = cache.get(request.request_id, digest)
+        except FunctionError as exc:
+            raise refusal(exc) from None
+        headers = {INSTANCE_HEADER: instance_name()}
+        if cached is not None:
+            metrics.requests.labels(stage, "cached").inc()
+
+            async def replay() -> AsyncIterator[bytes]:
+                for chunk in cached:
+                    yield chunk
+
+            return StreamingResponse(replay(), media_type=codec.FRAMES_TYPE, headers=headers)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        frames: list[bytes] = []
+        final_stats: dict[str, Any] = {}
+
+        def emit(message: BaseModel) -> None:
+            data = codec.frame(message.model_dump())
+            frames.append(data)
+            stats = getattr(message, "stats", None)
+            if isinstance(stats, dict):  # the end (or cut) frame: the whole run's account
+                final_stats.clear()
+                final_stats.update(stats)
+            loop.call_soon_threadsafe(queue.put_nowait, data)
+
+        def work() -> None:
+            with one_at_a_time:
+                metrics.busy.labels(stage).set(1)
+                started = time.perf_counter()
+                outcome = "ok"
+                try:
+                    handler.stream(request, emit)  # type: ignore[attr-defined]
+                except BaseException as exc:  # noqa: BLE001 - the stream reports it
+                    outcome = "error"
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                finally:
+                    metrics.busy.labels(stage).set(0)
+                    # tokens, prefill saved and the weights version, as a plain request's
+                    observe(dict(final_stats), time.perf_counter() - started)
+                if outcome == "ok":
+                    cache.put(request.request_id, digest, list(frames))
+                metrics.requests.labels(stage, outcome).inc()
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        worker = asyncio.ensure_future(run_in_threadpool(work))
+        first = await queue.get()
+        if isinstance(first, BaseException) or first is None:
+            await worker
+            if first is None:
+                first = RuntimeError("the stream ended before it started")
+            raise refusal(first)
+
+        async def frames_out() -> AsyncIterator[bytes]:
+            item: bytes | BaseException | None = first
+            try:
+                while item is not None:
+                    if isinstance(item, BaseException):
+                        status = getattr(item, "status", 500)
+                        if not isinstance(item, FunctionError):
+                            log.error("stream failed: %s", item, exc_info=item)
+                        yield codec.frame(ErrorFrame(status=status, message=str(item))
+                                          .model_dump())
+                    else:
+                        yield item
+                    item = await queue.get()
+            finally:
+                if not worker.done():  # the caller went away mid-stream: stop the work
+                    handler.abandon(request.request_id)  # type: ignore[attr-defined]
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(worker)
+
+        return StreamingResponse(frames_out(), media_type=codec.FRAMES_TYPE, headers=headers)
+
+    async def control(request: Request) -> Response:
+        if control_model is None:
+            return _error(404, f"the {stage} function takes no control requests")
+        try:
+            body = await read(request)
+            binary = _binary(request)
+            parsed = validate(control_model, body, binary)
+            try:
+                reply = await run_in_threadpool(handler.control, parsed)  # type: ignore
+            except Exception as exc:  # noqa: BLE001
+                raise refusal(exc) from None
+        except _Refused as refused:
+            return refused.response
+        return _reply(reply.model_dump(), binary)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({
@@ -179,6 +355,7 @@ def create_app(
             "ready": True,
             "weights_version": handler.loaded_version(),
             "started_at": PROCESS_STARTED_AT,
+            "instance": instance_name(),
         })
 
     async def metrics_endpoint(_: Request) -> Response:
@@ -192,6 +369,7 @@ def create_app(
 
     return Starlette(lifespan=lifespan, routes=[
         Route("/invoke", invoke, methods=["POST"]),
+        Route("/control", control, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ])

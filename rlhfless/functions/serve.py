@@ -42,27 +42,20 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
 
         return ActorHandler.from_store(store, spec.generation.engine,
                                        spec.scheduling.dedup_prefill, spec.stages[stage].gpus)
-    if stage == "reference":
-        from rlhfless.functions.scoring import reference_handler
-
-        return reference_handler(store)
-    if stage == "critic":
-        from rlhfless.functions.scoring import critic_handler
-
-        return critic_handler(store)
     if stage == "reward":
         from rlhfless.functions.reward import RewardHandler
 
         return RewardHandler(spec.reward)
-    if stage == "trainer":
-        from rlhfless.functions.trainer import TrainerHandler
+    if stage == "learner":
+        from rlhfless.functions.learner import LearnerHandler
 
-        return TrainerHandler(store, spec)
+        return LearnerHandler(store, spec)
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
 def preload(handler: StageHandler, store: WeightStore) -> None:
-    """Warm the handler on the newest version so the first request is not a cold one."""
+    """Warm the handler on the newest version so the first request is not a cold one (the
+    learner also loads the frozen reference, version 0, when the job has a KL term)."""
     latest = store.latest()
     warm = getattr(handler, "warm", None)
     if latest is not None and warm is not None:

@@ -7,9 +7,22 @@
   N parallel invokes become N pods; the activator holds requests while pods cold-start.
   Connection errors and 502/503/504 (activator, overloaded queue-proxy) are retried; the
   functions answer a repeated request id from their cache, so a retry never double-applies.
+- `invoke_stream(stage, payload)` is the same POST with a streamed reply (the actor's
+  frames); the function's first frame names its pod (Kubernetes sets a pod's hostname to its
+  name), which is how the driver knows which instance runs which rollout.
+- `invoke_instance(stage, pod, payload)` calls that pod directly, bypassing the activator
+  and the queue-proxy (whose containerConcurrency=1 would hold a control request behind the
+  running rollout): `http://<status.podIP>:8080/control`. The pod IP comes from the pods
+  this runtime already lists for metering (`list pods` with the Service label, the same RBAC
+  rule; no new verb). The driver must reach pod IPs on the user port: a NetworkPolicy or a
+  mesh in front of the functions must allow it.
+- `release_instance` does nothing immediate on Knative: the cut pod is idle once its stream
+  ends and the autoscaler reclaims it after its window (patching min-scale would roll a new
+  revision in the middle of the rollout).
 - `meter()` returns pod lifetimes (GPUs × seconds alive) from a background pod poller
   (label serving.knative.dev/service), refreshed after invocations too. A pod that vanishes
-  is billed up to when it was first seen gone: never less than it used.
+  is billed up to when it was first seen gone: never less than it used. Busy spans are
+  attributed to pods by the `x-rlhfless-instance` header every function reply carries.
 """
 
 from __future__ import annotations
@@ -18,21 +31,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from rlhfless.api import codec
 from rlhfless.api.spec import RLHFJob
 from rlhfless.knative.kube import Kube, parse_time
 from rlhfless.knative.services import (
     AUTOSCALING,
+    FUNCTION_PORT,
     GPU_RESOURCE,
     LABEL_KSVC,
     FunctionSettings,
     service_name,
 )
-from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
+from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
+from rlhfless.runtime.transport import decode_body, encode_body, error_of, frames, served_by
 
 RETRY_STATUS = (502, 503, 504)
 log = logging.getLogger(__name__)
@@ -46,11 +63,13 @@ class _Pod:
     started_at: float
     ready_at: float | None
     ended_at: float | None = None
+    ip: str | None = None
+    busy: list[tuple[float, float]] = field(default_factory=list)
 
     def usage(self) -> InstanceUsage:
         ready = self.ready_at if self.ready_at is not None else self.started_at
         return InstanceUsage(self.stage, self.name, self.gpus, self.started_at, self.ended_at,
-                             max(0.0, ready - self.started_at))
+                             max(0.0, ready - self.started_at), busy=tuple(self.busy))
 
 
 def _pod_gpus(pod: dict[str, Any]) -> int:
@@ -98,6 +117,7 @@ class KnativeRuntime:
         meter_interval_s: float = 5.0,
         retries: int = 4,
         retry_backoff_s: float = 1.0,
+        pod_port: int = FUNCTION_PORT,
     ):
         self.job = job
         self.namespace = namespace
@@ -107,6 +127,7 @@ class KnativeRuntime:
         self.meter_interval_s = meter_interval_s
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.pod_port = pod_port  # the user container's port (FUNCTION_PORT in every Service)
         timeout = httpx.Timeout(self.settings.timeout_s + 30.0, connect=10.0)
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._own_http = http is None
@@ -165,13 +186,15 @@ class KnativeRuntime:
         self._min_scale[stage] = n
 
     async def invoke(self, stage: str, payload: Payload) -> Payload:
+        body, headers = encode_body(payload)
         last = "no attempt made"
         for attempt in range(self.retries):
             if attempt:
                 await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
             url = await self.url(stage, refresh=attempt > 0)
+            started = time.time()
             try:
-                response = await self._http.post(f"{url}/invoke", json=payload)
+                response = await self._http.post(f"{url}/invoke", content=body, headers=headers)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__} from {url}"
                 continue
@@ -180,17 +203,86 @@ class KnativeRuntime:
             if response.status_code in RETRY_STATUS:
                 last = f"HTTP {response.status_code} from {url}"
                 continue
+            self._busy(served_by(response), started)
             if response.status_code >= 400:
-                try:
-                    message = response.json().get("error", response.text)
-                except ValueError:
-                    message = response.text
-                raise InvocationError(stage, message, response.status_code)
-            return response.json()
+                message, code = error_of(response)
+                raise InvocationError(stage, message, response.status_code, code)
+            return decode_body(response)
         raise InvocationError(stage, f"gave up after {self.retries} attempts: {last}")
+
+    async def invoke_stream(self, stage: str,
+                            payload: Payload) -> AsyncIterator[tuple[str, Payload]]:
+        body, headers = encode_body(payload)
+        last = "no attempt made"
+        for attempt in range(self.retries):
+            if attempt:
+                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+            url = await self.url(stage, refresh=attempt > 0)
+            started, instance = time.time(), None
+            try:
+                async with self._http.stream("POST", f"{url}/invoke", content=body,
+                                             headers=headers) as response:
+                    instance = served_by(response)
+                    if response.status_code in RETRY_STATUS:
+                        last = f"HTTP {response.status_code} from {url}"
+                        continue
+                    if response.status_code >= 400:
+                        await response.aread()
+                        message, code = error_of(response)
+                        raise InvocationError(stage, message, response.status_code, code)
+                    async for frame in frames(response):
+                        if frame.get("type") == "hello":
+                            instance = frame.get("instance") or instance
+                        yield instance or "", frame
+                return
+            except (httpx.TransportError, codec.CodecError) as exc:
+                last = f"{type(exc).__name__} from {url}"
+                if instance is not None:  # frames went out: the caller decides what to redo
+                    raise StreamBroken(stage, f"stream from {instance} broke: {last}") from None
+            finally:
+                self._busy(instance, started)
+                await self._refresh_soon(stage)
+        raise InvocationError(stage, f"gave up after {self.retries} attempts: {last}")
+
+    async def invoke_instance(self, stage: str, instance: str, payload: Payload) -> Payload:
+        address = await self.pod_address(stage, instance)
+        body, headers = encode_body(payload)
+        try:
+            response = await self._http.post(f"{address}/control", content=body,
+                                             headers=headers)
+        except httpx.TransportError as exc:
+            raise InvocationError(stage, f"pod {instance} at {address}: "
+                                         f"{type(exc).__name__}") from None
+        if response.status_code >= 400:
+            message, code = error_of(response)
+            raise InvocationError(stage, message, response.status_code, code)
+        return decode_body(response)
+
+    async def release_instance(self, stage: str, instance: str) -> None:
+        """Nothing to do at once: the idle pod goes when the autoscaler's window passes."""
 
     def meter(self) -> list[InstanceUsage]:
         return [pod.usage() for pod in self._pods.values()]
+
+    # -- instance addressing -------------------------------------------------------------
+    async def pod_address(self, stage: str, instance: str) -> str:
+        """`http://<pod IP>:<user port>` of a running pod of `stage`, by pod name."""
+        pod = self._by_name(stage, instance)
+        if pod is None or pod.ip is None:
+            await self.refresh_usage((stage,))
+            pod = self._by_name(stage, instance)
+        if pod is None or pod.ip is None or pod.ended_at is not None:
+            raise InvocationError(stage, f"no running pod {instance!r} with an IP", 404)
+        return f"http://{pod.ip}:{self.pod_port}"
+
+    def _by_name(self, stage: str, name: str) -> _Pod | None:
+        return next((p for p in self._pods.values() if p.name == name and p.stage == stage),
+                    None)
+
+    def _busy(self, instance: str | None, started: float) -> None:
+        pod = next((p for p in self._pods.values() if p.name == instance), None)
+        if pod is not None:
+            pod.busy.append((started, time.time()))
 
     # -- Knative extras ------------------------------------------------------------------
     async def url(self, stage: str, refresh: bool = False) -> str:
@@ -238,6 +330,7 @@ class KnativeRuntime:
                                                     _pod_gpus(pod), started, None)
                 record.ready_at = record.ready_at or _pod_ready_at(pod)
                 record.ended_at = record.ended_at or _pod_finished_at(pod)
+                record.ip = pod.get("status", {}).get("podIP") or record.ip
             for key, record in self._pods.items():
                 if record.stage == stage and key not in seen and record.ended_at is None:
                     record.ended_at = now

@@ -9,12 +9,18 @@ recomputed in one pass instead of token by token).
 
 Each prompt's KV cache is computed once and gathered over its n samples (deduplicated
 prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not recomputed.
+
+`GenerationSession` is the incremental form the actor runs: one decode step at a time,
+finished rows reported as they finish, new rows (a hand-off's continuations) prefilled and
+merged into the running batch between steps, and the unfinished rows handed back on a cut.
+`generate` is the one-call form on top of it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,11 +51,27 @@ class GenerationResult(list):
         return list(self)
 
 
+@dataclass
+class Row:
+    """One sample being generated: its identity, its random stream and its progress."""
+
+    prompt: list[int]
+    key: int  # RNG key of its prompt (`prompt_key(id)` for samples that may migrate)
+    index: int  # RNG sample index
+    tag: Any = None  # the caller's handle for this row
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    reason: str | None = None  # "eos" | "length" once finished
+    finished_at: float | None = None  # when it finished (Unix seconds): the rollout's tail
+    prefix_len: int = 0
+    max_new: int | None = None  # this row's own length cap (the session's still applies)
+
+
 class _Rows:
-    """Bookkeeping of the rows still decoding (their cache rows, masks and positions)."""
+    """Bookkeeping of the rows in the batch (their cache rows, masks and positions)."""
 
     def __init__(self, ids: list[int], mask: torch.Tensor, positions: torch.Tensor) -> None:
-        self.ids = ids  # output sample index of each live row
+        self.ids = ids  # session row index of each batch row
         self.mask = mask  # [A, cache columns] 1 = real token
         self.positions = positions  # [A] position id of the next token
 
@@ -59,6 +81,171 @@ class _Rows:
         self.ids = [self.ids[k] for k in keep]
         self.mask, self.positions = self.mask[index], self.positions[index]
         return index
+
+
+def _left_pad_columns(x: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    if columns == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = columns
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge_batches(cache: DynamicCache, rows: _Rows, other: DynamicCache,
+                   other_rows: _Rows) -> None:
+    """Append `other`'s rows to `cache`/`rows` (in place). The shorter side is padded on
+    the left with masked-out columns, so every row keeps its own positions and tokens."""
+    width_a, width_b = rows.mask.shape[1], other_rows.mask.shape[1]
+    width = max(width_a, width_b)
+    for layer, extra in zip(cache.layers, other.layers, strict=True):
+        # [batch, heads, columns, head dim]: columns are dim -2
+        layer.keys = torch.cat([_left_pad_columns(layer.keys, width - width_a, -2),
+                                _left_pad_columns(extra.keys, width - width_b, -2)], dim=0)
+        layer.values = torch.cat([_left_pad_columns(layer.values, width - width_a, -2),
+                                  _left_pad_columns(extra.values, width - width_b, -2)], dim=0)
+    rows.mask = torch.cat([_left_pad_columns(rows.mask, width - width_a, 1),
+                           _left_pad_columns(other_rows.mask, width - width_b, 1)], dim=0)
+    rows.positions = torch.cat([rows.positions, other_rows.positions])
+    rows.ids = rows.ids + other_rows.ids
+
+
+class GenerationSession:
+    """A running batch of samples, advanced one token per `step()`.
+
+    `add` prefills new rows (each distinct prompt once, its KV cache gathered over its rows;
+    a prefix, when given, is scored and continued) and merges them into the batch; `step`
+    samples one token for every row and returns the rows that finished; `unfinished` lists
+    the rows still going (a cut hands them on, prompt + partial response).
+    """
+
+    def __init__(self, model: torch.nn.Module, tok: Tokenizer, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 dedup_prefill: bool = True) -> None:
+        self.model, self.eos = model, tok.eos_token_id
+        self.dedup_prefill = dedup_prefill
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.seed = seed
+        self.rows: list[Row] = []
+        self.steps = 0  # decode steps (batched forward passes after a prefill)
+        self.prefill_tokens_saved = 0
+        self.prompt_tokens = 0
+        self._batch: _Rows | None = None
+        self._cache: DynamicCache | None = None
+        self._logits: torch.Tensor | None = None  # next-token logits of each batch row
+
+    def _cap(self, row: Row) -> int:
+        return self.max_new_tokens if row.max_new is None else min(row.max_new,
+                                                                   self.max_new_tokens)
+
+    @property
+    def live(self) -> int:
+        return len(self._batch.ids) if self._batch is not None else 0
+
+    def check(self, prompt: Sequence[int], prefix: Sequence[int] = ()) -> None:
+        """Refuse (ValueError) a row the model cannot hold."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        check_length(self.model, len(prompt) + max(self.max_new_tokens, len(prefix)))
+
+    @torch.no_grad()
+    def add(self, rows: Sequence[Row]) -> list[Row]:
+        """Prefill `rows` (their `response` holds the prefix to continue) into the batch;
+        returns those already finished by their prefix."""
+        if not rows:
+            return []
+        for row in rows:
+            self.check(row.prompt, row.response)
+        prompts: list[list[int]] = []
+        seen: dict[tuple[int, ...], int] = {}
+        prompt_of = []
+        for k, row in enumerate(rows):
+            # without dedup every row prefills its own copy of the prompt (the baseline)
+            ident = tuple(row.prompt) if self.dedup_prefill else (k,)
+            if ident not in seen:
+                seen[ident] = len(prompts)
+                prompts.append(list(row.prompt))
+            prompt_of.append(seen[ident])
+        first = len(self.rows)
+        for row in rows:
+            row.prefix_len = len(row.response)
+            row.logprobs = []
+            self.rows.append(row)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits, batch, cache = _prefill(self.model, prompts, [r.response for r in rows],
+                                            prompt_of, [r.logprobs for r in rows])
+        finally:
+            self.model.train(was_training)
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.prefill_tokens_saved += sum(len(r.prompt) for r in rows) - sum(map(len, prompts))
+        batch.ids = [first + i for i in batch.ids]
+        done = []
+        now = time.time()
+        for row in rows:
+            row.reason = _stop_reason(row.response, self.eos, self._cap(row))
+            if row.reason is not None:
+                row.finished_at = now
+                done.append(row)
+        keep = [k for k, r in enumerate(batch.ids) if self.rows[r].reason is None]
+        if len(keep) < len(batch.ids):
+            index = batch.keep(keep, cache)
+            logits = logits[index]
+        if not keep:
+            return done
+        if self._batch is None or self._cache is None or self._logits is None:
+            self._batch, self._cache, self._logits = batch, cache, logits
+        else:
+            _merge_batches(self._cache, self._batch, cache, batch)
+            self._logits = torch.cat([self._logits, logits], dim=0)
+        return done
+
+    @torch.no_grad()
+    def step(self) -> list[Row]:
+        """One token for every row in the batch; returns the rows that finished."""
+        if self._batch is None or self._logits is None or self._cache is None:
+            return []
+        batch, logits = self._batch, self._logits
+        live = [self.rows[r] for r in batch.ids]
+        uniforms = torch.tensor([
+            sample_uniform(self.seed, row.key, row.index, len(row.response)) for row in live
+        ])
+        tokens = choose_tokens(logits, uniforms.to(logits.device), self.temperature,
+                               self.top_p)
+        chosen_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
+        done = []
+        now = time.time()
+        for row, token, lp in zip(live, tokens.tolist(), chosen_lp[:, 0].tolist(),
+                                  strict=True):
+            row.response.append(token)
+            row.logprobs.append(lp)
+            row.reason = _stop_reason(row.response, self.eos, self._cap(row))
+            if row.reason is not None:
+                row.finished_at = now
+                done.append(row)
+        keep = [k for k, row in enumerate(live) if row.reason is None]
+        if not keep:
+            self._batch = self._cache = self._logits = None
+            return done
+        if len(keep) < len(live):
+            index = batch.keep(keep, self._cache)
+            tokens = tokens[index]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._logits = _decode_step(self.model, self._cache, batch, tokens)
+        finally:
+            self.model.train(was_training)
+        self.steps += 1
+        return done
+
+    def unfinished(self) -> list[Row]:
+        """The rows still in the batch, in batch order."""
+        return [self.rows[r] for r in self._batch.ids] if self._batch is not None else []
+
+    def release(self) -> None:
+        """Drop the batch (a cut): its rows are someone else's now."""
+        self._batch = self._cache = self._logits = None
 
 
 @torch.no_grad()
@@ -93,77 +280,32 @@ def generate(
         raise ValueError("n must be >= 1")
     if not prompts:
         return GenerationResult([])
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt")
     prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in range(total)]
     keys = list(keys) if keys is not None else list(range(len(prompts)))
     default_ids = [j for _ in prompts for j in range(n)]
     sample_ids = list(sample_indices) if sample_indices is not None else default_ids
     if len(prefixes) != total or len(sample_ids) != total or len(keys) != len(prompts):
         raise ValueError("prefixes/sample_indices need len(prompts)*n entries, keys len(prompts)")
-    for r, prefix in enumerate(prefixes):
-        check_length(model, len(prompts[r // n]) + max(max_new_tokens, len(prefix)))
-
-    eos = tok.eos_token_id
-    responses = [list(p) for p in prefixes]
-    logprobs: list[list[float]] = [[] for _ in range(total)]
-    reasons: list[str | None] = [None] * total
-    prompt_of = [r // n for r in range(total)]
-    was_training = model.training
-    model.eval()
-    try:
-        logits, rows, cache = _prefill(model, prompts, prefixes, prompt_of, logprobs)
-        for r in range(total):
-            reasons[r] = _stop_reason(responses[r], eos, max_new_tokens)
-        finished_at = [time.time() if reason else None for reason in reasons]
-        steps, tokens = 0, None
-        while True:
-            live = [a for a, r in enumerate(rows.ids) if reasons[r] is None]
-            done = sum(reason is not None for reason in reasons)
-            if not live or (stop_after is not None and done >= stop_after):
-                break
-            if len(live) < len(rows.ids):  # drop finished rows before the next forward
-                index = rows.keep(live, cache)
-                logits = logits[index]
-                tokens = tokens[index] if tokens is not None else None
-            if tokens is not None:
-                logits = _decode_step(model, cache, rows, tokens)
-            uniforms = torch.tensor(
-                [
-                    sample_uniform(seed, keys[prompt_of[r]], sample_ids[r], len(responses[r]))
-                    for r in rows.ids
-                ]
-            )
-            tokens = choose_tokens(logits, uniforms.to(logits.device), temperature, top_p)
-            chosen_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])
-            for r, token, lp in zip(
-                rows.ids, tokens.tolist(), chosen_lp[:, 0].tolist(), strict=True
-            ):
-                responses[r].append(token)
-                logprobs[r].append(lp)
-                reasons[r] = _stop_reason(responses[r], eos, max_new_tokens)
-            now = time.time()
-            for r in rows.ids:
-                if reasons[r] is not None and finished_at[r] is None:
-                    finished_at[r] = now
-            steps += 1
-    finally:
-        model.train(was_training)
-
+    session = GenerationSession(model, tok, max_new_tokens, temperature, top_p, seed)
+    rows = [Row(prompt=list(prompts[r // n]), key=keys[r // n], index=sample_ids[r],
+                tag=r, response=prefixes[r]) for r in range(total)]
+    done = len(session.add(rows))
+    while session.live and (stop_after is None or done < stop_after):
+        done += len(session.step())
     samples = [
         {
-            "prompt_index": prompt_of[r],
-            "sample_index": sample_ids[r],
-            "response": responses[r],
-            "logprobs": logprobs[r],
-            "finished": reasons[r] is not None,
-            "stop_reason": reasons[r] or "cut",
-            "finished_at": finished_at[r],
+            "prompt_index": r // n,
+            "sample_index": row.index,
+            "response": row.response,
+            "logprobs": row.logprobs,
+            "finished": row.reason is not None,
+            "stop_reason": row.reason or "cut",
+            "finished_at": row.finished_at,
         }
-        for r in range(total)
+        for r, row in enumerate(rows)
     ]
-    saved = sum(len(p) for p in prompts) * (n - 1)
-    return GenerationResult(samples, prefill_tokens_saved=saved, steps=steps)
+    return GenerationResult(samples, prefill_tokens_saved=session.prefill_tokens_saved,
+                            steps=session.steps)
 
 
 def _stop_reason(response: list[int], eos: int, max_new_tokens: int) -> str | None:

@@ -32,7 +32,8 @@ OPERATOR_RULES: frozenset[ApiCall] = frozenset({
     (_KNATIVE, "services", "get"),
     (_KNATIVE, "services", "create"),
     (_KNATIVE, "services", "patch"),
-    # Metering: pod lifetimes of each stage's revisions.
+    # Metering: pod lifetimes of each stage's revisions. The same list gives the pod IPs the
+    # Knative runtime calls a streaming actor at directly (`invoke_instance`): no new verb.
     ("", "pods", "list"),
     # kopf: events about handler progress, and discovery of CRDs/namespaces.
     ("", "events", "create"),

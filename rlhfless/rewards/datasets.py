@@ -4,7 +4,8 @@ Every item is a dict with at least "id" (stable across epochs: the length predic
 it), "prompt" (user text), "answer" (the ground truth: a string, "" when there is none, or
 test cases for code rewards) and "system" (str or None). A chat prompt (verl's parquet schema)
 also keeps its "messages". Files may carry further fields; `data_source` and `extra_info`
-travel along in the reward's `meta`.
+travel along in the reward's `meta`; "max_new_tokens" (a positive integer) is that prompt's
+own response budget, capped by the job's `generation.maxNewTokens`.
 """
 
 from __future__ import annotations
@@ -222,6 +223,10 @@ class _Rows:
         if problem is not None:
             raise DatasetError(f"{where}: '{answer_field}' {problem}")
         item["answer"] = "" if answer is None else answer
+        budget = record.get("max_new_tokens")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                                   or budget < 1):
+            raise DatasetError(f"{where}: 'max_new_tokens' must be a positive integer")
         id_field = self.fields.id or "id"
         found, raw_id = _pick(record, id_field)
         if not found and self.fields.id is not None:

@@ -3,8 +3,10 @@
 It behaves like a small serverless platform: instances cold-start on demand (the measured
 start-to-ready time is the cold start), one request at a time per instance, idle instances
 are stopped after the keep-alive (scale to zero), a request whose instance dies is retried on
-another one, and every instance's life is metered as GPUs × seconds alive. The run
-directory's `prometheus_targets.json` lists the ready instances' /metrics for Prometheus.
+another one, and every instance's life is metered as GPUs × seconds alive (with the spans it
+spent serving). An instance is addressed by its handle (`actor-3`): `invoke_instance` posts
+to that process's `/control` even while a stream keeps it busy. The run directory's
+`prometheus_targets.json` lists the ready instances' /metrics for Prometheus.
 
 On a machine with GPUs each instance gets its own devices from a pool (`gpu_pool.py`,
 CUDA_VISIBLE_DEVICES); a start that does not fit waits for GPUs, never oversubscribing them.
@@ -25,16 +27,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from rlhfless.api import codec
 from rlhfless.api.spec import RLHFJob, dump_job, job_namespace
-from rlhfless.api.wire import GPU_SHARE_ENV
-from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
+from rlhfless.api.wire import GPU_SHARE_ENV, INSTANCE_ENV
+from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
 from rlhfless.runtime.discovery import TARGETS_FILE, Target, TargetsFile
 from rlhfless.runtime.gpu_pool import GpuPool, GpuPoolError, detect_devices, detect_slots
+from rlhfless.runtime.transport import decode_body, encode_body, error_of, frames
 
 READY_TIMEOUT_S = 300.0
 MAX_ATTEMPTS = 3
@@ -56,6 +61,12 @@ class _Instance:
     last_used: float = field(default_factory=time.time)
     log_path: Path | None = None
     devices: tuple[str, ...] = ()  # GPUs from the pool (CUDA_VISIBLE_DEVICES)
+    busy_spans: list[tuple[float, float]] = field(default_factory=list)
+    released: bool = False  # done for this step: stop once its request ends
+    # Started by `scale` for work that is coming (prewarm, the step's actors): not a spare
+    # to stop for another stage's GPUs before its first request.
+    reserved: bool = False
+    _busy_since: float | None = None
 
     @property
     def url(self) -> str:
@@ -76,7 +87,18 @@ class _Instance:
             ended_at=self.ended_at,
             cold_start_s=ready - self.started_at,
             devices=self.devices,
+            busy=tuple(self.busy_spans) + (((self._busy_since, time.time()),)
+                                            if self.busy and self._busy_since else ()),
         )
+
+    def mark_busy(self) -> None:
+        self.busy = True
+        self._busy_since = time.time()
+
+    def mark_idle(self) -> None:
+        if self._busy_since is not None:
+            self.busy_spans.append((self._busy_since, time.time()))
+        self.busy, self._busy_since = False, None
 
 
 def _free_port() -> int:
@@ -173,11 +195,13 @@ class LocalRuntime:
     async def invoke(self, stage: str, payload: Payload) -> Payload:
         if stage not in self._max:
             raise InvocationError(stage, self._not_deployed(stage))
+        body, headers = encode_body(payload)
         last_error = "no attempt made"
         for _ in range(MAX_ATTEMPTS):
             inst = await self._acquire(stage)
             try:
-                response = await self._client.post(f"{inst.url}/invoke", json=payload)
+                response = await self._client.post(f"{inst.url}/invoke", content=body,
+                                                   headers=headers)
             except httpx.TransportError as exc:
                 # The instance died under the request: retire it and try another one. Stage
                 # functions are idempotent per request id, so a retry never double-applies.
@@ -187,13 +211,65 @@ class LocalRuntime:
                 continue
             await self._release(inst)
             if response.status_code >= 400:
-                try:
-                    message = response.json().get("error", response.text)
-                except ValueError:
-                    message = response.text
-                raise InvocationError(stage, message, response.status_code)
-            return response.json()
+                message, code = error_of(response)
+                raise InvocationError(stage, message, response.status_code, code)
+            return decode_body(response)
         raise InvocationError(stage, f"gave up after {MAX_ATTEMPTS} attempts: {last_error}")
+
+    async def invoke_stream(self, stage: str,
+                            payload: Payload) -> AsyncIterator[tuple[str, Payload]]:
+        if stage not in self._max:
+            raise InvocationError(stage, self._not_deployed(stage))
+        body, headers = encode_body(payload)
+        last_error = "no attempt made"
+        for _ in range(MAX_ATTEMPTS):
+            inst = await self._acquire(stage)
+            started = False
+            try:
+                async with self._client.stream("POST", f"{inst.url}/invoke", content=body,
+                                               headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        message, code = error_of(response)
+                        raise InvocationError(stage, message, response.status_code, code)
+                    async for frame in frames(response):
+                        started = True
+                        yield inst.name, frame
+                return
+            except (httpx.TransportError, codec.CodecError) as exc:
+                last_error = f"instance {inst.name} failed: {type(exc).__name__}"
+                self._stop(inst)
+                if started:  # frames went out: the caller decides what to redo
+                    raise StreamBroken(stage, f"stream from {inst.name} broke: "
+                                              f"{type(exc).__name__}") from None
+            finally:
+                await self._release(inst)
+        raise InvocationError(stage, f"gave up after {MAX_ATTEMPTS} attempts: {last_error}")
+
+    async def invoke_instance(self, stage: str, instance: str, payload: Payload) -> Payload:
+        inst = next((i for i in self._instances if i.name == instance and i.stage == stage),
+                    None)
+        if inst is None or not inst.alive:
+            raise InvocationError(stage, f"no live instance {instance!r}", 404)
+        body, headers = encode_body(payload)
+        try:
+            response = await self._client.post(f"{inst.url}/control", content=body,
+                                               headers=headers)
+        except httpx.TransportError as exc:
+            raise InvocationError(stage, f"instance {instance} failed: "
+                                         f"{type(exc).__name__}") from None
+        if response.status_code >= 400:
+            message, code = error_of(response)
+            raise InvocationError(stage, message, response.status_code, code)
+        return decode_body(response)
+
+    async def release_instance(self, stage: str, instance: str) -> None:
+        for inst in self._instances:
+            if inst.name == instance and inst.stage == stage and inst.alive:
+                if inst.busy:
+                    inst.released = True  # stops as soon as its request ends
+                else:
+                    self._stop(inst)
 
     def meter(self) -> list[InstanceUsage]:
         for inst in self._instances:
@@ -214,9 +290,11 @@ class LocalRuntime:
             while True:
                 alive = [i for i in self._instances if i.stage == stage and i.alive]
                 idle = [i for i in alive if not i.busy and i.ready_at is not None]
+                idle = [i for i in idle if not i.released]
                 if idle:
                     inst = max(idle, key=lambda i: i.last_used)  # warmest first
-                    inst.busy = True
+                    inst.reserved = False
+                    inst.mark_busy()
                     return inst
                 # A prewarmed instance still starting will be ready sooner than a new one.
                 starting = [i for i in alive if not i.busy and i.ready_at is None]
@@ -225,20 +303,25 @@ class LocalRuntime:
                     break
                 await self._changed.wait()
         inst = await self._start(stage, busy=True)
+        inst.mark_busy()
         return inst
 
     async def _release(self, inst: _Instance) -> None:
-        now = time.time()
-        inst.busy = False
-        inst.last_used = now
+        inst.mark_idle()
+        inst.last_used = time.time()
+        if inst.released:
+            self._stop(inst)
         async with self._changed:
             self._changed.notify_all()
 
     def _threads(self, stage: str) -> int:
         if self.threads_per_instance:
             return self.threads_per_instance
+        # In a streaming step every actor and the learner compute at once: share the cores
+        # among all of them (oversubscribed OpenMP threads spin against each other).
         cores = os.cpu_count() or 1
-        return max(1, cores // max(1, self._max[stage]))
+        concurrent = sum(n for s, n in self._max.items() if s in ("actor", "learner"))
+        return max(1, cores // max(1, concurrent))
 
     async def _start(self, stage: str, busy: bool = False) -> _Instance:
         name = f"{stage}-{next(self._counter)}"
@@ -252,7 +335,8 @@ class LocalRuntime:
             "--store", str(self.store_dir), "--job", str(self._job_file),
             "--threads", str(self._threads(stage)), "--exit-with-parent",
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               INSTANCE_ENV: name}
         if self._pool is not None:
             # Its own GPUs only (none for a CPU stage), billed as given.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
@@ -268,7 +352,7 @@ class LocalRuntime:
             self._give_back_gpus(name)
             raise
         inst = _Instance(stage, name, port, process, gpus, time.time(), busy=busy,
-                         log_path=log_path, devices=devices)
+                         log_path=log_path, devices=devices, reserved=not busy)
         self._instances.append(inst)
         try:
             await self._wait_ready(inst)
@@ -387,7 +471,7 @@ class LocalRuntime:
         held = self._pool.held()
         leaving = [i.name for i in self._instances if i.stopping and i.name in held]
         idle = sorted((i for i in self._instances
-                       if i.alive and not i.busy and i.ready_at is not None
+                       if i.alive and not i.busy and i.ready_at is not None and not i.reserved
                        and i.stage != head_stage and i.name in held),
                       key=lambda i: i.last_used)
         names = {i.name: i for i in idle}

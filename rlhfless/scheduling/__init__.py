@@ -14,7 +14,8 @@ Shared by the driver and the simulator. One module per job:
 * `assign` — `assign(pred_lengths_per_group, n_bins, profile, group_size, policy, seed)`:
   "length-aware" | "round-robin" | "random".
 * `scaling` — `choose_actor_count(...)` → `ScalingDecision(n, table, bins, ...)` by λ.
-* `migrate` — `should_cut`, `cut_threshold`, `remaining_estimate`, `plan_migration`.
+* `migrate` — `should_cut`, `cut_threshold`, `handoff_target`, `remaining_estimate`,
+  `plan_migration`.
 * `handoff` — `handoff_estimate`: the streaming step's hand-off cut on the time model.
 * `learner` — the fused learner: `LearnerProfile`, `plan_learner` (size, just-in-time start),
   `learner_start`, `learner_queue`, `ArrivalCurve`, `free_gpu_curve`.
@@ -45,6 +46,7 @@ from rlhfless.scheduling.learner import (
 from rlhfless.scheduling.migrate import (
     MigrationPlan,
     cut_threshold,
+    handoff_target,
     plan_migration,
     remaining_estimate,
     should_cut,
@@ -114,6 +116,7 @@ __all__ = [
     "keep_or_prewarm",
     "learner_queue",
     "learner_start",
+    "handoff_target",
     "lower_bound",
     "makespan",
     "plan_learner",

@@ -1,12 +1,17 @@
 """Cut-and-migrate: when to cut an actor, and where its unfinished samples continue.
 
-Cut rule (used inside the actor): an actor holding ``total`` samples returns once
+Cut rule: an actor holding ``total`` samples reports τ once
 ``cut_threshold(total, tau) = ceil(tau * total)`` of them are finished, unless all are.
 ``tau = 1`` never cuts. In the streaming step's hand-off cut the unfinished samples go
 whole to the running actor with the fewest samples in flight; `plan_migration` below is for
 cuts that re-plan the tail over several actors (one global cut, or a barrier).
 
-Migration plan (used by the driver): the unfinished samples come back with their partial
+Hand-off (the driver's streaming rollout): a cut actor's unfinished samples are merged into
+the running actor with the fewest samples in flight (`handoff_target`), which continues them
+in its running batch; the cut actor scales down at once.
+
+Migration plan (the barrier-cut model the simulator still uses): the unfinished samples
+come back with their partial
 responses; each is continued (prompt + partial response re-prefilled, same weights version,
 same random stream) on fewer actors than before, so the rest scale to zero. Every sample is
 a unit of the time model (`rlhfless.scheduling.workmodel`): ``lmax = tokens`` = its predicted
@@ -24,7 +29,7 @@ length-aware. Every item index appears in exactly one bin.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +45,14 @@ def cut_threshold(total: int, tau: float) -> int:
         raise ValueError("tau must be in (0, 1]")
     # The epsilon keeps e.g. 0.7 * 10 = 7.000000000000001 from becoming 8.
     return max(1, math.ceil(tau * total - 1e-9))
+
+
+def handoff_target(in_flight: Mapping[str, int]) -> str | None:
+    """The actor (by name) that takes a cut actor's samples: fewest samples in flight, ties
+    by name (deterministic); None when no actor is running."""
+    if not in_flight:
+        return None
+    return min(in_flight, key=lambda name: (in_flight[name], name))
 
 
 def should_cut(done: int, total: int, tau: float) -> bool:

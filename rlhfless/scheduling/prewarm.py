@@ -1,7 +1,9 @@
 """Prewarm: start each phase's functions so their cold start ends as the phase begins.
 
-A synchronous RL step is a cycle of phases (default: rollout → score → train → next
-rollout), each run by some stages. From measured phase durations and cold starts:
+A synchronous RL step is a cycle of phases, each run by some stages: the driver passes its
+job's (`StageTable.phases()`: rollout → learn, the learn stages already working on groups
+during the rollout); the default is the barrier step the simulator models (rollout → score →
+train). From measured phase durations and cold starts:
 
 * keep warm or release: after its phase a stage is idle for ``gap`` = the other phases'
   durations. Keeping it costs ``gap`` GPU-seconds per GPU; releasing and prewarming it costs

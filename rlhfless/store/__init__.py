@@ -1,4 +1,4 @@
-"""The job's store: weight versions, optimizer state and the driver's checkpoint.
+"""The job's store: weight versions, optimizer state, rollout shards, the driver's checkpoint.
 
 One module per kind of record, all written through `store.atomic` (temp + rename).
 """
@@ -15,6 +15,7 @@ from rlhfless.store.optimizer import (
     prune_optimizer_states,
     save_optimizer_state,
 )
+from rlhfless.store.shards import ShardError, ShardStore
 from rlhfless.store.weights import (
     DEFAULT_PART,
     MANIFEST,
@@ -27,6 +28,8 @@ __all__ = [
     "CHECKPOINT_FILE",
     "DEFAULT_PART",
     "MANIFEST",
+    "ShardError",
+    "ShardStore",
     "Checkpoint",
     "CheckpointError",
     "WeightStore",

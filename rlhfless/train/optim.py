@@ -2,6 +2,10 @@
 
 `backward(loss)` then `step() -> grad_norm` (gradients clipped to `max_grad_norm`; a step
 with a non-finite gradient is skipped, not applied). `module` is what forward runs on.
+Backward calls accumulate. Where the gradients sit in the parameters' `.grad`
+(`grad_access`: torch, DeepSpeed ZeRO-0) a streaming learner may also read and rescale them
+(`scale_grads`) before the step: the exact whole-batch normalisation of gradients that were
+accumulated group by group.
 """
 
 from __future__ import annotations
@@ -19,8 +23,16 @@ WEIGHT_DECAY = 0.0
 BETAS = (0.9, 0.999)
 
 
+def scale_grads(params: list[torch.nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
 class Optimizer(Protocol):
     module: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    grad_access: bool
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -35,6 +47,7 @@ class TorchAdamW:
     """torch.optim.AdamW with global-norm clipping."""
 
     backend = "torch"
+    grad_access = True
 
     def __init__(self, module: torch.nn.Module, lr: float, max_grad_norm: float) -> None:
         self.module = module
@@ -46,6 +59,12 @@ class TorchAdamW:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def scale_grads(self, factor: float) -> None:
+        scale_grads(self.params, factor)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
@@ -131,9 +150,19 @@ class DeepSpeedAdamW:
         )
         self.module = self.engine.module
         self.params = params
+        # ZeRO-2 moves gradients into its own partitioned buffers during backward.
+        self.grad_access = zero_stage == 0
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def scale_grads(self, factor: float) -> None:
+        if not self.grad_access:
+            raise RuntimeError("ZeRO-2 keeps its gradients partitioned: cannot rescale them")
+        scale_grads(self.params, factor)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
 
     def step(self) -> float:
         if self.zero_stage == 0:

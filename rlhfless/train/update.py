@@ -2,8 +2,10 @@
 
 Forward passes use the model layer's shared-prefix scoring, so a GRPO group's prompt is
 computed once per mini-batch and its gradient gathers all G responses. Mini-batches hold
-`mini_batch_size` responses; prompts are shuffled per epoch (seeded) but a group's responses
-stay together, so prefix sharing survives the shuffle.
+`mini_batch_size` responses; prompts are shuffled per epoch but a group's responses stay
+together, so prefix sharing survives the shuffle. The shuffle is seeded from the RL step
+(`step_seed`), never from the weights version a trainer happened to load, so a learner that
+restarted mid-step partitions the batch exactly as the first one did.
 """
 
 from __future__ import annotations
@@ -36,6 +38,23 @@ from rlhfless.train.optim import make_optimizer
 Item = tuple[int, int]  # (prompt index, response index) into a TrainBatch
 
 
+def step_seed(job_seed: int, step: int) -> int:
+    """The mini-batch shuffle seed of RL step `step`."""
+    return (int(job_seed) * 1_000_003 + int(step)) % (2**63)
+
+
+def minibatches(
+    n_prompts: int, items: list[Item], epoch: int, seed: int, size: int
+) -> list[list[Item]]:
+    """Epoch `epoch`'s mini-batches: prompts shuffled (seeded), each group's items kept
+    together and in order, cut every `size` responses."""
+    gen = torch.Generator().manual_seed((int(seed) * 1009 + epoch) % (2**63))
+    order = torch.randperm(n_prompts, generator=gen).tolist()
+    rank = {p: k for k, p in enumerate(order)}
+    shuffled = sorted(items, key=lambda it: (rank[it[0]], it[1]))
+    return [shuffled[start : start + size] for start in range(0, len(shuffled), size)]
+
+
 def _regroup(batch: TrainBatch, items: list[Item]) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Consecutive items of one prompt become one group (one shared prefix)."""
     prompts: list[list[int]] = []
@@ -50,7 +69,7 @@ def _regroup(batch: TrainBatch, items: list[Item]) -> tuple[list[list[int]], lis
     return prompts, groups
 
 
-def _pad_grad(rows: list[Tensor], width: int) -> Tensor:
+def pad_grad(rows: list[Tensor], width: int) -> Tensor:
     """Right-pad differentiable 1-D tensors to [B, width] (keeps the autograd graph)."""
     mat = pad_sequence(rows, batch_first=True)
     if mat.shape[1] < width:
@@ -59,7 +78,7 @@ def _pad_grad(rows: list[Tensor], width: int) -> Tensor:
 
 
 @contextmanager
-def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
     """Score in eval mode: transformers drops the KV cache of checkpointed layers in
     training mode even without grad, which would break the shared-prefix pass."""
     if module is None or not module.training:
@@ -89,7 +108,8 @@ class PolicyTrainer:
     lr, critic_lr, ppo_epochs, mini_batch_size, entropy_coef, value_clip, max_grad_norm) and
     `trainer` a TrainerSpec-like one (backend, zero_stage, grad_checkpointing). The critic is
     an nn.Module with `grouped_values(prompts, groups) -> list[list[Tensor]]`
-    (rlhfless.model.value.ValueModel). `seed` drives the mini-batch shuffle.
+    (rlhfless.model.value.ValueModel). `seed` drives the mini-batch shuffle when `step` is
+    not given a `shuffle_seed` (pass `step_seed(job_seed, step)`; the learner does).
     """
 
     def __init__(
@@ -126,15 +146,36 @@ class PolicyTrainer:
     def critic(self) -> torch.nn.Module | None:
         return self._critic.module if self._critic is not None else None
 
+    @property
+    def policy_optimizer(self) -> Any:
+        return self._policy
+
+    @property
+    def critic_optimizer(self) -> Any:
+        return self._critic
+
+    @property
+    def policy_loss(self) -> Any:
+        """The registered surrogate (rlhfless.algo.POLICY_LOSSES) this trainer minimises."""
+        return self._loss_fn
+
     # ------------------------------------------------------------------ one RL step
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
+    def step(
+        self,
+        batch: TrainBatch,
+        shuffle_seed: int | None = None,
+        first_done: dict[str, float] | None = None,
+    ) -> dict[str, float]:
         """Update on `batch`; returns the mean of each statistic over the mini-batches.
 
         Keys: loss, pg_loss, clipfrac, approx_kl, ratio_mean, kl (when reference log-probs
         are given), entropy, grad_norm, and for PPO value_loss, vf_clipfrac, vf_mse,
         vpred_mean, critic_grad_norm; plus num_minibatches, num_tokens, skipped_steps,
         update_s.
+
+        `first_done`: the first mini-batch of epoch 0 was already applied (a streaming
+        learner accumulates it while groups arrive); these are its statistics.
         """
         started = time.perf_counter()
         algo = self.algo
@@ -151,14 +192,20 @@ class PolicyTrainer:
         if self._critic is not None and old_values is None:
             old_values = self._score(batch, items, self._critic_values)
 
+        if shuffle_seed is None:
+            shuffle_seed = self.seed * 1_000_003 + self.steps_done
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for epoch in range(algo.ppo_epochs):
-            for mb in self._minibatches(batch, items, epoch):
-                stats = self._policy_update(batch, mb, old_logprobs, width)
-                if self._critic is not None:
-                    assert old_values is not None
-                    stats.update(self._critic_update(batch, mb, old_values, width))
+            for k, mb in enumerate(minibatches(len(batch.prompts), items, epoch, shuffle_seed,
+                                               algo.mini_batch_size)):
+                if epoch == 0 and k == 0 and first_done is not None:
+                    stats = dict(first_done)
+                else:
+                    stats = self._policy_update(batch, mb, old_logprobs, width)
+                    if self._critic is not None:
+                        assert old_values is not None
+                        stats.update(self._critic_update(batch, mb, old_values, width))
                 for key, value in stats.items():
                     sums[key] += value
                 count += 1
@@ -169,19 +216,6 @@ class PolicyTrainer:
         out["num_tokens"] = float(batch.num_tokens)
         out["update_s"] = time.perf_counter() - started
         return out
-
-    def _minibatches(
-        self, batch: TrainBatch, items: list[Item], epoch: int
-    ) -> Iterator[list[Item]]:
-        gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.steps_done * 1009 + epoch) % (2**63)
-        )
-        order = torch.randperm(len(batch.prompts), generator=gen).tolist()
-        rank = {p: k for k, p in enumerate(order)}
-        shuffled = sorted(items, key=lambda it: (rank[it[0]], it[1]))
-        size = self.algo.mini_batch_size
-        for start in range(0, len(shuffled), size):
-            yield shuffled[start : start + size]
 
     # ------------------------------------------------------------------ forward passes
 
@@ -196,7 +230,7 @@ class PolicyTrainer:
         """No-grad pass over the batch in mini-batch chunks -> ragged per response."""
         out: Ragged = [[torch.zeros(0) for _ in group] for group in batch.groups]
         size = self.algo.mini_batch_size
-        with torch.no_grad(), _eval_mode(self.model), _eval_mode(self.critic):
+        with torch.no_grad(), eval_mode(self.model), eval_mode(self.critic):
             for start in range(0, len(items), size):
                 chunk = items[start : start + size]
                 prompts, groups = _regroup(batch, chunk)
@@ -205,7 +239,7 @@ class PolicyTrainer:
                     out[p][i] = t
         return out
 
-    def _logprobs_and_entropy(self, prompts, groups) -> tuple[list[Tensor], list[Tensor]]:
+    def logprobs_and_entropy(self, prompts, groups) -> tuple[list[Tensor], list[Tensor]]:
         """Per response (flat, in order): log-probs and exact entropies, one LM-head pass."""
         hidden = grouped_forward(self.model, prompts, groups, logprobs=False, hidden=True).hidden
         assert hidden is not None
@@ -229,9 +263,9 @@ class PolicyTrainer:
     ) -> dict[str, float]:
         algo = self.algo
         prompts, groups = _regroup(batch, mb)
-        logp_rows, ent_rows = self._logprobs_and_entropy(prompts, groups)
-        logp = _pad_grad(logp_rows, width)
-        entropy = _pad_grad(ent_rows, width)
+        logp_rows, ent_rows = self.logprobs_and_entropy(prompts, groups)
+        logp = pad_grad(logp_rows, width)
+        entropy = pad_grad(ent_rows, width)
         device = logp.device
         mask = _mask(batch, mb, width, device)
         adv = _gather(batch.advantages, mb, width, device)
@@ -266,7 +300,7 @@ class PolicyTrainer:
         assert self._critic is not None and batch.returns is not None
         prompts, groups = _regroup(batch, mb)
         rows = [v for grp in self._critic_values(prompts, groups) for v in grp]
-        values = _pad_grad(rows, width)
+        values = pad_grad(rows, width)
         device = values.device
         returns = _gather(batch.returns, mb, width, device)
         old = _gather(old_values, mb, width, device)

@@ -1,20 +1,36 @@
-"""Rollout with transformers on CPU (or one GPU): the embedded default engine."""
+"""Rollout with transformers on CPU (or one GPU): the embedded default engine.
+
+One `GenerationSession` per request: whole groups prefill their prompt once; samples merged
+in by a hand-off are prefilled (prompt + partial response) and join the running batch
+between decode steps; a cut hands back every unfinished row.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.api.wire import ActorRequest, RolloutPrompt
 from rlhfless.functions.device import on_device
+from rlhfless.functions.engines.base import RolloutControl, RolloutLedger, sample
 from rlhfless.functions.versions import VersionedCache
-from rlhfless.model.generation import generate
+from rlhfless.model.generation import GenerationSession, Row
 from rlhfless.model.materialize import load_from_store
 from rlhfless.model.sampler import prompt_key
 from rlhfless.model.tokenizer import Tokenizer
 from rlhfless.store import WeightStore
+
+
+def _rows(prompts: list[RolloutPrompt]) -> list[Row]:
+    rows = []
+    for p in prompts:
+        prompt = p.prompt_ids.tolist()
+        for k, index in enumerate(p.sample_indices):
+            prefix = p.prefixes[k].tolist() if p.prefixes is not None else []
+            rows.append(Row(prompt=prompt, key=prompt_key(p.key), index=index, tag=p.key,
+                            response=prefix, max_new=p.max_new_tokens))
+    return rows
 
 
 class TransformersEngine:
@@ -33,57 +49,53 @@ class TransformersEngine:
     def warm(self, version: int) -> None:
         self.models.get(version)
 
-    def rollout(self, request: ActorRequest) -> ActorResponse:
+    def rollout(self, request: ActorRequest, ledger: RolloutLedger,
+                control: RolloutControl) -> None:
         model, tok = self.models.get(request.weights_version)
-        prompts = request.prompts
-        sizes = {len(p.sample_indices) for p in prompts}
-        whole_groups = (
-            self.dedup_prefill
-            and len(sizes) == 1
-            and all(p.prefixes is None for p in prompts)
-        )
-        if whole_groups:
-            # One prefill per prompt, expanded over its samples (deduplicated prefill).
-            n = sizes.pop()
-            rows = [(p, i) for p in prompts for i in p.sample_indices]
-            call_prompts = [p.prompt_ids for p in prompts]
-            keys = [prompt_key(p.key) for p in prompts]
-            prefixes = None
-        else:
-            # Continuations (or dedup off): every sample is its own row with its own prefill.
-            n = 1
-            rows = [(p, i) for p in prompts for i in p.sample_indices]
-            call_prompts = [p.prompt_ids for p, _ in rows]
-            keys = [prompt_key(p.key) for p, _ in rows]
-            prefixes = [
-                (p.prefixes[p.sample_indices.index(i)] if p.prefixes else []) for p, i in rows
-            ]
-        stop_after = (
-            math.ceil(request.cut_fraction * len(rows)) if request.cut_fraction else None
-        )
+        session = GenerationSession(model, tok, request.max_new_tokens, request.temperature,
+                                    request.top_p, request.seed, self.dedup_prefill)
+        rows = _rows(request.prompts)
+        for row in rows:
+            session.check(row.prompt, row.response)  # refuse before the stream starts
+        ledger.accept()
         started = time.perf_counter()
-        with torch.no_grad():
-            result = generate(
-                model, tok, call_prompts, n=n, max_new_tokens=request.max_new_tokens,
-                temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                prefixes=prefixes, stop_after=stop_after, keys=keys,
-                sample_indices=[i for _, i in rows],
-            )
-        elapsed = time.perf_counter() - started
-        samples = [
-            RolloutSample(key=p.key, index=i, response=s["response"], logprobs=s["logprobs"],
-                          finished=s["finished"], finished_at=s["finished_at"])
-            for (p, i), s in zip(rows, result.samples, strict=True)
-        ]
-        new_tokens = sum(len(s.response) for s in samples) - sum(
-            len(x) for x in (prefixes or [])
-        )
-        return ActorResponse(samples=samples, stats={
-            "generate_s": elapsed,
-            "decode_steps": float(result.steps),
+        prefixes = sum(len(r.response) for r in rows)
+
+        def report(done: list[Row]) -> None:
+            for row in done:
+                ledger.finish(sample(row.tag, row.index, row.response, row.logprobs, True,
+                                     row.finished_at))
+
+        report(session.add(rows))
+        while True:
+            merges, cut = control.take()
+            if merges:
+                ledger.hold(merges, merged=True)
+                new = _rows(merges)
+                prefixes += sum(len(r.response) for r in new)
+                report(session.add(new))
+            if cut:
+                unfinished = [sample(r.tag, r.index, r.response, r.logprobs, False)
+                              for r in session.unfinished()]
+                session.release()
+                ledger.cut(unfinished, self._stats(session, started, prefixes))
+                return
+            if not session.live:
+                if control.close_if_idle():
+                    break
+                continue
+            report(session.step())
+        ledger.end(self._stats(session, started, prefixes))
+
+    @staticmethod
+    def _stats(session: GenerationSession, started: float, prefixes: int) -> dict[str, float]:
+        rows = session.rows
+        return {
+            "generate_s": time.perf_counter() - started,
+            "decode_steps": float(session.steps),
             "batch_size": float(len(rows)),
-            "tokens": float(new_tokens),
-            "prompt_tokens": float(sum(len(p) for p in call_prompts)),
-            "prefill_tokens_saved": float(result.prefill_tokens_saved),
-            "finished": float(sum(s.finished for s in samples)),
-        })
+            "tokens": float(sum(len(r.response) for r in rows) - prefixes),
+            "prompt_tokens": float(session.prompt_tokens),
+            "prefill_tokens_saved": float(session.prefill_tokens_saved),
+            "finished": float(sum(r.reason is not None for r in rows)),
+        }

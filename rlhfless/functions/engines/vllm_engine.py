@@ -1,4 +1,4 @@
-"""Rollout with vLLM (GPU): the same ActorRequest → ActorResponse contract as TransformersEngine.
+"""Rollout with vLLM (GPU): the same streamed actor contract as TransformersEngine.
 
 How the contract maps onto vLLM's offline engine (`LLM`, driven step by step):
 - Weights: the requested store version is exported as a plain HF directory (the weights file
@@ -13,9 +13,12 @@ How the contract maps onto vLLM's offline engine (`LLM`, driven step by step):
   "raw_logprobs"` makes it the log-softmax of the raw logits (temperature 1, no top-p), i.e.
   the policy log-prob the contract asks for. A continued sample's prefix is scored through
   `prompt_logprobs=0` (also raw).
-- Cut rule: requests are added with `LLMEngine.add_request` and the loop calls `step()`; once
-  `ceil(cut_fraction * samples)` samples have finished the rest are aborted and returned with
-  their partial responses (`finished=False`).
+- Streaming, cut and merge: requests are added with `LLMEngine.add_request` and the loop
+  calls `step()`; finished samples go to the ledger as they finish (it reports a prompt's
+  samples once all this actor holds are done, and τ once). Between steps the loop takes the
+  control inbox: merged samples (a hand-off's continuations) become new requests in the
+  running engine; a cut aborts every open request and hands the partial responses back
+  (`finished=False`), once every continuation's prefix has been scored.
 - Randomness. Sample i of prompt `key` gets vLLM seed `seed_base(seed, key) + i` (vLLM gives
   the j-th child of an `n`-request `seed + j`, so both request shapes agree). With
   `exact_sampling` (default) a logits processor (`CounterSampler`) picks every token with the
@@ -60,7 +63,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -72,7 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfless.api.wire import GPU_SHARE_ENV, ActorRequest, ActorResponse, RolloutSample
+from rlhfless.api.wire import GPU_SHARE_ENV, ActorRequest, RolloutPrompt, RolloutSample
+from rlhfless.functions.engines.base import RolloutControl, RolloutLedger, sample
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.export import export_version
 from rlhfless.model.memory import VLLM_MEMORY_UTILIZATION
@@ -116,13 +119,17 @@ def _consecutive(indices: Sequence[int]) -> bool:
     return all(b == a + 1 for a, b in zip(indices, indices[1:], strict=False))
 
 
-def plan_requests(request: ActorRequest, eos: int, tag: str) -> list[PlannedRequest]:
-    """Map an ActorRequest onto vLLM requests (ids `{tag}/{k}`, unique per call)."""
+def plan_requests(request: ActorRequest, eos: int, tag: str,
+                  prompts: list[RolloutPrompt] | None = None) -> list[PlannedRequest]:
+    """Map an ActorRequest's prompts (or `prompts` merged into it, with its settings) onto
+    vLLM requests (ids `{tag}/{k}`, unique per call)."""
     plans: list[PlannedRequest] = []
-    limit = request.max_new_tokens
-    for prompt in request.prompts:
+    for prompt in request.prompts if prompts is None else prompts:
+        limit = min(request.max_new_tokens, prompt.max_new_tokens or request.max_new_tokens)
         base = seed_base(request.seed, prompt.key)
-        prefixes = prompt.prefixes or [[] for _ in prompt.sample_indices]
+        prompt_ids = [int(t) for t in prompt.prompt_ids]
+        prefixes = ([[int(t) for t in p] for p in prompt.prefixes] if prompt.prefixes
+                    is not None else [[] for _ in prompt.sample_indices])
         # vLLM allows n > 1 only when sampling (greedy samples are one request each; the
         # prefix cache still shares their prompt).
         grouped = request.temperature > 0 and len(prompt.sample_indices) > 1
@@ -130,7 +137,7 @@ def plan_requests(request: ActorRequest, eos: int, tag: str) -> list[PlannedRequ
             first = prompt.sample_indices[0]
             plans.append(PlannedRequest(
                 request_id=f"{tag}/{len(plans)}", key=prompt.key,
-                prompt_ids=list(prompt.prompt_ids), prompt_len=len(prompt.prompt_ids),
+                prompt_ids=prompt_ids, prompt_len=len(prompt_ids),
                 sample_indices=list(prompt.sample_indices), prefix=[], seed=base + first,
                 max_tokens=limit,
             ))
@@ -139,8 +146,8 @@ def plan_requests(request: ActorRequest, eos: int, tag: str) -> list[PlannedRequ
             done = bool(prefix) and (prefix[-1] == eos or len(prefix) >= limit)
             plans.append(PlannedRequest(
                 request_id=f"{tag}/{len(plans)}", key=prompt.key,
-                prompt_ids=list(prompt.prompt_ids) + list(prefix),
-                prompt_len=len(prompt.prompt_ids), sample_indices=[index], prefix=list(prefix),
+                prompt_ids=prompt_ids + prefix,
+                prompt_len=len(prompt_ids), sample_indices=[index], prefix=list(prefix),
                 seed=base + index, max_tokens=1 if done else limit - len(prefix),
                 score_only=done,
             ))
@@ -211,9 +218,16 @@ class RolloutBook:
     samples: dict[tuple[str, int], _SampleState] = field(default_factory=dict)
     _by_id: dict[str, PlannedRequest] = field(default_factory=dict)
     _unscored: set[str] = field(default_factory=set)  # continuations awaiting prefix logprobs
+    _reported: set[tuple[str, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        for plan in self.plans:
+        plans, self.plans = self.plans, []
+        self.add(plans)
+
+    def add(self, plans: list[PlannedRequest]) -> None:
+        """Track more requests (samples merged into the running rollout)."""
+        for plan in plans:
+            self.plans.append(plan)
             self._by_id[plan.request_id] = plan
             for index in plan.sample_indices:
                 self.samples[(plan.key, index)] = _SampleState(
@@ -266,6 +280,28 @@ class RolloutBook:
         returned sample must carry a log-prob for each of its tokens)."""
         return stop_after is not None and self.done >= stop_after and not self._unscored
 
+    @property
+    def scored(self) -> bool:
+        """Every continuation's prefix has its log-probs (a cut may hand samples back)."""
+        return not self._unscored
+
+    def _scored(self, key: str, index: int) -> bool:
+        return not any(key == p.key and index in p.sample_indices
+                       for p in (self._by_id[rid] for rid in self._unscored))
+
+    def newly_finished(self) -> list[_SampleState]:
+        """Samples finished (and fully scored) since the last call."""
+        out = []
+        for (key, index), state in self.samples.items():
+            if state.finished and (key, index) not in self._reported and self._scored(
+                    key, index):
+                self._reported.add((key, index))
+                out.append(state)
+        return out
+
+    def unfinished(self) -> list[_SampleState]:
+        return [s for s in self.samples.values() if not s.finished]
+
     def complete(self) -> bool:
         return self.done == self.total and not self._unscored
 
@@ -278,20 +314,19 @@ class RolloutBook:
 
     def results(self, request: ActorRequest) -> list[RolloutSample]:
         """Samples in request order (prompt by prompt, in its sample_indices order)."""
-        out = []
-        for prompt in request.prompts:
-            for index in prompt.sample_indices:
-                s = self.samples[(prompt.key, index)]
-                out.append(RolloutSample(key=s.key, index=s.index, response=s.response,
-                                         logprobs=s.logprobs, finished=s.finished,
-                                         finished_at=s.finished_at))
-        return out
+        return [to_sample(self.samples[(prompt.key, index)])
+                for prompt in request.prompts for index in prompt.sample_indices]
 
     def new_tokens(self) -> int:
         return sum(len(s.response) - s.prefix_len for s in self.samples.values())
 
     def cached_tokens(self) -> int:
         return sum(s.cached_tokens for s in self.samples.values())
+
+
+def to_sample(state: _SampleState) -> RolloutSample:
+    return sample(state.key, state.index, state.response, state.logprobs, state.finished,
+                  state.finished_at)
 
 
 # ---- the logits processor behind exact sampling -------------------------------------------
@@ -633,50 +668,68 @@ class VLLMEngine:
         # DELTA: each step returns only the new tokens, so a cut can happen after any step.
         return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
 
-    def rollout(self, request: ActorRequest) -> ActorResponse:
+    def rollout(self, request: ActorRequest, ledger: RolloutLedger,
+                control: RolloutControl) -> None:
         llm = self._cache.get(request.weights_version)
         self.wake()
         assert self._eos is not None
         self._calls += 1
-        plans = plan_requests(request, self._eos, tag=f"{request.request_id}#{self._calls}"
-                              f"-{uuid.uuid4().hex[:6]}")
+        tag = f"{request.request_id}#{self._calls}-{uuid.uuid4().hex[:6]}"
+        plans = plan_requests(request, self._eos, tag=tag)
         book = RolloutBook(plans)
-        stop_after = (
-            math.ceil(request.cut_fraction * book.total) if request.cut_fraction else None
-        )
         engine = llm.llm_engine
+        ledger.accept()
         started = time.perf_counter()
-        steps = 0
-        try:
-            for plan in plans:
+        steps, merges_seen = 0, 0
+
+        def submit(new: list[PlannedRequest]) -> None:
+            for plan in new:
                 params = self._sampling_params(
-                    sampling_kwargs(plan, request, self._eos, self.exact_sampling)
-                )
+                    sampling_kwargs(plan, request, self._eos, self.exact_sampling))
                 engine.add_request(plan.request_id, {"prompt_token_ids": plan.prompt_ids},
                                    params)
-            while not book.complete() and engine.has_unfinished_requests():
+
+        try:
+            submit(plans)
+            while True:
+                merges, cut = control.take()
+                if merges:
+                    merges_seen += 1
+                    ledger.hold(merges, merged=True)
+                    new = plan_requests(request, self._eos, f"{tag}-m{merges_seen}", merges)
+                    book.add(new)
+                    submit(new)
+                if cut and book.scored:
+                    unfinished = [to_sample(s) for s in book.unfinished()]
+                    ledger.cut(unfinished, self._stats(book, started, steps))
+                    return
+                if book.complete() or not engine.has_unfinished_requests():
+                    if control.close_if_idle():
+                        break
+                    continue
                 for output in engine.step():
                     book.record(output)
                 steps += 1
-                if book.should_cut(stop_after):
-                    break
+                for state in book.newly_finished():
+                    ledger.finish(to_sample(state))
         finally:
             left = book.open_request_ids()
             if left:
                 engine.abort_request(left)
-        elapsed = time.perf_counter() - started
-        samples = book.results(request)
-        return ActorResponse(samples=samples, stats={
-            "generate_s": elapsed,
+        ledger.end(self._stats(book, started, steps))
+
+    def _stats(self, book: RolloutBook, started: float, steps: int) -> dict[str, float]:
+        return {
+            "generate_s": time.perf_counter() - started,
             "decode_steps": float(steps),
-            "batch_size": float(len(samples)),
+            "batch_size": float(book.total),
             "tokens": float(book.new_tokens()),
-            "prompt_tokens": float(sum(len(p.prompt_ids) * p.n for p in plans)),
+            "prompt_tokens": float(sum(len(p.prompt_ids) * p.n for p in book.plans)),
             "prefill_tokens_saved": float(book.cached_tokens()),
-            "finished": float(sum(s.finished for s in samples)),
-            "requests": float(len(plans)),
+            "finished": float(book.done),
+            "requests": float(len(book.plans)),
             "reload_s": self.reload_s,
-        })
+        }
 
     # -- scale-down ----------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> bool:

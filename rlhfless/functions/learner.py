@@ -1,0 +1,153 @@
+"""The learner function: the fused reference + critic + policy update, fed group by group.
+
+One instance holds the policy being trained, the frozen reference (version 0, only when
+klBeta > 0) and, for PPO, the critic: one cold start and one model load per job instead of
+three. A step is three kinds of request:
+
+    LearnerBegin(step, weights_version v, group_ids)   open the step on weights v
+    LearnerAdd(step, group | shard)  × groups           ref log-probs, values, advantages and
+                                                        the gradient, at once; a group id
+                                                        already in counts once
+    LearnerFinish(step)                                 one optimizer step; writes v+1
+
+An add or finish for a step this instance has not begun (it restarted, or the step was
+never opened) is refused with 409 `step_not_open`: the driver begins the step again and
+re-sends its groups from the store's shards. `finish` before every group is in is refused
+with 409 `groups_missing`, naming them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel
+
+from rlhfless.api.spec import JobSpec
+from rlhfless.api.wire import (
+    STEP_NOT_OPEN,
+    AddReply,
+    BeginReply,
+    GroupData,
+    LearnerAdd,
+    LearnerBegin,
+    LearnerFinish,
+    TrainResponse,
+)
+from rlhfless.functions.app import FunctionError
+from rlhfless.functions.device import on_device
+from rlhfless.functions.versions import VersionedCache
+from rlhfless.model.materialize import CRITIC_PART, load_critic_from_store, load_from_store
+from rlhfless.store import (
+    DEFAULT_PART,
+    ShardError,
+    ShardStore,
+    WeightStore,
+    load_optimizer_state,
+    save_optimizer_state,
+)
+from rlhfless.train.deepspeed_config import full_fp32_state_dict
+from rlhfless.train.streaming import GroupInput, LearnerStateError, StreamingLearner
+from rlhfless.train.update import PolicyTrainer, step_seed
+
+
+class LearnerHandler:
+    stage = "learner"
+
+    def __init__(self, store: WeightStore, spec: JobSpec):
+        self.store = store
+        self.spec = spec
+        self.shards = ShardStore(store.root)
+        self.cache: VersionedCache[StreamingLearner] = VersionedCache(store, self._load)
+        self._reference = None
+
+    def _reference_model(self):
+        if self.spec.algorithm.kl_beta <= 0:
+            return None
+        if self._reference is None:
+            # The reference policy is the initial weights, version 0, for the whole job.
+            self._reference = on_device(load_from_store(self.store, 0)[0]).eval()
+            for p in self._reference.parameters():
+                p.requires_grad_(False)
+        return self._reference
+
+    def _load(self, version: int) -> StreamingLearner:
+        algo = self.spec.algorithm
+        model = on_device(load_from_store(self.store, version)[0])
+        critic = (on_device(load_critic_from_store(self.store, version))
+                  if algo.name == "ppo" else None)
+        trainer = PolicyTrainer(model, algo, self.spec.trainer, critic, seed=self.spec.seed)
+        state = load_optimizer_state(self.store, version)
+        if state is not None:
+            trainer.load_state_dict(state)
+        return StreamingLearner(trainer, algo, algo.group_size, self._reference_model())
+
+    def loaded_version(self) -> int | None:
+        return self.cache.version
+
+    def warm(self, latest: int) -> None:
+        self.cache.get(latest)
+
+    def handle(self, request: LearnerBegin | LearnerAdd | LearnerFinish) -> BaseModel:
+        try:
+            if isinstance(request, LearnerBegin):
+                return self._begin(request)
+            if isinstance(request, LearnerAdd):
+                return self._add(request)
+            return self._finish(request)
+        except LearnerStateError as exc:
+            raise FunctionError(409, str(exc), exc.code) from None
+
+    def _begin(self, request: LearnerBegin) -> BeginReply:
+        started = time.perf_counter()
+        learner = self.cache.get(request.weights_version)
+        learner.begin(request.step, request.group_ids, step_seed(self.spec.seed, request.step))
+        return BeginReply(step=request.step, groups_expected=len(request.group_ids),
+                          stats={"begin_s": time.perf_counter() - started,
+                                 "streams_gradients": float(learner.streams_gradients)})
+
+    def _open(self, request: LearnerAdd | LearnerFinish) -> StreamingLearner:
+        learner = self.cache.value
+        if (learner is None or self.cache.version != request.weights_version
+                or learner.step != request.step):
+            raise FunctionError(409, f"step {request.step} on weights v{request.weights_version}"
+                                " is not open on this learner (it restarted, or the step was "
+                                "not begun): begin it and send its groups again", STEP_NOT_OPEN)
+        return learner
+
+    def _add(self, request: LearnerAdd) -> AddReply:
+        learner = self._open(request)
+        group = request.group
+        if group is None:
+            assert request.shard is not None
+            try:
+                group = GroupData.model_validate(self.shards.get(request.shard))
+            except ShardError as exc:
+                raise FunctionError(404, str(exc)) from None
+        added = learner.add_group(GroupInput(
+            group_id=group.group_id, prompt=group.prompt_ids.tolist(),
+            responses=[r.tolist() for r in group.responses], rewards=list(group.rewards)))
+        return AddReply(group_id=group.group_id, added=added, groups_in=len(learner.groups),
+                        stats={"tokens": float(sum(r.size for r in group.responses))})
+
+    def _finish(self, request: LearnerFinish) -> TrainResponse:
+        done = self.cache.value
+        if (done is not None and self.cache.version == request.weights_version + 1
+                and request.step in done.finished):
+            # A repeated finish (its reply was lost): the step is already applied.
+            return TrainResponse(weights_version=self.cache.version,
+                                 stats=done.finished[request.step])
+        learner = self._open(request)
+        stats = learner.finish()
+        new_version = request.weights_version + 1
+        trainer = learner.trainer
+        # fp32 master weights (DeepSpeed bf16 / ZeRO shards gathered), on the CPU.
+        parts = {DEFAULT_PART: full_fp32_state_dict(trainer.model)}
+        if trainer.critic is not None:
+            parts[CRITIC_PART] = full_fp32_state_dict(trainer.critic)
+        save_optimizer_state(self.store, new_version, trainer.state_dict())
+        # A version left by a step that was never checkpointed is replaced, not reused.
+        self.store.save_parts(new_version, parts, {"trained_from": request.weights_version,
+                                                   "step": request.step}, overwrite=True)
+        # The weights in memory are now exactly the new version: no reload on the next step.
+        self.cache.version, self.cache.value = new_version, learner
+        return TrainResponse(weights_version=new_version, stats=stats)

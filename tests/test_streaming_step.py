@@ -1,0 +1,89 @@
+"""The driver's streaming step against in-process functions: the same update as the barrier
+step, groups going to the learner inline or as store shards, the overlap measured."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from inprocess_runtime import InProcessRuntime
+
+from rlhfless.driver import Driver
+from rlhfless.driver.records import MetricsLog, overlap_seconds, union_spans
+from rlhfless.store import ShardStore, WeightStore
+from tests.conftest import tiny_job
+
+
+def _one_step(tmp_path, name, inline_limit=1 << 20, dataset=None, **scheduling):
+    job = tiny_job(name, steps=1, algorithm={"lr": 1e-4, "entropyCoef": 0.01},
+                   scheduling={"prewarm": False, "actors": 2, "costAware": False,
+                               "tau": 0.5, **scheduling}, **({"dataset": dataset} if dataset
+                                                             else {}))
+    run_dir = tmp_path / name
+    runtime = InProcessRuntime(job, WeightStore(run_dir / "store"))
+
+    async def go():
+        return await Driver(job, runtime, run_dir, inline_limit=inline_limit).run()
+
+    assert asyncio.run(go()) == 1
+    weights, _ = WeightStore(run_dir / "store").load(1)
+    return weights, MetricsLog(run_dir / "metrics.jsonl").read()[0], runtime
+
+
+def test_streaming_and_barrier_steps_train_the_same_weights(tmp_path):
+    streamed, row_s, rt_s = _one_step(tmp_path, "stream", inline_limit=0)
+    barrier, row_b, _ = _one_step(tmp_path, "barrier", streaming=False)
+    dw = max(float((streamed[k] - barrier[k]).abs().max()) for k in streamed)
+    assert dw <= 1e-5
+    start, _ = WeightStore(tmp_path / "stream" / "store").load(0)
+    assert max(float((streamed[k] - start[k]).abs().max()) for k in streamed) > 1e-5
+    assert row_s["reward/mean"] == row_b["reward/mean"]
+    assert row_s["train/num_tokens"] == row_b["train/num_tokens"]
+    # inline_limit 0: every group reached the learner as a shard of the store, by id
+    adds = [p for stage, p in rt_s.calls if stage == "learner" and p["op"] == "add"]
+    assert len(adds) == 4 and all(p["shard"] and p["group"] is None for p in adds)
+    for key in ("timing_s/overlap", "timing_s/after_rollout", "timing_share/after_rollout",
+                "timing_s/first_group", "timing_s/update_actor", "timing_s/reward"):
+        assert key in row_s, key
+    assert row_b["timing_s/overlap"] == 0.0  # barrier: the learner waits for every actor
+    assert row_b["timing_s/first_group"] <= row_b["timing_s/gen"] + 1e-6
+
+
+def test_each_prompt_keeps_its_own_response_budget(tmp_path):
+    budgets = {"a": 2, "b": 5, "c": 8, "d": 30}
+    path = tmp_path / "budgets.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "prompt": f"{k}:", "max_new_tokens": n}) + "\n"
+                            for k, n in budgets.items()))
+    _, row, runtime = _one_step(tmp_path, "budget", dataset={
+        "kind": "jsonl", "path": str(path), "promptsPerStep": 4})
+    adds = [p["group"] for stage, p in runtime.calls if stage == "learner" and p["op"] == "add"]
+    assert len(adds) == 4 and row["response_length/max"] <= 8  # maxNewTokens caps "d"
+    for group in adds:
+        cap = min(budgets[group["group_id"]], 8)
+        assert all(r.size <= cap for r in group["responses"])
+    assert max(r.size for g in adds if g["group_id"] == "a" for r in g["responses"]) <= 2
+
+
+def test_shards_of_a_checkpointed_step_are_pruned(tmp_path):
+    _one_step(tmp_path, "prune", inline_limit=0)
+    assert ShardStore(tmp_path / "prune" / "store").steps() == []
+
+
+def test_span_arithmetic():
+    assert union_spans([(3, 4), (0, 1), (0.5, 2), (5, 5)]) == [(0, 2), (3, 4)]
+    assert overlap_seconds([(0, 2), (3, 4)], [(1, 3.5), (10, 11)]) == pytest.approx(1.5)
+    assert overlap_seconds([], [(0, 1)]) == 0.0
+
+
+def test_timeline_plot_draws_alive_and_busy_spans(tmp_path):
+    from rlhfless.driver.plots import plot_timeline
+
+    row = {"step": 1, "timing_s/step": 2.0, "timing_s/gen": 1.5, "timing_s/overlap": 0.7,
+           "timeline": [
+               {"stage": "actor", "instance": "actor-0", "start": 0.0, "end": 2.0,
+                "cold_start": 0.2, "busy": [[0.1, 1.5]]},
+               {"stage": "learner", "instance": "learner-1", "start": -5.0, "end": 2.0,
+                "cold_start": 3.0, "busy": [[0.3, 0.4], [0.8, 1.9]]}]}
+    path = plot_timeline([row], tmp_path / "timeline.png")
+    assert path.stat().st_size > 1000
