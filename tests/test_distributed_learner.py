@@ -110,3 +110,96 @@ def test_a_rank_that_dies_breaks_the_group_and_reports_it():
             group.call("add", 1.0)  # refused at once, no collective with a dead rank
     finally:
         group.close()
+
+
+def _materialized(tmp_path: Path, name: str, gpus: int, algo: str):
+    from rlhfless.model.materialize import materialize_base
+    from rlhfless.store import WeightStore
+    from tests.conftest import tiny_job
+
+    algorithm = {"name": algo, "advantage": "gae"} if algo == "ppo" else {}
+    job = tiny_job(resources={"learner": {"gpus": gpus}}, algorithm=algorithm)
+    store = WeightStore(tmp_path / name)
+    materialize_base(job.spec.model, store)
+    return job, store
+
+
+def _version_files(store, version: int) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    folder = store.path(version)
+    return {file.name: load_file(file) for file in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_learner_instance_with_two_ranks_serves_and_publishes_what_one_rank_does(
+        tmp_path, algo):
+    """`resources.learner.gpus: 2` on the CPU: rank 0 serves HTTP and one gloo follower runs
+    the same requests. Refusals keep the ranks in step; the version it writes has the same
+    files, tensors and aliases as a one-rank learner's, the same weights within 1e-5; and
+    its optimizer state resumes on one rank."""
+    from starlette.testclient import TestClient
+
+    from rlhfless.api.wire import GROUPS_MISSING, STEP_NOT_OPEN
+    from rlhfless.functions.app import create_app
+    from rlhfless.functions.learner_ranks import RankedLearnerHandler
+    from rlhfless.functions.serve import build_handler
+
+    one_job, one_store = _materialized(tmp_path, "one", 1, algo)
+    two_job, two_store = _materialized(tmp_path, "two", 2, algo)
+    one = TestClient(create_app(build_handler("learner", one_job, one_store)))
+    ranked = build_handler("learner", two_job, two_store)
+    assert isinstance(ranked, RankedLearnerHandler) and ranked.group.world == 2
+    two = TestClient(create_app(ranked))
+
+    def call(client, body):
+        reply = client.post("/invoke", json=body)
+        return reply.status_code, reply.json()
+
+    def group(gid, rewards):
+        return {"group_id": gid, "prompt_ids": [80, 81],
+                "responses": [[65, 66], [67], [68, 69, 70], [71]], "rewards": rewards}
+
+    try:
+        replies = []
+        for client in (one, two):
+            head = {"weights_version": 0, "step": 1}
+            status, body = call(client, {"op": "add", "request_id": "a", **head,
+                                         "group": group("p0", [1.0, 0, 0, 1.0])})
+            assert status == 409 and body["code"] == STEP_NOT_OPEN
+            call(client, {"op": "begin", "request_id": "b", **head, "group_ids": ["p0", "p1"]})
+            call(client, {"op": "add", "request_id": "a0", **head,
+                          "group": group("p0", [1.0, 0, 0, 1.0])})
+            status, body = call(client, {"op": "finish", "request_id": "f0", **head})
+            assert status == 409 and body["code"] == GROUPS_MISSING
+            call(client, {"op": "add", "request_id": "a1", **head,
+                          "group": group("p1", [0, 1.0, 0.5, 0])})
+            status, body = call(client, {"op": "finish", "request_id": "f1", **head})
+            assert status == 200 and body["weights_version"] == 1, body
+            replies.append(body["stats"])
+        assert set(replies[0]) == set(replies[1])
+        assert replies[1]["loss"] == pytest.approx(replies[0]["loss"], rel=1e-4, abs=1e-6)
+        assert two_store.versions() == [0, 1] and ranked.loaded_version() == 1
+        assert two_store.meta(1) == one_store.meta(1)
+        assert {f: m.get("aliases") for f, m in two_store.manifest(1)["files"].items()} == \
+            {f: m.get("aliases") for f, m in one_store.manifest(1)["files"].items()}
+        w1, w2 = _version_files(one_store, 1), _version_files(two_store, 1)
+        assert list(w1) == list(w2) and {f: sorted(t) for f, t in w1.items()} == \
+            {f: sorted(t) for f, t in w2.items()}
+        dw = max(float((w1[f][k] - w2[f][k]).abs().max()) for f in w1 for k in w1[f])
+        moved = max(float((w1[f][k] - w0).abs().max()) for f in w1 for k in w1[f]
+                    for w0 in [_version_files(one_store, 0).get(f, {}).get(k, w1[f][k])])
+        assert dw <= 1e-5 and moved > 1e-3, (dw, moved)
+    finally:
+        ranked.close()
+    # The two ranks' optimizer state, stored whole, resumes a one-rank learner.
+    resumed = TestClient(create_app(build_handler("learner", one_job, two_store)))
+    for client in (one, resumed):
+        head = {"weights_version": 1, "step": 2}
+        call(client, {"op": "begin", "request_id": "b2", **head, "group_ids": ["p0"]})
+        call(client, {"op": "add", "request_id": "a2", **head,
+                      "group": group("p0", [0, 0, 1.0, 1.0])})
+        status, body = call(client, {"op": "finish", "request_id": "f2", **head})
+        assert status == 200 and body["weights_version"] == 2, body
+    w1, w2 = _version_files(one_store, 2), _version_files(two_store, 2)
+    assert max(float((w1[f][k] - w2[f][k]).abs().max()) for f in w1 for k in w1[f]) <= 1e-5

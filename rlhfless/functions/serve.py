@@ -47,6 +47,11 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
 
         return RewardHandler(spec.reward)
     if stage == "learner":
+        ranks = spec.stages[stage].ranks
+        if ranks > 1:  # this process is rank 0 of `ranks`
+            from rlhfless.functions.learner_ranks import RankedLearnerHandler
+
+            return RankedLearnerHandler(store, job, ranks)
         from rlhfless.functions.learner import LearnerHandler
 
         return LearnerHandler(store, spec)

@@ -254,7 +254,7 @@ def workloads(spec: Any) -> dict[str, Workload]:
             frozen = tuple(m for m in stage.holds if m == "reference")
             # `gpus: N > 1`: N FSDP2 ranks (rlhfless.train.ranks); else one rank, whose
             # DeepSpeed ZeRO shards nothing.
-            ranks = learner_ranks(stage.gpus)
+            ranks = stage.ranks
             out[stage.name] = Workload(
                 "train", trained=trained, frozen=frozen,
                 sequences=min(algo.mini_batch_size, batch),
@@ -263,11 +263,6 @@ def workloads(spec: Any) -> dict[str, Workload]:
                 checkpointing=trainer.grad_checkpointing, cpu_offload=trainer.cpu_offload,
                 **common)
     return out
-
-
-def learner_ranks(gpus: int) -> int:
-    """Ranks of a learner instance with `gpus` GPUs: one per GPU (one on the CPU)."""
-    return max(1, gpus)
 
 
 def gpu_memory_bytes(override: str | None = None,
