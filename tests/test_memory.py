@@ -79,8 +79,16 @@ def test_a_learner_too_big_for_one_gpu_fits_on_eight_ranks():
     assert eight.parts["activations"] < one.parts["activations"] / 8
     assert eight.parts["gathered weights"] > 0 and "gathered weights" not in one.parts
     offloaded, _ = learner(8, cpuOffload=True)
-    assert not {"weights", "gradients", "optimizer"} & set(offloaded.parts)
+    assert not {"weights", "gradients", "optimizer", "frozen weights"} & set(offloaded.parts)
     assert offloaded.total < eight.total
+    # ... into the pod's host memory, which must hold every rank's shards
+    job = tiny_job(model=model, resources={"learner": {"gpus": 8, "memory": "64Gi"}},
+                   trainer={"cpuOffload": True})
+    report = check_job(job.spec, gpu_memory=gpu)
+    (host,) = [e for e in report.estimates if e.device == "host"]
+    assert host.parts["optimizer"] == pytest.approx(one.parts["optimizer"])
+    (message,) = [e for e in report.errors if e.startswith("resources.learner")]
+    assert "per host" in message and "change resources.learner.memory" in message
 
 
 def test_kv_cache_and_activations_by_hand():

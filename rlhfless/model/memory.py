@@ -201,9 +201,11 @@ def estimate(stage: str, device: str, shape: ModelShape, work: Workload, dtype_b
     elif work.role == "train":
         sharded = work.backend == "fsdp"
         ranks = max(1, work.ranks) if sharded else 1
+        # Offloaded shards (and the optimizer step) live in host memory: offload_estimate.
+        offloaded = sharded and work.cpu_offload and device == "gpu"
         for model in work.trained:
-            if sharded and work.cpu_offload and device == "gpu":
-                break  # the shards and the optimizer step live in host memory
+            if offloaded:
+                break
             state = training_state_bytes(shape.params, dtype_bytes, work.backend,
                                          work.zero_stage, work.ranks)
             for name, value in state.items():
@@ -213,7 +215,7 @@ def estimate(stage: str, device: str, shape: ModelShape, work: Workload, dtype_b
         compute = DTYPE_BYTES["bfloat16"] if sharded and device == "gpu" else dtype_bytes
         if sharded:
             parts["gathered weights"] = gathered_bytes(shape, compute)
-        if work.frozen:
+        if work.frozen and not offloaded:
             parts["frozen weights"] = weights_bytes(shape, dtype_bytes) * len(work.frozen) \
                 / ranks
         # Each rank takes its share of every mini-batch.
@@ -230,6 +232,23 @@ def estimate(stage: str, device: str, shape: ModelShape, work: Workload, dtype_b
     for key in parts:
         if key != "overhead":
             parts[key] *= MARGIN
+    return est
+
+
+def offload_estimate(stage: str, shape: ModelShape, work: Workload,
+                     dtype_bytes: int) -> Estimate:
+    """Host memory of a learner whose FSDP2 ranks offload (`trainer.cpuOffload`): every
+    rank's shards of the training state and of the frozen models, in the one pod."""
+    est = Estimate(stage=stage, device="host")
+    for model in work.trained:
+        state = training_state_bytes(shape.params, dtype_bytes, "fsdp", 0, 1)
+        for name, value in state.items():
+            key = name if len(work.trained) == 1 else f"{name} ({model})"
+            est.parts[key] = value * MARGIN
+    if work.frozen:
+        est.parts["frozen weights"] = weights_bytes(shape, dtype_bytes) * len(work.frozen) \
+            * MARGIN
+    est.parts["overhead"] = float(OVERHEAD["cpu"] * max(1, work.ranks))
     return est
 
 
@@ -279,8 +298,9 @@ def gpu_memory_bytes(override: str | None = None,
 
 
 def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Estimate]:
-    """One Estimate per deployed, model-holding stage of the job."""
-    out = []
+    """One Estimate per deployed, model-holding stage of the job (and one of the host memory
+    of a learner that offloads its shards)."""
+    out, hosts = [], []
     store_bytes = DTYPE_BYTES["float32"] if spec.model.source == "tiny" \
         else DTYPE_BYTES[spec.model.dtype]
     for name, work in workloads(spec).items():
@@ -297,19 +317,25 @@ def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Es
                 capacity *= VLLM_MEMORY_UTILIZATION
                 source = f"vLLM's gpu_memory_utilization {VLLM_MEMORY_UTILIZATION} of {source}"
             est.capacity, est.capacity_source = capacity, source
+            if work.role == "train" and work.backend == "fsdp" and work.cpu_offload:
+                host = offload_estimate(name, shape, work, dtype_bytes)
+                memory = getattr(spec.resources, name).memory
+                host.capacity = float(quantity_bytes(memory))
+                host.capacity_source = f"resources.{name}.memory {memory}"
+                hosts.append(host)
         else:
             memory = getattr(spec.resources, name).memory
             est.capacity = float(quantity_bytes(memory))
             est.capacity_source = f"resources.{name}.memory {memory}"
         out.append(est)
-    return out
+    return out + hosts
 
 
 def _advice(spec: Any, est: Estimate) -> list[str]:
     """The fields that shrink the biggest parts of an estimate."""
     name = est.stage
     role = workloads(spec)[name].role
-    fields = [f"resources.{name}.memory"] if est.device == "cpu" else []
+    fields = [f"resources.{name}.memory"] if est.device in ("cpu", "host") else []
     if role == "generate" and spec.generation.engine == "vllm":
         fields.append(f"resources.{name}.gpus (tensor parallelism)")
     big = sorted(est.parts, key=lambda k: -est.parts[k])[:2]
