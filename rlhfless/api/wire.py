@@ -13,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TokenIds = list[int]
 # How a function instance on a cluster receives its job: the custom resource as JSON.
 JOB_ENV = "RLHFJOB_SPEC"
+# The job's shared secret: every call to a stage function carries it as a bearer token.
+TOKEN_ENV = "RLHFLESS_TOKEN"
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The request header that authenticates a caller to the job's functions."""
+    return {"Authorization": f"Bearer {token}"}
+
 MAX_BATCH = 65536
 
 
@@ -107,8 +115,15 @@ class RewardResponse(BaseModel):
 
 
 class TrainRequest(VersionedRequest):
-    """One policy (and critic) update on a scored batch; produces weights_version + 1."""
+    """One policy (and critic) update on a scored batch, published as `new_version`.
 
+    The store is append-only: a `new_version` that already exists is refused (409) unless
+    it was written by this very request (then it is answered from what exists). The driver
+    picks one above every version used so far (`WeightStore.next_version`).
+    """
+
+    new_version: int | None = Field(
+        None, ge=1, description="Version to publish; default weights_version + 1.")
     prompts: list[TokenIds] = Field(..., min_length=1, max_length=MAX_BATCH)
     groups: list[list[TokenIds]]
     advantages: list[list[list[float]]]
@@ -130,7 +145,13 @@ class TrainRequest(VersionedRequest):
                     raise ValueError(f"{name}[{g}] must match the response lengths")
         if len(self.groups) != len(self.prompts):
             raise ValueError("groups must have one entry per prompt")
+        if self.new_version is not None and self.new_version <= self.weights_version:
+            raise ValueError("new_version must be above weights_version")
         return self
+
+    @property
+    def target_version(self) -> int:
+        return self.new_version if self.new_version is not None else self.weights_version + 1
 
 
 class TrainResponse(BaseModel):

@@ -75,8 +75,10 @@ def build_train_request(
     scores: dict[str, dict[str, Any]],
     version: int,
     request_id: str,
+    new_version: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """The trainer's request (advantages computed here) and reward/length statistics."""
+    """The trainer's request (advantages computed here) and reward/length statistics;
+    `new_version` is the version the trainer publishes (default version + 1)."""
     groups = _groups(items, samples)
     flat = scores["reward"]["rewards"]
     rewards, k = [], 0
@@ -99,5 +101,6 @@ def build_train_request(
         "response_length/mean": lengths.mean().item(),
         "response_length/max": lengths.max().item(),
     }
-    request = TrainRequest(request_id=request_id, weights_version=version, **batch.to_lists())
+    request = TrainRequest(request_id=request_id, weights_version=version,
+                           new_version=new_version, **batch.to_lists())
     return request.model_dump(mode="json"), stats

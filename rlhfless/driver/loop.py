@@ -32,6 +32,8 @@ from rlhfless.store import (
     Checkpoint,
     WeightStore,
     load_checkpoint,
+    prune_history,
+    recover,
     save_checkpoint,
 )
 
@@ -51,6 +53,7 @@ class Driver:
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
         self._tokenizer = None
         self._dataset: list[dict] | None = None
+        self._prepared = False
 
     @property
     def completed_steps(self) -> int:
@@ -60,9 +63,8 @@ class Driver:
     async def run(self, stop: asyncio.Event | None = None,
                   on_step: StepCallback | None = None) -> int:
         """Run until spec.steps are done or `stop` is set (checked between steps)."""
-        # Loading a model (materialising v0) is blocking work: keep the event loop free
-        # (the operator runs this driver inside kopf's loop).
-        await asyncio.to_thread(self._prepare)
+        # Loading a model (materialising v0) is blocking work: keep the event loop free.
+        await asyncio.to_thread(self.prepare)
         while self.checkpoint.step < self.spec.steps:
             if stop is not None and stop.is_set():
                 break
@@ -74,14 +76,26 @@ class Driver:
         await self._scale_all(0)
         return self.checkpoint.step
 
-    def _prepare(self) -> None:
+    def prepare(self, command: str = "") -> str | None:
+        """Check the checkpoint's weights, materialise the base model, load the data (once).
+
+        Returns a notice when the current weights version was corrupt and the run fell back
+        to an older checkpoint (`store.recover`; `command` names the job for the message).
+        """
+        if self._prepared:
+            return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.store.versions():
-            materialize_base(self.spec.model, self.store)
+        recovery = recover(self.run_dir, self.store, command)
+        if recovery.notice is not None and recovery.checkpoint is not None:
+            self.checkpoint = recovery.checkpoint
+            self.planner = Planner(self.spec, self.checkpoint.scheduler)
+        materialize_base(self.spec.model, self.store)  # once; later a check that it matches
         # A step that ran but was never checkpointed is redone: forget its traces.
         self.metrics_log.truncate_after(self.checkpoint.step)
         self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
         self._dataset = load_dataset(self.spec.dataset)
+        self._prepared = True
+        return recovery.notice
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
@@ -112,9 +126,12 @@ class Driver:
             scores = dict(zip(payloads, replies, strict=True))
 
         async with phases.phase("train"):  # advantages here, the update in the trainer
+            # Append-only store: a version left by a step that never reached its checkpoint
+            # keeps its number; this step publishes the next free one.
+            new_version = max(self.store.next_version(), version + 1)
             request, learn_stats = await asyncio.to_thread(
                 build_train_request, self.spec, items, rollout.samples, scores, version,
-                f"{prefix}-train")
+                f"{prefix}-train", new_version)
             reply = await invoke_timed(self.runtime, "trainer", request, busy)
 
         trace = StepTrace(t0, time.time(), gen_s, busy, self.runtime.meter(), rollout, scores,
@@ -142,6 +159,7 @@ class Driver:
         if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
             save_checkpoint(self.run_dir, self.checkpoint)
             self.store.prune(new_version, self.spec.checkpoint.keep)
+            prune_history(self.run_dir, set(self.store.versions()))
         return record
 
     def _instances_wanted(self, stage: str) -> int:

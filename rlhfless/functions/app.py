@@ -4,14 +4,23 @@
 revision with containerConcurrency=1), `GET /healthz` reports readiness, `GET /metrics` is
 Prometheus. Repeated request ids are answered from a small cache, so a retry after a lost
 response never redoes (or double-applies) work.
+
+What callers can rely on: every endpoint but the probes needs the job's bearer token
+(`functions.auth`, 401 otherwise); a body over the limit is refused (413) as soon as it
+passes it, chunked or not; a caller that disconnects abandons its request
+(`functions.cancel`); every reply is JSON (NaN/Inf are refused on the way in and never
+sent out) and names no filesystem path (the full error goes to the function's log).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +38,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rlhfless.api.wire import REQUESTS
+from rlhfless.functions.auth import BearerAuth
+from rlhfless.functions.cancel import RequestCancelled, cancellable
 from rlhfless.functions.metrics import FunctionMetrics
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -70,13 +81,13 @@ class StageHandler(Protocol):
 
 
 class _ResponseCache:
-    """Bounded request-id → (body digest, response) map."""
+    """Bounded request-id → (body digest, encoded response) map."""
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
 
-    def get(self, request_id: str, digest: str) -> dict[str, Any] | None:
+    def get(self, request_id: str, digest: str) -> bytes | None:
         hit = self._items.get(request_id)
         if hit is None:
             return None
@@ -85,14 +96,63 @@ class _ResponseCache:
         self._items.move_to_end(request_id)
         return hit[1]
 
-    def put(self, request_id: str, digest: str, response: dict[str, Any]) -> None:
+    def put(self, request_id: str, digest: str, response: bytes) -> None:
         self._items[request_id] = (digest, response)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+# An absolute path of two or more components ("/data/jobs/x/store/v3/model.safetensors").
+_PATH = re.compile(r"(?<![\w.~])(?:/[^\s/'\"`,;:()\[\]{}<>]+){2,}/?")
+
+
+def redact_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last component."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error for the caller; paths stay in the function's log only."""
+    redacted = redact_paths(message)
+    if redacted != message:
+        log.warning("HTTP %d: %s", status, message)
+    return JSONResponse({"error": redacted}, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit` (a chunked body has no length to
+    check up front: count while reading, never buffer past the limit)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read: the next message is the
+    disconnect; servers send it once the connection drops)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -106,10 +166,12 @@ def _validation_message(exc: ValidationError) -> str:
 def create_app(
     handler: StageHandler,
     *,
+    token: str,
     cold_start_s: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_shutdown: Callable[[], None] | None = None,
-) -> Starlette:
+) -> BearerAuth:
+    """The stage's ASGI app; `token` is the job's bearer token (required, never empty)."""
     stage = handler.stage
     request_model = REQUESTS[stage]
     metrics = FunctionMetrics(stage)
@@ -118,10 +180,10 @@ def create_app(
     cache = _ResponseCache()
     one_at_a_time = threading.Lock()
 
-    def serve(body: bytes) -> dict[str, Any]:
+    def serve(body: bytes, cancel: threading.Event) -> bytes:
         digest = hashlib.sha256(body).hexdigest()
         with one_at_a_time:
-            raw = json.loads(body)
+            raw = json.loads(body, parse_constant=_no_constants)
             request = request_model.model_validate(raw)
             cached = cache.get(request.request_id, digest)
             if cached is not None:
@@ -130,7 +192,8 @@ def create_app(
             metrics.busy.labels(stage).set(1)
             started = time.perf_counter()
             try:
-                response = handler.handle(request).model_dump(mode="json")
+                with cancellable(cancel):
+                    response = handler.handle(request).model_dump(mode="json")
             finally:
                 metrics.busy.labels(stage).set(0)
             elapsed = time.perf_counter() - started
@@ -142,24 +205,51 @@ def create_app(
             version = handler.loaded_version()
             if version is not None:
                 metrics.version.labels(stage).set(version)
-            cache.put(request.request_id, digest, response)
-            return response
+            try:
+                encoded = json.dumps(response, allow_nan=False).encode()
+            except ValueError:
+                raise FunctionError(500, f"the {stage} produced a non-finite number "
+                                         "(NaN/Inf); nothing was returned") from None
+            cache.put(request.request_id, digest, encoded)
+            return encoded
+
+    async def run(body: bytes, request: Request) -> bytes:
+        """Serve in a worker thread; a client that disconnects cancels its request."""
+        cancel = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(serve, body, cancel))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                cancel.set()
+            return await work
+        finally:
+            if not work.done():  # this coroutine itself was cancelled (server stopping)
+                cancel.set()
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
 
     async def invoke(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
         try:
-            result = await run_in_threadpool(serve, body)
-        except json.JSONDecodeError as exc:
+            body = await _read_body(request, max_body_bytes)
+        except _BodyTooLarge:
             metrics.requests.labels(stage, "invalid").inc()
-            return _error(400, f"body is not JSON: {exc.msg}")
+            # The rest of the body is never read: close the connection after this reply.
+            return _error(413, f"request body over {max_body_bytes} bytes",
+                          headers={"Connection": "close"})
+        try:
+            result = await run(body, request)
+        except (json.JSONDecodeError, _NotJSON, UnicodeDecodeError) as exc:
+            metrics.requests.labels(stage, "invalid").inc()
+            return _error(400, f"body is not JSON: {getattr(exc, 'msg', exc)}")
         except ValidationError as exc:
             metrics.requests.labels(stage, "invalid").inc()
             return _error(422, _validation_message(exc))
+        except RequestCancelled:
+            metrics.requests.labels(stage, "cancelled").inc()
+            log.info("request abandoned: the caller disconnected")
+            return _error(499, "the caller disconnected")
         except FunctionError as exc:
             metrics.requests.labels(stage, "refused").inc()
             return _error(exc.status, exc.message)
@@ -169,9 +259,10 @@ def create_app(
         except Exception as exc:  # noqa: BLE001 - report, don't drop the connection
             metrics.requests.labels(stage, "error").inc()
             log.exception("request failed")
-            return _error(500, f"{type(exc).__name__}: {exc}")
+            return _error(500, f"{type(exc).__name__}: {str(exc)[:500]} (see the function's "
+                               "log)")
         metrics.requests.labels(stage, "ok").inc()
-        return JSONResponse(result)
+        return Response(result, media_type="application/json")
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({
@@ -190,8 +281,9 @@ def create_app(
         if on_shutdown is not None:
             on_shutdown()
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/invoke", invoke, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ])
+    return BearerAuth(app, token)

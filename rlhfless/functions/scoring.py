@@ -14,6 +14,7 @@ import torch
 from rlhfless.api.wire import ScoreRequest, ScoreResponse
 from rlhfless.functions.device import on_device
 from rlhfless.functions.versions import VersionedCache
+from rlhfless.functions.vocab import Vocabulary, grouped
 from rlhfless.model.logprobs import grouped_logprobs, sequence_logprobs
 from rlhfless.model.materialize import load_critic_from_store, load_from_store
 from rlhfless.model.value import ValueModel
@@ -27,10 +28,12 @@ def _lists(groups: list[list[torch.Tensor]]) -> list[list[list[float]]]:
 
 
 class ScoreHandler:
-    def __init__(self, stage: str, cache: VersionedCache, score: Scorer):
+    def __init__(self, stage: str, cache: VersionedCache, score: Scorer,
+                 vocabulary: Vocabulary | None = None):
         self.stage = stage
         self.cache = cache
         self._score = score
+        self.vocabulary = vocabulary
 
     def loaded_version(self) -> int | None:
         return self.cache.version
@@ -40,6 +43,8 @@ class ScoreHandler:
         self.cache.get(0 if self.stage == "reference" else latest)
 
     def handle(self, request: ScoreRequest) -> ScoreResponse:
+        if self.vocabulary is not None:
+            self.vocabulary.check(grouped(request.prompts, request.groups))
         started = time.perf_counter()
         with torch.no_grad():
             values, saved = self._score(request)
@@ -65,7 +70,7 @@ def reference_handler(store: WeightStore) -> ScoreHandler:
         it = iter(flat)
         return _lists([[next(it) for _ in g] for g in request.groups]), 0
 
-    return ScoreHandler("reference", cache, score)
+    return ScoreHandler("reference", cache, score, Vocabulary(store))
 
 
 def critic_handler(store: WeightStore) -> ScoreHandler:
@@ -80,4 +85,4 @@ def critic_handler(store: WeightStore) -> ScoreHandler:
                                                           strict=True) if g)
         return _lists(values), saved
 
-    return ScoreHandler("critic", cache, score)
+    return ScoreHandler("critic", cache, score, Vocabulary(store))

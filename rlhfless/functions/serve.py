@@ -3,7 +3,9 @@
     python -m rlhfless.functions.serve --stage actor --port 8080 --store /weights --job job.yaml
 
 The job comes from `--job` (YAML or JSON file) or the RLHFJOB_SPEC environment variable (the
-custom resource's JSON, as the operator passes it to Knative). Loading the latest weights
+custom resource's JSON, as the operator passes it to Knative); the bearer token every caller
+must present from RLHFLESS_TOKEN (the job's Secret; the local runtime sets a per-run one).
+A function without a token refuses to start. Loading the latest weights
 before reporting ready makes the measured cold start include the model load, as it would on
 a real serverless platform.
 """
@@ -26,6 +28,7 @@ from rlhfless.api.spec import RLHFJob, SpecError, parse_job
 from rlhfless.api.stages import STAGE_NAMES
 from rlhfless.api.wire import JOB_ENV
 from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
+from rlhfless.functions.auth import TokenMissing, token_from_env
 from rlhfless.store import WeightStore
 
 
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        token = token_from_env()
+    except TokenMissing as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
         job = load_job_for_function(args.job)
     except SpecError as exc:
         print(f"invalid job: {exc}", file=sys.stderr)
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             {"stage": args.stage, "started_at": PROCESS_STARTED_AT, "ended_at": time.time()}),
             flush=True)
 
-    app = create_app(handler, cold_start_s=time.time() - started, on_shutdown=report_exit)
+    app = create_app(handler, token=token, cold_start_s=time.time() - started,
+                     on_shutdown=report_exit)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -3,7 +3,8 @@
 - `scale(stage, n)` sets the revision template's min-scale to `n` (prewarm; 0 lets Knative
   scale to zero after the keep-alive). Knative reads scale bounds from the revision
   template, so each change rolls a new revision; calls that change nothing patch nothing.
-- `invoke(stage, payload)` POSTs to `<Service URL>/invoke`. With containerConcurrency 1,
+- `invoke(stage, payload)` POSTs to `<Service URL>/invoke` with the job's bearer token
+  (the job's Secret, mounted into the driver's pod). With containerConcurrency 1,
   N parallel invokes become N pods; the activator holds requests while pods cold-start.
   Connection errors and 502/503/504 (activator, overloaded queue-proxy) are retried; the
   functions answer a repeated request id from their cache, so a retry never double-applies.
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 
 from rlhfless.api.spec import RLHFJob
+from rlhfless.api.wire import bearer
 from rlhfless.knative.kube import Kube, parse_time
 from rlhfless.knative.services import (
     AUTOSCALING,
@@ -93,6 +95,7 @@ class KnativeRuntime:
         *,
         namespace: str,
         kube: Kube,
+        token: str,
         settings: FunctionSettings | None = None,
         http: httpx.AsyncClient | None = None,
         meter_interval_s: float = 5.0,
@@ -110,6 +113,7 @@ class KnativeRuntime:
         timeout = httpx.Timeout(self.settings.timeout_s + 30.0, connect=10.0)
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._own_http = http is None
+        self._auth = bearer(token)  # the job's token: functions answer 401 without it
         self._urls: dict[str, str] = {}
         self._min_scale: dict[str, int] = {}
         self._pods: dict[str, _Pod] = {}
@@ -171,7 +175,8 @@ class KnativeRuntime:
                 await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
             url = await self.url(stage, refresh=attempt > 0)
             try:
-                response = await self._http.post(f"{url}/invoke", json=payload)
+                response = await self._http.post(f"{url}/invoke", json=payload,
+                                                 headers=self._auth)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__} from {url}"
                 continue

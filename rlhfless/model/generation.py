@@ -13,7 +13,7 @@ prefill); `GenerationResult.prefill_tokens_saved` counts the prompt tokens not r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +74,7 @@ def generate(
     stop_after: int | None = None,
     keys: Sequence[int] | None = None,
     sample_indices: Sequence[int] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """Sample n responses per prompt.
 
@@ -86,6 +87,8 @@ def generate(
       samples may be continued in another call.
     sample_indices: RNG sample index per output (default j for the j-th sample of a prompt);
       a continued sample passes its original index.
+    on_step: called before every decode step; it may raise to abandon the generation (the
+      functions do when their caller disconnects).
     """
     total = len(prompts) * n
     if n < 1:
@@ -120,6 +123,8 @@ def generate(
             done = sum(reason is not None for reason in reasons)
             if not live or (stop_after is not None and done >= stop_after):
                 break
+            if on_step is not None:
+                on_step()
             if len(live) < len(rows.ids):  # drop finished rows before the next forward
                 index = rows.keep(live, cache)
                 logits = logits[index]

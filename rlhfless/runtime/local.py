@@ -3,7 +3,9 @@
 It behaves like a small serverless platform: instances cold-start on demand (the measured
 start-to-ready time is the cold start), one request at a time per instance, idle instances
 are stopped after the keep-alive (scale to zero), a request whose instance dies is retried on
-another one, and every instance's life is metered as GPUs × seconds alive.
+another one, and every instance's life is metered as GPUs × seconds alive. Instances listen
+on loopback only and require a per-run bearer token (`token`), as Knative functions require
+the job's: another local user cannot call them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from rlhfless.api.spec import RLHFJob, dump_job
+from rlhfless.api.wire import TOKEN_ENV, bearer
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
 
 READY_TIMEOUT_S = 300.0
@@ -83,8 +87,10 @@ class LocalRuntime:
         *,
         keep_alive_s: float | None = None,
         threads_per_instance: int | None = None,
+        token: str | None = None,
     ):
         self.job = job
+        self.token = token or secrets.token_urlsafe(32)
         self.store_dir = Path(store_dir)
         self.run_dir = Path(run_dir)
         self.keep_alive_s = (
@@ -94,7 +100,8 @@ class LocalRuntime:
         self._instances: list[_Instance] = []
         self._counter = itertools.count()
         self._changed = asyncio.Condition()
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                         headers=bearer(self.token))
         self._reaper: asyncio.Task[None] | None = None
         self._exits: list[asyncio.Task[None]] = []
         self._job_file = self.run_dir / "job.json"
@@ -228,7 +235,8 @@ class LocalRuntime:
             "--store", str(self.store_dir), "--job", str(self._job_file),
             "--threads", str(self._threads(stage)), "--exit-with-parent",
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               TOKEN_ENV: self.token}
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

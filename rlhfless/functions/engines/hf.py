@@ -8,6 +8,7 @@ import time
 import torch
 
 from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.functions import cancel
 from rlhfless.functions.device import on_device
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.generation import generate
@@ -67,7 +68,7 @@ class TransformersEngine:
                 model, tok, call_prompts, n=n, max_new_tokens=request.max_new_tokens,
                 temperature=request.temperature, top_p=request.top_p, seed=request.seed,
                 prefixes=prefixes, stop_after=stop_after, keys=keys,
-                sample_indices=[i for _, i in rows],
+                sample_indices=[i for _, i in rows], on_step=cancel.check,
             )
         elapsed = time.perf_counter() - started
         samples = [

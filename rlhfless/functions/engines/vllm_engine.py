@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfless.api.wire import ActorRequest, ActorResponse, RolloutSample
+from rlhfless.functions import cancel
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.export import export_version
 from rlhfless.model.sampler import MASK64, prompt_key, sample_uniforms, splitmix64
@@ -585,6 +586,7 @@ class VLLMEngine:
                 engine.add_request(plan.request_id, {"prompt_token_ids": plan.prompt_ids},
                                    params)
             while not book.complete() and engine.has_unfinished_requests():
+                cancel.check()  # the caller left: the finally below aborts what is open
                 for output in engine.step():
                     book.record(output)
                 steps += 1
