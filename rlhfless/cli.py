@@ -1,4 +1,4 @@
-"""`rlhfless` command line: run, validate, manifests, crd, operator, serve, simulate."""
+"""`rlhfless` command line: run, validate, manifests, crd, operator, driver, serve, simulate."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def run(
     elif run_dir.exists() and overwrite and not resume:
         shutil.rmtree(run_dir)
     try:
-        completed = asyncio.run(_run_local(job, run_dir))
+        completed = asyncio.run(_run_local(job, run_dir, str(job_file)))
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted; the last completed step is checkpointed. "
                           f"Resume with: rlhfless run {job_file} --resume[/]")
@@ -90,7 +90,7 @@ def run(
     _summarise(run_dir, completed, job)
 
 
-async def _run_local(job: RLHFJob, run_dir: Path) -> int:
+async def _run_local(job: RLHFJob, run_dir: Path, job_file: str) -> int:
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
 
@@ -111,6 +111,10 @@ async def _run_local(job: RLHFJob, run_dir: Path) -> int:
     )
     async with LocalRuntime(job, run_dir / "store", run_dir) as runtime:
         driver = Driver(job, runtime, run_dir)
+        # A corrupt latest version is found here, before any step: fall back, and say so.
+        notice = await asyncio.to_thread(driver.prepare, job_file)
+        if notice:
+            err_console.print(f"[yellow]{escape(notice)}[/]")
         task = progress.add_task(job.metadata.name, total=job.spec.steps,
                                  completed=driver.completed_steps, info="starting functions…")
 
@@ -171,12 +175,11 @@ def manifests(
     import yaml
 
     from rlhfless.knative.manifests import job_manifests
-    from rlhfless.operator.config import OperatorConfig
+    from rlhfless.knative.pods import FunctionSettings
 
     job = _load_or_exit(job_file)
     ns = namespace or job.metadata.namespace or "default"
-    objects = job_manifests(job, namespace=ns, uid=uid,
-                            settings=OperatorConfig.from_env().functions)
+    objects = job_manifests(job, namespace=ns, uid=uid, settings=FunctionSettings.from_env())
     typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
 
 
@@ -191,6 +194,32 @@ def operator(
     from rlhfless.operator.main import run_operator
 
     run_operator(namespace=namespace, liveness=liveness, metrics_port=metrics_port)
+
+
+@app.command()
+def driver(
+    namespace: Annotated[str, typer.Option(help="Namespace of the job and its functions.")],
+    run_dir: Annotated[Path, typer.Option(help="Checkpoint and metrics directory.")]
+    = Path("/data/run"),
+    store: Annotated[Path, typer.Option(help="Weights store directory.")] = Path("/data/store"),
+    job: Annotated[Path | None, typer.Option(
+        help="Job file (default: the RLHFJOB_SPEC env var).")] = None,
+) -> None:
+    """Run one job's driver on the Knative runtime (what the operator's driver pod runs)."""
+    import logging
+
+    from rlhfless.driver_pod import job_from, main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        loaded = job_from(job)
+    except SpecError as exc:
+        err_console.print(f"[bold red]{escape(exc.source)}: invalid job[/]")
+        for line in exc.errors:
+            err_console.print(f"  • {escape(line)}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(main(loaded, namespace=namespace, run_dir=run_dir,
+                                      store_dir=store)))
 
 
 @app.command()

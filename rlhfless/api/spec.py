@@ -155,7 +155,16 @@ class StageResources(SpecModel):
     memory: str = Field("32Gi", description="Memory request (Kubernetes quantity).")
 
 
+class DriverResources(SpecModel):
+    cpu: str = Field("2", description="CPU request of the driver pod (Kubernetes quantity).")
+    memory: str = Field(
+        "8Gi", description="Memory of the driver pod; it loads the base model once to write "
+        "version 0, so at least the model's size in float32."
+    )
+
+
 class ResourcesSpec(SpecModel):
+    driver: DriverResources = Field(default_factory=DriverResources)
     actor: StageResources = Field(default_factory=StageResources)
     reference: StageResources = Field(default_factory=StageResources)
     reward: StageResources = Field(default_factory=lambda: StageResources(gpus=0))
@@ -211,9 +220,6 @@ class JobSpec(SpecModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     steps: int = Field(10, ge=1, le=10_000_000, description="RL steps to run.")
     seed: int = Field(0, ge=0, description="Seed of sampling and shuffling.")
-    image: str = Field(
-        "ghcr.io/rlhfless/rlhfless:0.1.0", description="Container image of the functions."
-    )
     suspend: bool = Field(False, description="Stop after the current step and scale to zero.")
 
     @property

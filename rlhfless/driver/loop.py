@@ -50,6 +50,7 @@ class Driver:
         self.store = WeightStore(store_dir or self.run_dir / "store")
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
+        self.saved_step = self.checkpoint.step  # the last step on disk (where a resume starts)
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
         self._tokenizer = None
         self._dataset: list[dict] | None = None
@@ -88,6 +89,7 @@ class Driver:
         recovery = recover(self.run_dir, self.store, command)
         if recovery.notice is not None and recovery.checkpoint is not None:
             self.checkpoint = recovery.checkpoint
+            self.saved_step = self.checkpoint.step
             self.planner = Planner(self.spec, self.checkpoint.scheduler)
         materialize_base(self.spec.model, self.store)  # once; later a check that it matches
         # A step that ran but was never checkpointed is redone: forget its traces.
@@ -158,6 +160,7 @@ class Driver:
         self.metrics_log.append(record)
         if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps:
             save_checkpoint(self.run_dir, self.checkpoint)
+            self.saved_step = step
             self.store.prune(new_version, self.spec.checkpoint.keep)
             prune_history(self.run_dir, set(self.store.versions()))
         return record

@@ -32,6 +32,7 @@ from rlhfless.knative.services import (
     GPU_RESOURCE,
     LABEL_KSVC,
     FunctionSettings,
+    scale_patch,
     service_name,
 )
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload
@@ -159,13 +160,8 @@ class KnativeRuntime:
             if annotations.get(AUTOSCALING + "min-scale", "0") == str(n):
                 self._min_scale[stage] = n
                 return
-        initial = 0 if self.settings.allow_zero_initial_scale else 1
-        patch = {"spec": {"template": {"metadata": {"annotations": {
-            AUTOSCALING + "min-scale": str(n),
-            AUTOSCALING + "max-scale": str(max(n, self.job.spec.stages[stage].max_scale)),
-            AUTOSCALING + "initial-scale": str(max(n, initial)),
-        }}}}}
-        await self.kube.patch_service(self.namespace, name, patch)
+        await self.kube.patch_service(self.namespace, name,
+                                      scale_patch(self.job, stage, n, self.settings))
         self._min_scale[stage] = n
 
     async def invoke(self, stage: str, payload: Payload) -> Payload:

@@ -14,8 +14,14 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rlhfless.api.crd import PHASES
-from rlhfless.driver.records import StepRecord
-from rlhfless.runtime.base import InstanceUsage
+from rlhfless.api.progress import (
+    KEY_ACTORS_CHOSEN,
+    KEY_GPU_SECONDS_PREFIX,
+    KEY_IDLE_PREFIX,
+    KEY_LENGTH_MAE,
+    KEY_STEP_SECONDS,
+    StepSummary,
+)
 
 METRIC_NAMES: tuple[str, ...] = (
     "rlhfless_jobs",
@@ -28,13 +34,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "rlhfless_length_prediction_mae_tokens",
     "rlhfless_scheduling_actors_chosen",
 )
-
-# Driver record keys read per step (rlhfless/driver.py, rlhfless/planner.py).
-KEY_STEP_SECONDS = "timing_s/step"
-KEY_GPU_SECONDS_PREFIX = "cost/gpu_seconds/"
-KEY_IDLE_PREFIX = "idle_ratio/"
-KEY_ACTORS_CHOSEN = "sched/actors"
-KEY_LENGTH_MAE = "sched/pred_mae_tokens"
 
 _JOB = ("namespace", "job")
 # Steps last from seconds (tiny CPU models) to tens of minutes (large models on GPUs).
@@ -83,7 +82,8 @@ class OperatorMetrics:
             for value, count in counts.items():
                 self.jobs.labels(value).set(count)
 
-    def observe_step(self, namespace: str, name: str, record: StepRecord) -> None:
+    def observe_step(self, namespace: str, name: str, record: StepSummary) -> None:
+        """One step as the job's driver reported it (api.progress)."""
         m: Mapping[str, float] = record.metrics
         job = (namespace, name)
         self.steps.labels(*job).inc()
@@ -94,15 +94,12 @@ class OperatorMetrics:
                 self.gpu_seconds.labels(*job, key[len(KEY_GPU_SECONDS_PREFIX):]).inc(value)
             elif key.startswith(KEY_IDLE_PREFIX):
                 self.idle_ratio.labels(*job, key[len(KEY_IDLE_PREFIX):]).set(float(value))
-        self.reward.labels(*job).set(float(record.reward_mean))
+        self.reward.labels(*job).set(float(record.reward))
+        self.actors_alive.labels(*job).set(record.actors_alive)
         if KEY_ACTORS_CHOSEN in m:
             self.actors_chosen.labels(*job).set(float(m[KEY_ACTORS_CHOSEN]))
         if KEY_LENGTH_MAE in m:
             self.length_mae.labels(*job).set(float(m[KEY_LENGTH_MAE]))
-
-    def observe_usage(self, namespace: str, name: str, usages: Iterable[InstanceUsage]) -> None:
-        alive = sum(1 for u in usages if u.stage == "actor" and u.ended_at is None)
-        self.actors_alive.labels(namespace, name).set(alive)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a deleted job's series so dashboards do not show it forever."""
