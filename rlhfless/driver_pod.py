@@ -147,6 +147,7 @@ async def main(job: RLHFJob, *, namespace: str, run_dir: Path, store_dir: Path) 
         kube = Kube(api)
         publish = ConfigMapPublisher(kube, namespace, job.metadata.name)
         async with KnativeRuntime(job, namespace=namespace, kube=kube, token=token,
-                                  settings=settings) as runtime:
+                                  settings=settings,
+                                  meter_interval_s=settings.meter_interval_s) as runtime:
             return await drive(job, runtime, run_dir, store_dir, publish, stop,
                                float(settings.progress_deadline_s))

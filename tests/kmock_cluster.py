@@ -111,11 +111,14 @@ class Cluster:
         return Hooks(login=self.login, api_client=self.api_client, **overrides)
 
     @contextlib.asynccontextmanager
-    async def operator(self, hooks: Hooks,
-                       stop_grace_s: float = 0.5) -> AsyncIterator[asyncio.Task[None]]:
-        """Run the real kopf operator in this event loop until the block exits."""
+    async def operator(self, hooks: Hooks, stop_grace_s: float = 0.5,
+                       namespace: str | None = None) -> AsyncIterator[asyncio.Task[None]]:
+        """Run the real kopf operator in this event loop until the block exits (watching
+        one `namespace`, or the whole cluster)."""
+        before = asyncio.all_tasks()
         stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(serve(hooks, stop_flag=stop, ready_flag=ready))
+        task = asyncio.create_task(serve(hooks, namespace=namespace, stop_flag=stop,
+                                         ready_flag=ready))
         try:
             await asyncio.wait_for(ready.wait(), 30)
             yield task
@@ -127,6 +130,7 @@ class Cluster:
             if not done:
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await _reap_kopf_leftovers(before)
 
     # -- the API, as a user or a controller would use it ---------------------------------
     async def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -303,6 +307,26 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
             await asyncio.sleep(interval)
+
+
+def _is_kopf(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and "/kopf/" in code.co_filename
+
+
+async def _reap_kopf_leftovers(before: set[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel, again and again, kopf's tasks that outlived a forced stop: its per-resource
+    scheduler swallows one cancellation in its cleaner and can leave `close()` waiting on
+    it forever (then the test's event loop never closes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        left = [t for t in asyncio.all_tasks() - before if not t.done() and _is_kopf(t)]
+        if not left:
+            return
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=0.1)
 
 
 @dataclass

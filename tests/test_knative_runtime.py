@@ -23,6 +23,7 @@ from rlhfless.knative.services import (
 )
 from rlhfless.runtime.base import InvocationError, Runtime
 
+TOKEN = "job-token"
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},
                   "resources": {"actor": {"gpus": 2}}}, "kn")
 
@@ -35,6 +36,8 @@ class FunctionServer:
         self.fail_with: list[int] = []
 
     async def invoke(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
         body = await request.json()
         self.requests.append(body)
         if self.fail_with:
@@ -67,7 +70,8 @@ async def cluster() -> AsyncIterator[Cluster]:
 @contextlib.asynccontextmanager
 async def knative(cluster: Cluster, **kw: Any) -> AsyncIterator[KnativeRuntime]:
     async with await cluster.api_client() as api, KnativeRuntime(
-            JOB, namespace="default", kube=Kube(api), retry_backoff_s=0.01, **kw) as runtime:
+            JOB, namespace="default", kube=Kube(api), token=kw.pop("token", TOKEN),
+            retry_backoff_s=0.01, **kw) as runtime:
         yield runtime
 
 
@@ -108,6 +112,11 @@ async def test_invoke_posts_to_the_service_url_and_retries_transient_errors(
         fn.fail_with = [503] * 10
         with pytest.raises(InvocationError, match="gave up after 4 attempts"):
             await runtime.invoke("actor", {"request_id": "r4"})
+    # Without the job's token a function refuses the call (401), and that is not retried.
+    async with knative(cluster, token="stolen") as runtime:
+        with pytest.raises(InvocationError) as err:
+            await runtime.invoke("actor", {"request_id": "r5"})
+        assert err.value.status == 401
 
 
 async def test_url_comes_from_status_or_cluster_local_dns(cluster: Cluster) -> None:

@@ -546,24 +546,10 @@ async def test_the_driver_pod_reaches_its_functions_through_knative(tmp_path: Pa
 async def test_namespaced_operator_needs_no_cluster_scoped_rights(tmp_path: Path) -> None:
     trace = Trace()
     async with emulated_cluster() as cluster:
-        hooks = fake_hooks(cluster)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        from rlhfless.operator.main import serve
-
-        task = asyncio.create_task(serve(hooks, namespace="default", stop_flag=stop,
-                                         ready_flag=ready))
-        try:
-            async with cluster.job_controller(fake_pods(cluster, tmp_path, trace, 0.05)):
-                await asyncio.wait_for(ready.wait(), 30)
-                await cluster.create_job("ns", {**TINY, "steps": 2})
-                await cluster.wait_for(lambda: cluster.phase("ns") == "Succeeded",
-                                       what="Succeeded")
-        finally:
-            stop.set()
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done:
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        async with cluster.operator(fake_hooks(cluster), namespace="default"), \
+                cluster.job_controller(fake_pods(cluster, tmp_path, trace, 0.05)):
+            await cluster.create_job("ns", {**TINY, "steps": 2})
+            await cluster.wait_for(lambda: cluster.phase("ns") == "Succeeded", what="Succeeded")
         calls = cluster.api_calls()
     assert calls <= NAMESPACED_RULES, calls - NAMESPACED_RULES
     assert {("rlhfless.io", "rlhfjobs", "watch"), ("batch", "jobs", "create")} <= calls

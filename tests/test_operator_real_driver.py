@@ -71,6 +71,13 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     assert metrics.steps.labels("default", "real")._value.get() == 2
 
 
+def ready_reason(cluster: Any, name: str) -> str | None:
+    for cond in cluster.status(name).get("conditions") or []:
+        if cond["type"] == "Ready":
+            return cond.get("reason")
+    return None
+
+
 class _FileAccess:
     """Every path this process opens, lists or stats while armed (audit hook + os.stat)."""
 
@@ -112,9 +119,8 @@ async def test_the_operator_never_opens_a_spec_path_and_the_driver_pod_reports_i
             async with cluster.operator(hooks), cluster.job_controller(
                     subprocess_pod(cluster, tmp_path, logs)):
                 await cluster.create_job("ghost", spec)
-                await cluster.wait_for(
-                    lambda: "DriverError" == (cluster.status("ghost").get("conditions") or [
-                        {}])[0].get("reason"), timeout=180, what="the driver's report")
+                await cluster.wait_for(lambda: ready_reason(cluster, "ghost") == "DriverError",
+                                       timeout=180, what="the driver's report")
         finally:
             _FileAccess.armed = False
         status = cluster.status("ghost")

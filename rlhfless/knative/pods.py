@@ -46,6 +46,7 @@ class FunctionSettings:
     image: str = DEFAULT_IMAGE  # CPU functions and the driver
     gpu_image: str = DEFAULT_GPU_IMAGE  # functions of stages with GPUs
     driver_grace_s: int = 600  # SIGTERM → the driver finishes its step within this
+    meter_interval_s: float = 5.0  # the driver's polling of its functions' pod lifetimes
     # Namespaces whose pods may reach a job's functions: Knative's activator (always in the
     # request path: target-burst-capacity -1) and whatever scrapes /metrics.
     ingress_namespaces: tuple[str, ...] = ("knative-serving",)
@@ -68,6 +69,7 @@ class FunctionSettings:
             image=env.get("RLHFLESS_FUNCTION_IMAGE") or DEFAULT_IMAGE,
             gpu_image=env.get("RLHFLESS_FUNCTION_GPU_IMAGE") or DEFAULT_GPU_IMAGE,
             driver_grace_s=int(env.get("RLHFLESS_DRIVER_GRACE_S", "600")),
+            meter_interval_s=float(env.get("RLHFLESS_METER_INTERVAL_S", "5")),
             ingress_namespaces=tuple(n.strip() for n in ingress.split(",") if n.strip()),
             models_subpath=env.get("RLHFLESS_MODELS_SUBPATH", "models"),
         )
@@ -79,6 +81,7 @@ class FunctionSettings:
             {"name": "RLHFLESS_PROGRESS_DEADLINE_S", "value": str(self.progress_deadline_s)},
             {"name": "RLHFLESS_ALLOW_ZERO_INITIAL_SCALE",
              "value": str(self.allow_zero_initial_scale).lower()},
+            {"name": "RLHFLESS_METER_INTERVAL_S", "value": str(self.meter_interval_s)},
         ]
 
 
