@@ -83,9 +83,12 @@ def run(
                           f"Resume with: rlhfless run {job_file} --resume[/]")
         raise typer.Exit(130) from None
     except _run_errors() as exc:  # evaluated only when something went wrong
+        from rlhfless.store import CheckpointError
+
         err_console.print(f"[bold red]run failed:[/] {escape(str(exc))}")
-        err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
-                          f"checkpointed; continue with: rlhfless run {job_file} --resume")
+        if not isinstance(exc, CheckpointError):  # its message says how to go on
+            err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
+                              f"checkpointed; continue with: rlhfless run {job_file} --resume")
         raise typer.Exit(1) from None
     _summarise(run_dir, completed, job)
 

@@ -27,9 +27,9 @@ import yaml
 from rlhfless.api.spec import RLHFJob, SpecError, parse_job
 from rlhfless.api.stages import STAGE_NAMES
 from rlhfless.api.wire import JOB_ENV
-from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
+from rlhfless.functions.app import PROCESS_STARTED_AT, FunctionError, StageHandler, create_app
 from rlhfless.functions.auth import TokenMissing, token_from_env
-from rlhfless.store import WeightStore
+from rlhfless.store import WeightStore, WeightStoreError
 
 
 def load_job_for_function(job_file: str | None) -> RLHFJob:
@@ -69,11 +69,18 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
 
 
 def preload(handler: StageHandler, store: WeightStore) -> None:
-    """Warm the handler on the newest version so the first request is not a cold one."""
+    """Warm the handler on the newest version so the first request is not a cold one.
+
+    Best effort: the newest version may be one a driver will not use (left by a step that
+    never reached its checkpoint, or corrupt); the version a request names is loaded then.
+    """
     latest = store.latest()
     warm = getattr(handler, "warm", None)
     if latest is not None and warm is not None:
-        warm(latest)
+        try:
+            warm(latest)
+        except (FunctionError, WeightStoreError) as exc:
+            print(f"not preloaded: {getattr(exc, 'message', exc)}", file=sys.stderr)
 
 
 def _exit_with_parent() -> None:
