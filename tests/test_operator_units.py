@@ -219,3 +219,35 @@ def test_progress_from_a_driver_is_parsed_as_untrusted_input() -> None:
                 {PROGRESS_KEY: '{"records": [' + ",".join(['{"step": 1, "reward": 0, '
                  '"gpu_seconds_total": 0, "weights_version": 0}'] * 100) + "]}"}):
         assert parse_progress(bad) == Progress()
+
+
+def test_failures_count_runs_in_a_row_once_each() -> None:
+    from rlhfless.operator.runs import Failures
+
+    f = Failures()
+    f.on_spec(1)
+    fin = DriverState.FINISHED
+    assert not f.judge(DriverState.RUNNING, "a", False, "", 3, 1) and f.run_from == 3
+    assert f.judge(fin, "a", True, "boom", 3, 1) and (f.count, f.error) == (1, "boom")
+    assert not f.judge(fin, "a", True, "boom", 3, 1)  # the same Job is judged once
+    assert f.judge(fin, "b", True, "again", 3, 1) and f.count == 2
+    f.retry_due = True
+    assert f.pending == 0  # a retry is due: decide starts a driver
+    f.started(3)
+    assert f.judge(fin, "c", True, "later", 5, 1) and f.count == 1  # it made progress
+    assert not f.judge(fin, "d", False, "", 6, 1) and f.count == 1  # a clean exit
+    f.on_spec(2)
+    assert f.count == 0 and f.pending == 0  # a spec change starts over
+
+
+def test_reported_steps_are_news_once_and_again_after_a_fallback() -> None:
+    from rlhfless.operator.runs import Reported
+
+    r = Reported(step=2)  # an earlier operator reported up to step 2
+    progress = Progress(records=[record(1), record(2), record(3), record(4)])
+    assert [s.step for s in r.news(progress)] == [3, 4] and r.news(progress) == []
+    # A driver that fell back to step 1 (a corrupt version) runs step 2 again.
+    assert [s.step for s in r.news(Progress(records=[record(2)]))] == [2]
+    notice = Progress(notice="corrupt version 4: fell back")
+    assert r.new_notice(notice) == "corrupt version 4: fell back"
+    assert r.new_notice(notice) is None

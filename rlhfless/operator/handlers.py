@@ -43,8 +43,9 @@ from rlhfless.knative.services import name_errors
 from rlhfless.operator import driver_job
 from rlhfless.operator import status as st
 from rlhfless.operator.config import Hooks
-from rlhfless.operator.decide import Action, DriverState, JobView, decide
+from rlhfless.operator.decide import Action, JobView, decide
 from rlhfless.operator.metrics import OperatorMetrics
+from rlhfless.operator.runs import Failures, Reported
 
 PREFIX = "rlhfless.io"
 log = logging.getLogger(__name__)
@@ -267,15 +268,12 @@ async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo
                          hooks.metrics)
     checkpoint = f"{job_dir(namespace, name, uid)}/run/checkpoint.json"  # on the volume
     interval, poll = config.watch_interval_s, config.progress_interval_s
-    reported = int(status.get("step") or 0)  # steps reported before (another operator)
-    failures, failed_version, retry_due, last_error = 0, -1, False, ""
-    judged: str | None = None  # the finished driver Job already judged
-    run_from = -1  # checkpointed step when the current driver run started
+    reported = Reported(step=int(status.get("step") or 0))  # by an earlier operator too
+    failures = Failures()
     try:
         while await _wait(lambda: state.version > 0, stopped, interval):
             seen, job = state.version, state.job
-            if seen != failed_version:
-                failures, retry_due = 0, False
+            failures.on_spec(seen)
             desired = _desired_driver(job, namespace, uid, hooks)
             try:
                 obs = await driver_job.observe(kube, namespace, name, desired)
@@ -284,39 +282,35 @@ async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo
                 await _wait_change(state, seen, stopped, interval, poll)
                 continue
             progress = obs.progress
-            if run_from < 0:
-                run_from = progress.checkpoint_step
-            new = [r for r in progress.records if r.step > reported]
+            if notice := reported.new_notice(progress):
+                logger.warning("driver: %s", notice)  # kopf posts it as an Event on the job
+            new = reported.news(progress)
             for record in new:
                 hooks.metrics.observe_step(namespace, name, record)
             if new and job is not None:
-                reported = new[-1].step
                 await reporter.write(st.step_done(reporter.conditions, new[-1], job.spec.steps,
                                                   checkpoint, state.generation))
-            if obs.driver is DriverState.FINISHED and obs.uid != judged:
-                judged = obs.uid
-                if obs.failed:  # failures in a row; a run that made progress starts over
-                    failures = 1 if progress.checkpoint_step > run_from else failures + 1
-                    failed_version, retry_due, last_error = seen, False, obs.message
-                    logger.warning("driver of %s failed (%d in a row): %s", name, failures,
-                                   obs.message)
+            if failures.judge(obs.driver, obs.uid, obs.failed, obs.message,
+                              progress.checkpoint_step, seen):
+                logger.warning("driver of %s failed (%d in a row): %s", name, failures.count,
+                               obs.message)
             view = JobView(valid=job is not None, suspend=bool(job and job.spec.suspend),
                            steps_done=progress.checkpoint_step,
                            steps=job.spec.steps if job else 0, driver=obs.driver,
-                           driver_current=obs.current, failures=0 if retry_due else failures,
+                           driver_current=obs.current, failures=failures.pending,
                            max_retries=config.max_retries)
             action = decide(view)
             try:
                 if action is Action.RETRY:
-                    await reporter.write(st.failed(reporter.conditions, last_error,
+                    await reporter.write(st.failed(reporter.conditions, failures.error,
                                                    state.generation, config.retry_backoff_s))
-                    retry_due = not await _wait_change(state, seen, stopped, interval,
-                                                       config.retry_backoff_s)
+                    failures.retry_due = not await _wait_change(
+                        state, seen, stopped, interval, config.retry_backoff_s)
                     continue
                 if await _act(action, view, job, desired, obs, kube, namespace, name, hooks,
-                              state, reporter, last_error):
-                    run_from = progress.checkpoint_step
-            except Exception as exc:  # noqa: BLE001 - an API error: report-free retry later
+                              state, reporter, failures.error):
+                    failures.started(progress.checkpoint_step)
+            except Exception as exc:  # noqa: BLE001 - an API error: decide again later
                 logger.warning("%s for %s failed: %s", action.value, name, exc)
             idle = action in (Action.INVALID, Action.SUSPEND, Action.SUCCEEDED, Action.GIVE_UP)
             await _wait_change(state, seen, stopped, interval, None if idle else poll)
