@@ -189,6 +189,8 @@ def create_app(
             if cached is not None:
                 metrics.requests.labels(stage, "cached").inc()
                 return cached
+            if cancel.is_set():  # its caller left while it queued behind another request
+                raise RequestCancelled("the caller disconnected before it was served")
             metrics.busy.labels(stage).set(1)
             started = time.perf_counter()
             try:
