@@ -65,7 +65,8 @@ def test_resume_continues_at_the_next_step(tmp_path):
     checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert checkpoint["step"] == 3 and checkpoint["weights_version"] == 3
     # The scheduler's learned state travels with the checkpoint: every prompt seen is known.
-    assert len(checkpoint["scheduler"]["predictor"]["ewma"]) == job.spec.dataset.size
+    assert len(checkpoint["scheduler"]["predictor"]["mean"]["ewma"]) == job.spec.dataset.size
+    assert len(checkpoint["scheduler"]["predictor"]["max"]["ewma"]) == job.spec.dataset.size
     # The resumed run did one step: one learner instance.
     assert sum(1 for u in usages if u.stage == "learner") == 1
 

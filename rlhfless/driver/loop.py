@@ -159,7 +159,8 @@ class Driver:
             raise
 
         trace = StepTrace(t0, time.time(), busy, self.runtime.meter(), rolled, learned)
-        sched = self.planner.observe(items, rolled, trace.usages, work_seconds(trace), t0)
+        sched = self.planner.observe(items, rolled, trace.usages, work_seconds(trace), t0,
+                                     learned.reply.get("stats", {}))
         metrics = step_metrics(trace, plan.decisions, sched, prices=self.prices)
         return self._record(step, trace, metrics, int(learned.reply["weights_version"]))
 

@@ -79,6 +79,7 @@ class RolloutResult:
     reruns: int = 0  # samples re-run after a broken stream
     round_work_s: list[float] = field(default_factory=list)  # slowest actor's function time
     first_group_at: float | None = None  # when the first whole group was in (epoch s)
+    group_done_at: dict[str, float] = field(default_factory=dict)  # key -> whole (epoch s)
     ended_at: float = 0.0  # when the last actor stream ended (epoch s)
 
 
@@ -246,8 +247,10 @@ class StreamingRollout:
             group = self.result.samples[s.key]
             group.append(s)
             if len(group) == self.s.group_size:
+                now = time.time()
+                self.result.group_done_at[s.key] = now
                 if self.result.first_group_at is None:
-                    self.result.first_group_at = time.time()
+                    self.result.first_group_at = now
                 if self.on_group is not None:
                     self.on_group(s.key, sorted(group, key=lambda x: x.index))
 
