@@ -87,7 +87,7 @@ async def run_alternating(jobs: dict[str, RLHFJob], out: Path) -> dict[str, list
             runtime = await stack.enter_async_context(
                 LocalRuntime(job, run_dir / "store", run_dir, threads_per_instance=1))
             drivers[mode] = Driver(job, runtime, run_dir)
-            await drivers[mode].prepare()
+            await asyncio.to_thread(drivers[mode].prepare)
         for step in range(1, next(iter(jobs.values())).spec.steps + 1):
             for mode, driver in drivers.items():
                 await driver.step(step)

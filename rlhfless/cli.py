@@ -1,5 +1,5 @@
-"""`rlhfless` command line: run, validate, report, manifests, export, crd, operator, serve,
-simulate.
+"""`rlhfless` command line: run, validate, report, manifests, export, crd, operator, driver,
+serve, simulate.
 
 Exit codes: 0 done, 1 the run failed, 2 invalid input (job file, option, the checkpoint to
 resume, a metrics port in use), 3 stopped by spec.budget (raise it, then --resume), 130
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -25,8 +26,8 @@ from rlhfless.api.quantity import format_bytes
 from rlhfless.api.spec import RLHFJob, SpecError, dump_job, job_namespace, load_job, parse_job
 
 if TYPE_CHECKING:
-    from rlhfless.driver.prometheus import JobReporter, MetricsServer
     from rlhfless.driver.records import StepRecord
+    from rlhfless.jobmetrics import JobReporter, MetricsServer
 
 if TYPE_CHECKING:
     from rlhfless.cost import BudgetCheck
@@ -240,15 +241,19 @@ def run(
         _write_prometheus_config(run_dir, job, server.port)
     resume_hint = f"Resume with: rlhfless run {job_file} --resume"
     try:
-        completed, interrupted, budget = asyncio.run(_run_local(job, run_dir, reporter))
+        completed, interrupted, budget = asyncio.run(
+            _run_local(job, run_dir, str(job_file), reporter))
     except KeyboardInterrupt:
         err_console.print(f"[yellow]Aborted; the last completed step is checkpointed. "
                           f"{resume_hint}[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except _run_errors() as exc:  # evaluated only when something went wrong
+        from rlhfless.store import CheckpointError
+
         err_console.print(f"[bold red]run failed:[/] {escape(str(exc))}")
-        err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
-                          f"checkpointed; continue with: rlhfless run {job_file} --resume")
+        if not isinstance(exc, CheckpointError):  # its message says how to go on
+            err_console.print(f"Function logs: {run_dir / 'logs'}. Completed steps are "
+                              f"checkpointed; continue with: rlhfless run {job_file} --resume")
         raise typer.Exit(EXIT_FAILED) from None
     finally:
         if server is not None:
@@ -265,7 +270,7 @@ def run(
 
 def _serve_job_metrics(job: RLHFJob, port: int) -> tuple[JobReporter, MetricsServer]:
     """`--metrics-port`: the job's Prometheus series (the operator's, for this one job)."""
-    from rlhfless.driver.prometheus import JobMetrics, JobReporter, MetricsPortError
+    from rlhfless.jobmetrics import JobMetrics, JobReporter, MetricsPortError
 
     metrics = JobMetrics()
     try:
@@ -301,8 +306,8 @@ def _write_prometheus_config(run_dir: Path, job: RLHFJob, port: int) -> None:
     console.print(f"metrics: http://{METRICS_HOST}:{port}/metrics · Prometheus config: {path}")
 
 
-async def _run_local(job: RLHFJob, run_dir: Path, reporter: JobReporter | None = None
-                     ) -> tuple[int, bool, BudgetCheck]:
+async def _run_local(job: RLHFJob, run_dir: Path, job_file: str,
+                     reporter: JobReporter | None = None) -> tuple[int, bool, BudgetCheck]:
     """(steps completed, whether Ctrl-C asked to stop, the budget when the driver stopped)."""
     from rlhfless.driver import Driver
     from rlhfless.runtime.local import LocalRuntime
@@ -324,6 +329,10 @@ async def _run_local(job: RLHFJob, run_dir: Path, reporter: JobReporter | None =
     )
     async with LocalRuntime(job, run_dir / "store", run_dir) as runtime:
         driver = Driver(job, runtime, run_dir)
+        # A corrupt latest version is found here, before any step: fall back, and say so.
+        notice = await asyncio.to_thread(driver.prepare, job_file)
+        if notice:
+            err_console.print(f"[yellow]{escape(notice)}[/]")
         task = progress.add_task(job.metadata.name, total=job.spec.steps,
                                  completed=driver.completed_steps, info="starting functions…")
 
@@ -448,13 +457,19 @@ def manifests(
     """Print every object the operator would create for this job, as YAML (no cluster)."""
     import yaml
 
+    from rlhfless.cost.prices import cost_defaults_from_env
     from rlhfless.knative.manifests import job_manifests
-    from rlhfless.operator.config import OperatorConfig
+    from rlhfless.knative.pods import FunctionSettings
 
     job = _load_or_exit(job_file)
     ns = namespace or job_namespace(job)
-    objects = job_manifests(job, namespace=ns, uid=uid,
-                            settings=OperatorConfig.from_env().functions)
+    try:
+        cost = cost_defaults_from_env(os.environ)
+    except ValueError as exc:  # the operator's price settings, as the chart sets them
+        err_console.print(f"[bold red]cost settings:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    objects = job_manifests(job, namespace=ns, uid=uid, settings=FunctionSettings.from_env(),
+                            cost=cost)
     typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
 
 
@@ -469,7 +484,7 @@ def operator(
     """Run the Kubernetes operator (kopf) that reconciles RLHFJob resources.
 
     Exit codes: 2 when the metrics port cannot be listened on."""
-    from rlhfless.driver.prometheus import MetricsPortError
+    from rlhfless.jobmetrics import MetricsPortError
     from rlhfless.operator.main import run_operator
 
     try:
@@ -477,6 +492,42 @@ def operator(
     except MetricsPortError as exc:
         err_console.print(f"[red]--metrics-port {metrics_port}:[/] {escape(str(exc.strerror))}")
         raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command()
+def driver(
+    namespace: Annotated[str, typer.Option(help="Namespace of the job and its functions.")],
+    run_dir: Annotated[Path, typer.Option(help="Checkpoint and metrics directory.")]
+    = Path("/data/run"),
+    store: Annotated[Path, typer.Option(help="Weights store directory.")] = Path("/data/store"),
+    job: Annotated[Path | None, typer.Option(
+        help="Job file (default: the RLHFJOB_SPEC env var).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="Also serve the job's Prometheus metrics on this port (the "
+                               "operator exports them from the driver's progress anyway).")]
+    = None,
+) -> None:
+    """Run one job's driver on the Knative runtime (what the operator's driver pod runs).
+
+    Exit codes: 0 done, stopped (suspend, spec change) or at spec.budget; 1 the run failed;
+    2 invalid input (the job, the token, the cost settings, a metrics port in use)."""
+    import logging
+
+    from rlhfless.driver_pod import job_from, main
+    from rlhfless.jobmetrics import MetricsPortError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        loaded = job_from(job)
+    except SpecError as exc:
+        raise _invalid(exc) from None
+    try:
+        code = asyncio.run(main(loaded, namespace=namespace, run_dir=run_dir, store_dir=store,
+                                metrics_port=metrics_port))
+    except MetricsPortError as exc:
+        err_console.print(f"[red]--metrics-port {metrics_port}:[/] {escape(str(exc.strerror))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -7,6 +7,7 @@ Service the webhook would reject is a bug in our builders, caught without a clus
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -114,11 +115,55 @@ def _check_annotations(annotations: dict[str, str], allow_zero_initial_scale: bo
             key, value, seconds = found
             if not 0 <= seconds <= 3600:
                 errors.append(f"{key}: {value} out of bounds [0s, 1h0m0s]")
+    if (found := _parsed(annotations, errors, float, "target-burst-capacity")) is not None:
+        key, value, tbc = found
+        if tbc < 0 and tbc != -1:
+            errors.append(f"{key}: {value} must be non-negative or -1")
     if (found := _first(annotations, "metric")) is not None:
         key, value = found
         klass = annotations.get(AUTOSCALING + "class", "kpa.autoscaling.knative.dev")
         if klass == "kpa.autoscaling.knative.dev" and value not in ("concurrency", "rps"):
             errors.append(f"{key}: invalid value {value!r} for the KPA")
+    return errors
+
+
+# knative.dev/serving pkg/apis/serving/k8s_validation.go
+RESERVED_MOUNT_PATHS = frozenset({"/", "/dev", "/dev/log", "/tmp", "/var", "/var/log"})
+RESERVED_ENV = frozenset({"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"})
+RESERVED_CONTAINER_NAMES = frozenset({"queue-proxy"})
+
+
+def _check_volumes(pod: dict[str, Any]) -> list[str]:
+    """Mount paths (reserved, duplicate, relative), volumes without a mount or without a
+    volume, reserved env names and container names."""
+    errors = []
+    volumes = [v.get("name") for v in pod.get("volumes") or []]
+    if len(volumes) != len(set(volumes)):
+        errors.append("spec.template.spec.volumes: duplicate volume name")
+    mounted: set[str] = set()
+    for i, container in enumerate(pod.get("containers", [])):
+        where = f"spec.template.spec.containers[{i}]"
+        if container.get("name") in RESERVED_CONTAINER_NAMES:
+            errors.append(f"{where}.name: {container['name']!r} is a reserved container name")
+        for env in container.get("env") or []:
+            if env.get("name") in RESERVED_ENV:
+                errors.append(f"{where}.env: {env['name']!r} is a reserved environment variable")
+        seen: set[str] = set()
+        for j, mount in enumerate(container.get("volumeMounts") or []):
+            path = os.path.normpath(mount.get("mountPath", ""))
+            mounted.add(mount.get("name"))
+            if mount.get("name") not in volumes:
+                errors.append(f"{where}.volumeMounts[{j}]: volumeMount has no matching volume")
+            if path in RESERVED_MOUNT_PATHS:
+                errors.append(f"{where}.volumeMounts[{j}]: mountPath {path!r} is a reserved path")
+            elif not path.startswith("/"):
+                errors.append(f"{where}.volumeMounts[{j}]: mountPath must be absolute")
+            elif path in seen:
+                errors.append(f"{where}.volumeMounts[{j}]: mountPath {path!r} must be unique")
+            seen.add(path)
+    for name in volumes:
+        if name not in mounted:
+            errors.append(f"spec.template.spec.volumes: volume with name {name!r} not mounted")
     return errors
 
 
@@ -128,8 +173,10 @@ def check_webhook_rules(service: dict[str, Any], *, allow_zero_initial_scale: bo
     """What Knative's admission webhook would reject in `service` (empty list: accepted).
 
     Covers the autoscaling annotations (knative.dev/serving annotation_validation.go: scale
-    bounds, activation-scale, initial-scale, target, utilisation, window, retention), the
-    revision timeout, containerConcurrency and the readiness probe port.
+    bounds, activation-scale, initial-scale, target, utilisation, window, retention,
+    target-burst-capacity), the revision timeout, containerConcurrency, the readiness probe
+    port, and the pod spec rules of k8s_validation.go (reserved mount paths such as /tmp,
+    unique mounts, every volume mounted, reserved env and container names).
     """
     errors: list[str] = []
     name = service.get("metadata", {}).get("name", "")
@@ -154,6 +201,7 @@ def check_webhook_rules(service: dict[str, Any], *, allow_zero_initial_scale: bo
     containers = pod.get("containers", [])
     if len(containers) != 1:
         errors.append("spec.template.spec.containers: exactly one serving container expected")
+    errors += _check_volumes(pod)
     for i, container in enumerate(containers):
         ports = [p.get("containerPort") for p in container.get("ports", [])]
         if len(ports) > 1:

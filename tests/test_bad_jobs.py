@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from crd_schema import server_refusals
-from kmock_cluster import emulated_cluster
+from kmock_cluster import BATCH_JOBS, emulated_cluster
 from typer.testing import CliRunner
 
 from rlhfless.api.errors import SpecError
@@ -94,36 +94,10 @@ def _flat(text: str) -> str:
 
 # -- the operator, once for the whole corpus ----------------------------------------------
 
-class _NoRuntime:
-    """Runtime for the control job (suspended: it is only scaled to zero)."""
-
-    def __init__(self, calls: list[str], name: str):
-        self.calls, self.name = calls, name
-
-    async def __aenter__(self) -> _NoRuntime:
-        self.calls.append(self.name)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        pass
-
-    async def scale(self, stage: str, n: int) -> None:
-        pass
-
-
-async def _judge_with_operator(cases: list[Case], data_dir: Path) -> dict[str, Any]:
-    runtimes: list[str] = []
-    drivers: list[str] = []
-
-    def no_driver(ctx: Any, runtime: Any) -> Any:
-        drivers.append(ctx.name)
-        raise AssertionError(f"driver started for {ctx.name}")
-
+async def _judge_with_operator(cases: list[Case]) -> dict[str, Any]:
     async with emulated_cluster() as cluster:
-        hooks = cluster.hooks(
-            config=OperatorConfig(data_dir=data_dir, watch_interval_s=0.2),
-            runtime_factory=lambda ctx: _NoRuntime(runtimes, ctx.name),
-            driver_factory=no_driver, metrics=OperatorMetrics())
+        hooks = cluster.hooks(config=OperatorConfig(watch_interval_s=0.2),
+                              metrics=OperatorMetrics())
         async with cluster.operator(hooks):
             documents = {c.name: _document(c) for c in cases}
             names = {}
@@ -147,17 +121,17 @@ async def _judge_with_operator(cases: list[Case], data_dir: Path) -> dict[str, A
                                    what="InvalidSpec on every bad job")
             owners = {s["metadata"]["labels"][LABEL_JOB] for s in cluster.services()}
             return {"ready": {case: ready(name) for case, name in names.items()},
-                    "owners": owners, "runtimes": set(runtimes), "drivers": drivers,
+                    "owners": owners, "drivers": cluster.list(BATCH_JOBS),
                     "phase": {case: cluster.phase(name) for case, name in names.items()}}
 
 
 @pytest.fixture(scope="module")
 def operator_verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cases = [c for c in CASES if c.not_operator is None]
-    verdicts = asyncio.run(_judge_with_operator(cases, tmp_path_factory.mktemp("operator")))
+    verdicts = asyncio.run(_judge_with_operator(cases))
     # The control job got its Services, so an operator that created nothing at all cannot
-    # pass for one that refused the bad jobs.
-    assert verdicts["owners"] == {CONTROL} and verdicts["runtimes"] == {CONTROL}
+    # pass for one that refused the bad jobs; suspended, it got no driver, and nor did they.
+    assert verdicts["owners"] == {CONTROL}
     assert verdicts["drivers"] == []
     return verdicts
 

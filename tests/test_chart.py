@@ -130,8 +130,7 @@ def test_minimal_render_keeps_only_the_operator() -> None:
     assert [d["kind"] for d in docs] == ["Deployment"]
     pod = docs[0]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "default"
-    claim = next(v for v in pod["volumes"] if v["name"] == "data")
-    assert claim["persistentVolumeClaim"]["claimName"] == "rlhfless-weights"
+    assert env_of(docs[0])["RLHFLESS_WEIGHTS_PVC"] == "rlhfless-weights"
 
 
 # -- the CRD ---------------------------------------------------------------------------------
@@ -187,8 +186,9 @@ def test_operator_deployment_runs_one_kopf_replica_with_probes() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert {"/tmp", "/data"} <= mounts
+    # The operator mounts no job's data: only scratch space for its own caches.
+    assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+    assert [v for v in pod["volumes"] if "persistentVolumeClaim" in v] == []
 
 
 @pytest.mark.parametrize("values", [{}, NON_DEFAULT_VALUES], ids=["default", "non-default"])
@@ -233,23 +233,37 @@ def test_deployment_env_configures_the_operator(values: dict[str, Any]) -> None:
     weights = v["weights"]
     assert config.functions.weights_pvc == weights["claimName"]
     assert config.functions.data_mount == fn["dataMount"]
-    assert str(config.data_dir) == fn["dataMount"]
     assert config.functions.timeout_s == fn["timeoutSeconds"]
+    assert list(config.functions.ingress_namespaces) == fn["ingressNamespaces"]
+    assert config.functions.driver_grace_s == v["driver"]["terminationGracePeriodSeconds"]
+    assert config.functions.meter_interval_s == v["driver"]["meterIntervalSeconds"]
+    assert config.functions.models_subpath == v["driver"]["modelsSubPath"]
+    assert config.progress_interval_s == v["operator"]["progressIntervalSeconds"]
     assert config.functions.progress_deadline_s == fn["progressDeadlineSeconds"]
     assert config.functions.allow_zero_initial_scale is fn["allowZeroInitialScale"]
     assert config.functions.image_pull_policy == (fn["imagePullPolicy"] or None)
     assert config.functions.service_account == (fn["serviceAccountName"] or None)
     assert config.max_retries == v["operator"]["maxRetries"]
     assert config.retry_backoff_s == v["operator"]["retryBackoffSeconds"]
-    assert config.meter_interval_s == v["operator"]["meterIntervalSeconds"]
     cost = v["cost"]
     assert (config.cost.gpu_type, config.cost.pricing) == (cost["gpuType"], cost["pricing"])
     for gpu, price in cost["prices"].items():  # helm merges these into the defaults' table
         assert price.items() <= config.cost.prices[gpu].model_dump(by_alias=True).items()
-    # The operator's own mount of the weights volume is where the config says.
-    container = dep["spec"]["template"]["spec"]["containers"][0]
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
-    assert mount["mountPath"] == str(config.data_dir)
+
+
+def test_function_images_come_from_the_values() -> None:
+    default = OperatorConfig.from_env(env_of(one(render(), "Deployment"))).functions
+    assert default.image == "ghcr.io/rlhfless/rlhfless:0.1.0"  # the operator's own image
+    assert default.gpu_image == "ghcr.io/rlhfless/rlhfless:0.1.0-gpu"
+    custom = OperatorConfig.from_env(env_of(one(render(NON_DEFAULT_VALUES),
+                                                "Deployment"))).functions
+    assert custom.image == "registry.example.com/ml/rlhfless-fn@sha256:" + "cd" * 32
+    assert custom.gpu_image == "registry.example.com/ml/rlhfless-fn:0.1.0-cuda13"
+    # An operator pinned by digest: CPU functions run that very image.
+    pinned = {"image": {"digest": "sha256:" + "ef" * 32}}
+    same = OperatorConfig.from_env(env_of(one(render(pinned), "Deployment"))).functions
+    assert same.image == "ghcr.io/rlhfless/rlhfless@sha256:" + "ef" * 32
+    assert same.gpu_image == "ghcr.io/rlhfless/rlhfless:0.1.0-gpu"
 
 
 def test_non_default_values_reach_the_deployment() -> None:
@@ -294,17 +308,18 @@ def test_objects_reference_each_other(variant: str) -> None:
     svc = one(docs, "Service")
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
-    # ServiceAccount <- Deployment, ClusterRoleBinding
+    # ServiceAccount <- Deployment, (Cluster)RoleBinding
     sa = one(docs, "ServiceAccount")
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
-    binding = one(docs, "ClusterRoleBinding")
+    namespaced = bool(values.get("operator", {}).get("watchNamespace"))
+    binding = one(docs, "RoleBinding" if namespaced else "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": NAMESPACE}]
-    assert binding["roleRef"]["name"] == one(docs, "ClusterRole")["metadata"]["name"]
-    # PVC <- Deployment volume
+    role = one(docs, "Role" if namespaced else "ClusterRole")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    # PVC <- the claim the operator gives function and driver pods
     pvc = one(docs, "PersistentVolumeClaim")
-    claim = next(v for v in pod["volumes"] if v["name"] == "data")
-    assert claim["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert env_of(dep)["RLHFLESS_WEIGHTS_PVC"] == pvc["metadata"]["name"]
     # ServiceMonitor -> metrics Service
     if apis:
         monitor = one(docs, "ServiceMonitor")
@@ -395,8 +410,8 @@ def test_knative_services_from_chart_settings_are_valid(values: dict[str, Any],
     validator = _knative_validator()
     docs = render(values)
     config = OperatorConfig.from_env(env_of(one(docs, "Deployment")))
-    claim = next(v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
-                 if v["name"] == "data")["persistentVolumeClaim"]["claimName"]
+    claim = (one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+             if values.get("weights", {}).get("create", True) else None)
     job = load_job(REPO / "examples" / example)
     services = build_services(job, namespace=NAMESPACE, uid="0123456789abcdef",
                               settings=config.functions)
@@ -408,12 +423,14 @@ def test_knative_services_from_chart_settings_are_valid(values: dict[str, Any],
         assert check_webhook_rules(
             svc, allow_zero_initial_scale=config.functions.allow_zero_initial_scale) == []
         pod = svc["spec"]["template"]["spec"]
-        # Functions mount the same claim as the operator, where the operator expects it.
+        assert pod["timeoutSeconds"] == config.functions.timeout_s
+        if svc["metadata"]["labels"]["rlhfless.io/stage"] == "reward":
+            continue  # no weights, no volume
+        # Functions mount the chart's claim, where the settings say.
         volume = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
         assert volume == claim == config.functions.weights_pvc
         mount = pod["containers"][0]["volumeMounts"][0]["mountPath"]
         assert mount == config.functions.data_mount
-        assert pod["timeoutSeconds"] == config.functions.timeout_s
 
 
 # -- packaging --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rlhfless.cli import app
@@ -160,3 +161,60 @@ def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
     assert f"Stopped after step {step} of 500" in flat and "--resume" in flat
     assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(
         range(1, step + 1))
+
+
+TINY_JOB = """apiVersion: rlhfless.io/v1alpha1
+kind: RLHFJob
+metadata: {name: corrupt}
+spec:
+  model: {source: tiny, tiny: {nLayer: 1, nEmbd: 16, nHead: 2, nPositions: 32}}
+  algorithm: {groupSize: 2, lr: 0.003, miniBatchSize: 4}
+  dataset: {kind: repeat, size: 2, promptsPerStep: 2}
+  reward: {name: target_char, args: {char: "5"}}
+  generation: {maxNewTokens: 4}
+  scheduling: {actors: 1, maxActors: 1, prewarm: false, keepAliveS: 60}
+  steps: 2
+"""
+
+
+@pytest.mark.slow
+def test_resume_names_a_corrupt_latest_version_and_falls_back(tmp_path):
+    import json
+
+    job_file, run_dir = tmp_path / "job.yaml", tmp_path / "run"
+    job_file.write_text(TINY_JOB)
+    first = runner.invoke(app, ["run", str(job_file), "--run-dir", str(run_dir)])
+    assert first.exit_code == 0, first.output
+    latest = run_dir / "store" / "v2" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:-100])  # a truncated write
+    again = runner.invoke(app, ["run", str(job_file), "--run-dir", str(run_dir), "--resume",
+                                "--steps", "3"], env={"COLUMNS": "1000"})
+    assert again.exit_code == 0, again.output
+    out = " ".join(again.output.split())
+    assert "model.safetensors" in out and "Resuming from step 1" in out
+    assert "steps 2–2 run again" in out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
+    # Append-only: the corrupt v2 is never rewritten; the redone steps publish v3 and v4.
+    assert checkpoint["step"] == 3 and checkpoint["weights_version"] == 4
+
+
+def test_resume_without_an_intact_version_prints_the_command(tmp_path):
+    from rlhfless.store import Checkpoint, WeightStore, save_checkpoint
+
+    job_file, run_dir = tmp_path / "job.yaml", tmp_path / "run"
+    job_file.write_text(TINY_JOB)
+    store = WeightStore(run_dir / "store")
+    import torch
+
+    store.save(1, {"w": torch.zeros(3)})
+    save_checkpoint(run_dir, Checkpoint(step=1, weights_version=1))
+    (store.path(1) / "model.safetensors").write_bytes(b"not weights")
+    result = runner.invoke(app, ["run", str(job_file), "--run-dir", str(run_dir), "--resume"],
+                           env={"COLUMNS": "1000"})
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "model.safetensors" in out
+    assert f"rlhfless run {job_file} --overwrite" in out
+    assert "--resume" not in out.split("start again with:")[-1]

@@ -243,7 +243,8 @@ def test_batch_is_scored_concurrently_and_healthz_answers_meanwhile(private_tmp)
     tests = {"inputs": ["1 2\n"], "outputs": ["3\n"]}
     body = {"request_id": "slow", "items": [
         {"prompt": "q", "response": hung, "meta": {"answer": tests}} for _ in range(8)]}
-    with TestClient(create_app(RewardHandler(spec))) as client:
+    with TestClient(create_app(RewardHandler(spec), token="t"),
+                    headers={"Authorization": "Bearer t"}) as client:
         reply: dict = {}
 
         def invoke() -> None:

@@ -123,8 +123,7 @@ VALID = [
     {"dataset": {"kind": "jsonl", "path": "/data/gsm8k.jsonl"}, "reward": {"args": {"tol": 0.01}}},
     # Edges of the rules both sides must accept alike.
     {"resources": {"actor": {"cpu": "500m", "memory": "1.5Gi"}, "reward": {"cpu": "0.25"}}},
-    {"image": "localhost:5000/team/rlhfless@sha256:" + "a" * 64},
-    {"image": "registry.example.com/" + "a" * 234 + ":0.1.0"},  # a 255-character name
+    {"resources": {"driver": {"cpu": "1500m", "memory": "12Gi"}}},
     {"algorithm": {"klBeta": 10, "entropyCoef": 0}, "seed": 2**63 - 1},
     {"trainer": {"backend": "deepspeed", "zeroStage": 2}},
     {"resources": {"learner": {"gpus": 8}}, "trainer": {"cpuOffload": True,

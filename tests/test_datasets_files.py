@@ -269,5 +269,5 @@ def test_a_bad_dataset_stops_the_run_before_the_first_step(tmp_path):
                    reward={"name": "math", "args": {}})
     driver = Driver(job, SimpleNamespace(), tmp_path / "run")
     with pytest.raises(DatasetError, match="no column 'prompt'"):
-        driver._prepare()
+        driver.prepare()
     assert not (tmp_path / "run" / "tensorboard").exists()  # nothing opened for a failed start

@@ -145,12 +145,15 @@ def test_a_learner_instance_with_two_ranks_serves_and_publishes_what_one_rank_do
     from rlhfless.functions.learner_ranks import RankedLearnerHandler
     from rlhfless.functions.serve import build_handler
 
+    def serve(handler):
+        return TestClient(create_app(handler, token="t"), headers={"Authorization": "Bearer t"})
+
     one_job, one_store = _materialized(tmp_path, "one", 1, algo)
     two_job, two_store = _materialized(tmp_path, "two", 2, algo)
-    one = TestClient(create_app(build_handler("learner", one_job, one_store)))
+    one = serve(build_handler("learner", one_job, one_store))
     ranked = build_handler("learner", two_job, two_store)
     assert isinstance(ranked, RankedLearnerHandler) and ranked.group.world == 2
-    two = TestClient(create_app(ranked))
+    two = serve(ranked)
 
     def call(client, body):
         reply = client.post("/invoke", json=body)
@@ -180,7 +183,8 @@ def test_a_learner_instance_with_two_ranks_serves_and_publishes_what_one_rank_do
         assert set(replies[0]) == set(replies[1])
         assert replies[1]["loss"] == pytest.approx(replies[0]["loss"], rel=1e-4, abs=1e-6)
         assert two_store.versions() == [0, 1] and ranked.loaded_version() == 1
-        assert two_store.meta(1) == one_store.meta(1)
+        meta1, meta2 = one_store.meta(1), two_store.meta(1)
+        assert set(meta1) == set(meta2) and meta1["request_sha256"] == meta2["request_sha256"]
         assert {f: m.get("aliases") for f, m in two_store.manifest(1)["files"].items()} == \
             {f: m.get("aliases") for f, m in one_store.manifest(1)["files"].items()}
         w1, w2 = _version_files(one_store, 1), _version_files(two_store, 1)
@@ -193,7 +197,7 @@ def test_a_learner_instance_with_two_ranks_serves_and_publishes_what_one_rank_do
     finally:
         ranked.close()
     # The two ranks' optimizer state, stored whole, resumes a one-rank learner.
-    resumed = TestClient(create_app(build_handler("learner", one_job, two_store)))
+    resumed = serve(build_handler("learner", one_job, two_store))
     for client in (one, resumed):
         head = {"weights_version": 1, "step": 2}
         call(client, {"op": "begin", "request_id": "b2", **head, "group_ids": ["p0"]})

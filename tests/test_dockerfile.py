@@ -173,6 +173,11 @@ def test_runtime_stages_run_as_non_root() -> None:
     values = yaml.safe_load((REPO / "charts" / "rlhfless" / "values.yaml").read_text())
     assert BY_NAME["cpu"].all("USER")[-1] == (f"{values['podSecurityContext']['runAsUser']}:"
                                               f"{values['podSecurityContext']['runAsGroup']}")
+    # ...and the uid the operator gives function and driver pods.
+    from rlhfless.knative.pods import IMAGE_UID
+
+    for name in RUNTIME_STAGES:
+        assert BY_NAME[name].all("USER")[-1] == f"{IMAGE_UID}:{IMAGE_UID}"
 
 
 def test_no_secrets_in_the_image() -> None:

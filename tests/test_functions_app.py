@@ -15,9 +15,12 @@ from rlhfless.functions.serve import build_handler
 from rlhfless.model.tokenizer import load_tokenizer
 from rlhfless.store import ShardStore
 
+TOKEN = "test-token"
+
 
 def _client(stage, job, store, **kw):
-    return TestClient(create_app(build_handler(stage, job, store), **kw))
+    app = create_app(build_handler(stage, job, store), token=TOKEN, **kw)
+    return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def _actor_request(tok, request_id="r1", version=0, **extra):

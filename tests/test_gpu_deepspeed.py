@@ -168,8 +168,9 @@ def test_gpu_bf16_zero_rl_update_with_checkpointing_writes_fp32_version(stage, s
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     weights = full_fp32_state_dict(engine.module)
     assert all(t.dtype == torch.float32 for t in weights.values())
-    smollm2_store.save(10 + stage, weights, overwrite=True)
-    reloaded, _ = load_from_store(smollm2_store, 10 + stage)
+    version = smollm2_store.next_version()  # the store is append-only
+    smollm2_store.save(version, weights)
+    reloaded, _ = load_from_store(smollm2_store, version)
     engine.module.eval()
     ids = torch.tensor([prompt + group[1]], device=engine.device)
     with torch.no_grad():

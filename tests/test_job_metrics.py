@@ -13,16 +13,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from rlhfless.driver.prometheus import (
+from rlhfless.driver.records import StepRecord
+from rlhfless.functions.app import create_app
+from rlhfless.functions.metrics import OUTCOMES
+from rlhfless.functions.serve import build_handler
+from rlhfless.jobmetrics import (
     JOB_METRIC_NAMES,
     JobMetrics,
     JobReporter,
     MetricsPortError,
 )
-from rlhfless.driver.records import StepRecord
-from rlhfless.functions.app import create_app
-from rlhfless.functions.metrics import OUTCOMES
-from rlhfless.functions.serve import build_handler
 from rlhfless.model.tokenizer import load_tokenizer
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.runtime.base import InstanceUsage
@@ -132,7 +132,8 @@ def test_job_series_stay_bounded_however_long_the_job_runs() -> None:
 def test_function_series_stay_bounded_however_many_requests(tiny_store) -> None:
     job, store = tiny_store
     tok = load_tokenizer(store.base_dir / "tokenizer")
-    client = TestClient(create_app(build_handler("actor", job, store)))
+    client = TestClient(create_app(build_handler("actor", job, store), token="t"),
+                        headers={"Authorization": "Bearer t"})
     # Before any request every outcome is already exported at 0 (rates see the first one).
     before = series(client.get("/metrics").text)
     outcomes = {dict(labels)["outcome"] for name, labels in before

@@ -26,6 +26,7 @@ from rlhfless.knative.services import (
 )
 from rlhfless.runtime.base import InvocationError, Runtime, StreamBroken
 
+TOKEN = "job-token"
 JOB = parse_spec({"scheduling": {"actors": 2, "maxActors": 3}, "reward": {"name": "format"},
                   "resources": {"actor": {"gpus": 2}}}, "kn")
 
@@ -38,6 +39,8 @@ class FunctionServer:
         self.fail_with: list[int] = []
 
     async def invoke(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
         body = await request.json()
         self.requests.append(body)
         if self.fail_with:
@@ -52,9 +55,11 @@ class StreamingFunction:
     def __init__(self, pod: str) -> None:
         self.pod = pod
         self.controls: list[dict[str, Any]] = []
+        self.auth: list[str] = []  # the Authorization header of every call, stream or control
         self.break_after_first = False
 
     async def invoke(self, request: web.Request) -> web.StreamResponse:
+        self.auth.append(request.headers.get("Authorization", ""))
         body = codec.decode(await request.read())
         response = web.StreamResponse(headers={INSTANCE_HEADER: self.pod,
                                                "content-type": codec.FRAMES_TYPE})
@@ -69,6 +74,7 @@ class StreamingFunction:
         return response
 
     async def control(self, request: web.Request) -> web.Response:
+        self.auth.append(request.headers.get("Authorization", ""))
         self.controls.append(await request.json())
         return web.json_response({"accepted": True}, headers={INSTANCE_HEADER: self.pod})
 
@@ -97,7 +103,8 @@ async def cluster() -> AsyncIterator[Cluster]:
 @contextlib.asynccontextmanager
 async def knative(cluster: Cluster, **kw: Any) -> AsyncIterator[KnativeRuntime]:
     async with await cluster.api_client() as api, KnativeRuntime(
-            JOB, namespace="default", kube=Kube(api), retry_backoff_s=0.01, **kw) as runtime:
+            JOB, namespace="default", kube=Kube(api), token=kw.pop("token", TOKEN),
+            retry_backoff_s=0.01, **kw) as runtime:
         yield runtime
 
 
@@ -138,6 +145,11 @@ async def test_invoke_posts_to_the_service_url_and_retries_transient_errors(
         fn.fail_with = [503] * 10
         with pytest.raises(InvocationError, match="gave up after 4 attempts"):
             await runtime.invoke("actor", {"request_id": "r4"})
+    # Without the job's token a function refuses the call (401), and that is not retried.
+    async with knative(cluster, token="stolen") as runtime:
+        with pytest.raises(InvocationError) as err:
+            await runtime.invoke("actor", {"request_id": "r5"})
+        assert err.value.status == 401
 
 
 async def test_url_comes_from_status_or_cluster_local_dns(cluster: Cluster) -> None:
@@ -286,5 +298,8 @@ async def test_streams_name_their_pod_and_control_requests_reach_that_pod_direct
                                                                "ids": np.arange(2)}):
                     pass
             await runtime.release_instance("actor", fn.pod)  # nothing to do on Knative
+        # Streams and pod-addressed control calls carry the job's token (the pod checks it
+        # as every function does; the call bypasses the activator, not the token).
+        assert len(fn.auth) == 3 and set(fn.auth) == {f"Bearer {TOKEN}"}
     finally:
         await server.close()

@@ -77,7 +77,7 @@ def test_a_start_waits_for_gpus_and_idle_instances_of_other_stages_make_room(
 
     async def go():
         async with LocalRuntime(job, tmp_path / "store", tmp_path) as runtime:
-            await asyncio.to_thread(Driver(job, runtime, tmp_path)._prepare)
+            await asyncio.to_thread(Driver(job, runtime, tmp_path).prepare)
             await asyncio.gather(runtime.scale("actor", 1), runtime.scale("reward", 1))
             (actor,) = runtime.instances("actor")
             (reward,) = runtime.instances("reward")
@@ -127,7 +127,7 @@ def test_slots_share_a_gpu_and_bill_a_share(tmp_path, monkeypatch):
 
     async def go():
         async with LocalRuntime(job, tmp_path / "store", tmp_path) as runtime:
-            await asyncio.to_thread(Driver(job, runtime, tmp_path)._prepare)
+            await asyncio.to_thread(Driver(job, runtime, tmp_path).prepare)
             await runtime.scale("actor", 2)
             envs = [Path(f"/proc/{i.process.pid}/environ").read_bytes()
                     for i in runtime.instances("actor")]

@@ -16,7 +16,7 @@ from knative_webhook import check_webhook_rules, parse_go_duration
 from rlhfless.api.names import MAX_JOB_NAME, name_errors
 from rlhfless.api.spec import parse_job, parse_spec
 from rlhfless.api.stages import STAGE_NAMES
-from rlhfless.api.wire import JOB_ENV
+from rlhfless.api.wire import JOB_ENV, TOKEN_ENV
 from rlhfless.knative.services import (
     AUTOSCALING,
     FunctionSettings,
@@ -37,8 +37,7 @@ JOBS = {
     "cpu-only": {"resources": {s: {"gpus": 0, "cpu": "500m", "memory": "2Gi"}
                                for s in ("actor", "reward", "learner")},
                  "scheduling": {"keepAliveS": 0}},
-    "long-keepalive": {"scheduling": {"keepAliveS": 3600, "maxActors": 1, "actors": 1},
-                       "image": "registry.example/rlhfless:dev"},
+    "long-keepalive": {"scheduling": {"keepAliveS": 3600, "maxActors": 1, "actors": 1}},
 }
 
 
@@ -120,17 +119,22 @@ def test_service_fields_follow_the_spec() -> None:
     assert pod["containerConcurrency"] == 1
     assert 0 < pod["timeoutSeconds"] <= 600
     [c] = pod["containers"]
-    assert c["image"] == j.spec.image
+    assert c["image"] == settings.gpu_image  # the actor has GPUs: the operator's GPU image
     assert c["command"] == ["rlhfless"]
     assert c["args"][:3] == ["serve", "--stage", "actor"]
     store = c["args"][c["args"].index("--store") + 1]
-    assert store == f"/mnt/w/jobs/ml/ppo-8-actors-{UID[:8]}/store"
+    assert store == "/mnt/w/store"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert c["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["volumeMounts"] == [{"name": "weights", "mountPath": "/mnt/w"}]
+    # Only the job's own folder of the shared volume, and scratch space off the root fs.
+    assert c["volumeMounts"] == [
+        {"name": "weights", "mountPath": "/mnt/w", "subPath": f"jobs/ml/ppo-8-actors-{UID[:8]}"},
+        {"name": "scratch", "mountPath": "/scratch"}]
     assert pod["volumes"] == [{"name": "weights",
-                               "persistentVolumeClaim": {"claimName": "weights-rwx"}}]
+                               "persistentVolumeClaim": {"claimName": "weights-rwx"}},
+                              {"name": "scratch", "emptyDir": {}}]
+    assert pod["automountServiceAccountToken"] is False
     ann = template["metadata"]["annotations"]
     assert ann[AUTOSCALING + "min-scale"] == "0"
     assert ann[AUTOSCALING + "max-scale"] == "8"  # maxActors
@@ -138,8 +142,11 @@ def test_service_fields_follow_the_spec() -> None:
     assert ann[AUTOSCALING + "window"] == "120s"
     assert ann[AUTOSCALING + "target"] == "1"
     # The function reads the job from the environment; it round-trips to the same job.
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     document = json.loads(env[JOB_ENV])
+    token = next(e["valueFrom"] for e in c["env"] if e["name"] == TOKEN_ENV)
+    assert token == {"secretKeyRef": {"name": "ppo-8-actors-token", "key": "token"}}
+    assert env["HOME"] == env["TMPDIR"] == "/scratch"
     assert document["metadata"] == {"name": "ppo-8-actors", "namespace": "ml"}
     assert parse_job(document).spec == j.spec
 
@@ -157,9 +164,26 @@ def test_cpu_only_stages_request_no_gpus_and_windows_stay_in_bounds() -> None:
 
 
 def test_reward_stage_defaults_to_no_gpu() -> None:
-    svc = build_service(job("default-grpo"), "reward", namespace="ml", uid=UID)
+    settings = FunctionSettings(image="r.example/rl@sha256:" + "c" * 64)
+    svc = build_service(job("default-grpo"), "reward", namespace="ml", uid=UID,
+                        settings=settings)
     [c] = svc["spec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert c["image"] == settings.image  # CPU stage: the CPU image, by digest when given
+    # The reward function reads no weights: it mounts no store at all.
+    assert [m["name"] for m in c["volumeMounts"]] == ["scratch"]
+
+
+def test_only_the_stages_that_use_the_store_mount_it() -> None:
+    mounts = {}
+    for svc in build_services(job("ppo-8-actors"), namespace="ml", uid=UID):
+        [c] = svc["spec"]["template"]["spec"]["containers"]
+        stage = svc["metadata"]["labels"]["rlhfless.io/stage"]
+        mounts[stage] = next((m.get("readOnly", False) for m in c["volumeMounts"]
+                              if m["name"] == "weights"), None)
+    # The learner publishes versions (and reads the driver's shards); the (vLLM) actor
+    # exports versions beside the store; the reward function mounts none.
+    assert mounts == {"actor": False, "reward": None, "learner": False}
 
 
 def test_zero_initial_scale_only_where_the_cluster_allows_it() -> None:
@@ -242,6 +266,20 @@ def test_job_names_must_fit_knative_names() -> None:
                                 uid=UID)
         name = longest["metadata"]["name"]
         assert len(f"{name}-00001-private") <= 63
+
+
+def test_webhook_rules_on_mounts_and_env() -> None:
+    bad = copy.deepcopy(BASE)
+    pod = bad["spec"]["template"]["spec"]
+    pod["containers"][0]["volumeMounts"].append({"name": "scratch", "mountPath": "/tmp"})
+    pod["containers"][0]["env"].append({"name": "PORT", "value": "1"})
+    pod["volumes"].append({"name": "unused", "emptyDir": {}})
+    errors = check_webhook_rules(bad)
+    assert any("'/tmp' is a reserved path" in e for e in errors)
+    assert any("'PORT' is a reserved environment variable" in e for e in errors)
+    assert any("'unused' not mounted" in e for e in errors)
+    assert any("target-burst-capacity" in e
+               for e in check_webhook_rules(_with(BASE, target_burst_capacity="-2")))
 
 
 def test_the_schema_checks_catch_mistakes() -> None:

@@ -1,34 +1,41 @@
 """Cost in the operator: status.cost, Prometheus cost series, prices from the chart, and a
 budget that suspends a job (condition BudgetExceeded) until it is raised.
 
-The kmock tests run the real kopf handlers with a fake driver that keeps the real driver's
-contract (checkpoint and a metrics.jsonl row per step, stop after the current step)."""
+The kmock tests run the real kopf handlers and real driver pods (`driver_pod.drive`, the
+emulated Job controller) around a fake driver that keeps the real driver's contract: a
+checkpoint and a metrics.jsonl row per step, the spend totalled from the checkpointed rows,
+stop after the current step when asked or when the next step would cross the budget."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from driver_pods import in_process
 from kmock_cluster import Cluster, emulated_cluster
 from prometheus_client import generate_latest
 
+from rlhfless.api.progress import StepSummary
 from rlhfless.api.spec import GpuPrice, parse_spec
-from rlhfless.cost import CostDefaults, Ledger, cost_status, job_prices
-from rlhfless.driver.records import MetricsLog, StepRecord
-from rlhfless.operator import status as st
-from rlhfless.operator.config import (
-    JobContext,
-    OperatorConfig,
-    cost_defaults_from_env,
-    priced_job,
+from rlhfless.cost import (
+    BudgetCheck,
+    CostDefaults,
+    Ledger,
+    check_budget,
+    cost_status,
+    job_prices,
 )
-from rlhfless.operator.decide import Action, JobView, decide
+from rlhfless.cost.prices import cost_defaults_from_env, priced_job
+from rlhfless.driver.records import MetricsLog, StepRecord
+from rlhfless.jobmetrics import exported_metrics
+from rlhfless.operator import status as st
+from rlhfless.operator.config import OperatorConfig
+from rlhfless.operator.decide import Action, DriverState, JobView, decide
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.runtime.base import InstanceUsage
 from rlhfless.store import Checkpoint, load_checkpoint, save_checkpoint
@@ -52,13 +59,20 @@ def step_row(step: int) -> dict[str, float]:
 
 # -- pure parts ----------------------------------------------------------------------------
 
+def summary(step: int) -> StepSummary:
+    """Step `step` as a driver pod publishes it."""
+    return StepSummary(step=step, reward=0.5, gpu_seconds_total=step * STEP_GPU_S,
+                       weights_version=step, metrics=exported_metrics(step_row(step)))
+
+
 def test_decide_suspends_for_the_budget_after_the_other_reasons() -> None:
     view = JobView(valid=True, steps_done=2, steps=5, over_budget=True)
     assert decide(view) is Action.BUDGET
+    assert decide(replace(view, driver=DriverState.FINISHED)) is Action.BUDGET
     assert decide(replace(view, suspend=True)) is Action.SUSPEND
     assert decide(replace(view, steps_done=5)) is Action.SUCCEEDED
     assert decide(replace(view, valid=False)) is Action.INVALID
-    assert decide(replace(view, over_budget=False)) is Action.DRIVE
+    assert decide(replace(view, over_budget=False)) is Action.START
 
 
 def test_budget_condition_sets_and_clears() -> None:
@@ -72,19 +86,21 @@ def test_budget_condition_sets_and_clears() -> None:
     assert conds["BudgetExceeded"]["message"].startswith("spec.budget.maxGpuHours")
     assert conds["Suspended"]["status"] == "True" and conds["Running"]["status"] == "False"
     # Raising the budget: the next start clears it.
-    again = st.started(over["conditions"], ["j-actor"], 2, 5, 5, now=T0, has_budget=True)
+    again = st.started(over["conditions"], ["j-actor"], "j-driver", 2, 5, 5, now=T0,
+                       has_budget=True)
     assert st.condition(again, "BudgetExceeded")["status"] == "False"  # type: ignore[index]
     # Removing the budget clears it too; a job that never had one gets no such condition.
-    removed = st.started(over["conditions"], ["j-actor"], 2, 5, 5, now=T0)
+    removed = st.started(over["conditions"], ["j-actor"], "j-driver", 2, 5, 5, now=T0)
     assert st.condition(removed, "BudgetExceeded")["reason"] == "WithinBudget"  # type: ignore[index]
-    assert st.condition(st.started([], ["j-actor"], 0, 5, 1, now=T0), "BudgetExceeded") is None
+    assert st.condition(st.started([], ["j-actor"], "j-driver", 0, 5, 1, now=T0),
+                        "BudgetExceeded") is None
 
 
 def test_step_status_carries_the_cost() -> None:
-    record = StepRecord(1, step_row(1), 0.5, STEP_GPU_S, 1, "/run/checkpoint.json")
-    patch = st.step_done([], record, 5, None, now=T0, cost={"gpuSeconds": 1800.0})
+    patch = st.step_done([], summary(1), 5, "run/checkpoint.json", None, now=T0,
+                         cost={"gpuSeconds": 1800.0})
     assert patch["cost"] == {"gpuSeconds": 1800.0}
-    assert "cost" not in st.step_done([], record, 5, None, now=T0)
+    assert "cost" not in st.step_done([], summary(1), 5, "run/checkpoint.json", None, now=T0)
 
 
 def test_status_patches_fit_the_crd_status_schema() -> None:
@@ -93,20 +109,22 @@ def test_status_patches_fit_the_crd_status_schema() -> None:
 
     schema = openapi()["properties"]["status"]
     ledger = Ledger.of([step_row(1), step_row(2)])
-    record = StepRecord(2, step_row(2), 0.5, 2 * STEP_GPU_S, 2, "/run/checkpoint.json")
     unpriced = Ledger.of([{"cost/gpu_seconds": 5.0, "cost/gpu_seconds/actor": 5.0}])
-    for patch in (st.step_done([], record, 5, 1, now=T0, cost=cost_status(ledger)),
+    cp = "jobs/ns/j-abcdef01/run/checkpoint.json"
+    for patch in (st.step_done([], summary(2), 5, cp, 1, now=T0, cost=cost_status(ledger)),
                   st.budget_exceeded([], 2, "over", 1, now=T0, cost=cost_status(ledger)),
-                  st.step_done([], record, 5, 1, now=T0, cost=cost_status(unpriced)),
-                  st.started([], ["j-actor"], 0, 5, 1, now=T0, has_budget=True)):
+                  st.step_done([], summary(2), 5, cp, 1, now=T0, cost=cost_status(unpriced)),
+                  st.started([], ["j-actor"], "j-driver", 0, 5, 1, now=T0, has_budget=True)):
         assert _schema_errors(patch, schema, "status") == []
         assert _unknown_fields(patch, schema, "status") == []
     assert "dollars" not in cost_status(unpriced)
 
 
 def test_cost_metrics_are_exported_per_stage_and_use() -> None:
+    """From what a driver pod publishes (the operator) and from a StepRecord (a process
+    that drove the step itself): the same series."""
     m = OperatorMetrics()
-    m.observe_step("ns", "j", StepRecord(1, step_row(1), 0.5, STEP_GPU_S, 1, "cp"))
+    m.observe_step("ns", "j", summary(1))
     m.observe_step("ns", "j", StepRecord(2, step_row(2), 0.5, 2 * STEP_GPU_S, 2, "cp"))
     m.observe_budget("ns", "j", 0.75)
     m.observe_budget("ns", "nobudget", None)
@@ -137,6 +155,11 @@ def test_chart_prices_reach_the_driver_and_bad_ones_stop_the_operator() -> None:
                                                                           spot=0.8)})
     job = parse_spec({**TINY, "cost": {"stageGpuTypes": {"learner": "H100"}}})
     prices = job_prices(priced_job(job, config.cost).spec)
+    # ... as the driver pod reads them back from the environment the operator gives it.
+    from rlhfless.cost.prices import cost_env
+
+    handed = cost_defaults_from_env({e["name"]: e["value"] for e in cost_env(config.cost)})
+    assert handed == config.cost
     assert prices.of("actor") == 0.8  # the chart's GPU type and spot price
     assert prices.of("learner") == 3.00  # the job's GPU type, the built-in spot price
     assert job_prices(job.spec).of("actor") == 6.88  # unpriced by a cluster: the defaults
@@ -153,26 +176,43 @@ def test_chart_prices_reach_the_driver_and_bad_ones_stop_the_operator() -> None:
 
 class MeteredDriver:
     """The driver's contract without the ML: one metrics.jsonl row and a checkpoint per
-    step, resume from the checkpoint, stop after the current step when asked."""
+    step, resume from the checkpoint, the spend totalled from the checkpointed rows, stop
+    after the current step when asked or when the next one would cross spec.budget."""
 
-    def __init__(self, ctx: JobContext, runtime: Any, started: list[int]):
-        self.ctx, self.runtime, self.started = ctx, runtime, started
+    def __init__(self, job: Any, runtime: Any, run_dir: Path, started: list[int]):
+        self.job, self.runtime, self.run_dir, self.started = job, runtime, run_dir, started
+        cp = load_checkpoint(run_dir)
+        self.saved_step = cp.step if cp else 0
+        self.ledger, self.budget = Ledger(), BudgetCheck()
+
+    def prepare(self) -> str | None:
+        log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.ledger = Ledger.of(log.read(upto=self.saved_step))
+        self.budget = check_budget(self.ledger, self.job.spec.budget)
+        return None
 
     async def run(self, stop: asyncio.Event | None = None, on_step: Any = None) -> int:
-        cp = load_checkpoint(self.ctx.run_dir) or Checkpoint()
-        log = MetricsLog(self.ctx.run_dir / "metrics.jsonl")
-        while cp.step < self.ctx.job.spec.steps and not (stop is not None and stop.is_set()):
+        cp = load_checkpoint(self.run_dir) or Checkpoint()
+        log = MetricsLog(self.run_dir / "metrics.jsonl")
+        while cp.step < self.job.spec.steps and not (stop is not None and stop.is_set()):
+            if self.budget.exceeded:
+                break
             step = cp.step + 1
             self.started.append(step)
             await asyncio.sleep(0.05)
             cp = Checkpoint(step=step, weights_version=step,
                             gpu_seconds_total=cp.gpu_seconds_total + STEP_GPU_S)
             record = StepRecord(step, step_row(step), 0.5, cp.gpu_seconds_total, step,
-                                str(self.ctx.run_dir / "checkpoint.json"))
+                                str(self.run_dir / "checkpoint.json"))
             log.append(record)
-            save_checkpoint(self.ctx.run_dir, cp)
+            save_checkpoint(self.run_dir, cp)
+            self.saved_step = step
+            self.ledger.add(record.metrics)
+            self.budget = check_budget(self.ledger, self.job.spec.budget)
             if on_step is not None:
                 await on_step(record)
+        for stage in self.job.spec.stages.deployed:
+            await self.runtime.scale(stage, 0)
         return cp.step
 
 
@@ -197,12 +237,13 @@ class ScaleRecorder:
 async def operator(tmp_path: Path, started: list[int], scales: list[tuple[str, int]],
                    metrics: OperatorMetrics):
     async with emulated_cluster() as cluster:
-        config = OperatorConfig(data_dir=tmp_path, watch_interval_s=0.05, retry_backoff_s=0.2)
-        hooks = cluster.hooks(config=config,
-                              runtime_factory=lambda ctx: ScaleRecorder(scales),
-                              driver_factory=lambda ctx, rt: MeteredDriver(ctx, rt, started),
-                              metrics=metrics)
-        async with cluster.operator(hooks):
+        config = OperatorConfig(watch_interval_s=0.05, progress_interval_s=0.05,
+                                retry_backoff_s=0.2)
+        pods = in_process(
+            cluster, tmp_path, lambda job, ns, kube, token, run_dir, store: ScaleRecorder(scales),
+            lambda job, rt, run_dir, store: MeteredDriver(job, rt, run_dir, started))
+        async with cluster.operator(cluster.hooks(config=config, metrics=metrics)), \
+                cluster.job_controller(pods):
             yield cluster
 
 
@@ -262,18 +303,3 @@ async def test_dollar_budget_and_an_exhausted_budget_on_restart(tmp_path: Path) 
             "observedGeneration") == 2, what="re-checked after the change")
         await asyncio.sleep(0.3)
         assert cluster.phase("usd") == "Suspended" and started == [1, 2]
-
-
-def test_an_unreadable_metrics_log_counts_as_no_spend(tmp_path: Path) -> None:
-    from rlhfless.operator.handlers import recorded_cost
-
-    job = parse_spec({**TINY, "budget": {"maxGpuHours": 1}})
-    (tmp_path / "metrics.jsonl").write_text("{half a row\n")
-    ledger, budget = recorded_cost(tmp_path, job)
-    assert ledger.steps == 0 and not budget.exceeded
-    MetricsLog(tmp_path / "metrics.jsonl").path.write_text(
-        "".join(json.dumps({"step": s, **step_row(s)}) + "\n" for s in (1, 2, 3)))
-    save_checkpoint(tmp_path, Checkpoint(step=2, weights_version=2))
-    ledger, budget = recorded_cost(tmp_path, job)
-    assert ledger.steps == 2  # only checkpointed steps: step 3 will be redone
-    assert budget.exceeded  # 1 GPU-hour spent

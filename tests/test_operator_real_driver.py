@@ -1,21 +1,27 @@
-"""The real kopf operator running the real driver on the embedded local runtime.
+"""The real kopf operator with real driver pods: real RL steps, and a spec path that does
+not exist reported by the driver pod while the operator never touches it.
 
-Knative is swapped for `LocalRuntime` through the operator's runtime hook: stage functions
-are local processes serving a tiny model, so the status the operator reports comes from
-real RL steps (rewards, GPU-second meter, checkpoints).
+The first test runs the driver pod in-process on the embedded local runtime (stage
+functions are local processes serving a tiny model), so the status the operator reports
+comes from real RL steps (rewards, GPU-second meter, checkpoints). The second runs the real
+`rlhfless driver` command as a subprocess against the emulated API.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from kmock_cluster import emulated_cluster
+from driver_pods import in_process, subprocess_pod
+from kmock_cluster import BATCH_JOBS, KSVC, SECRETS, emulated_cluster
 
 from rlhfless.api.spec import GpuPrice
 from rlhfless.cost import CostDefaults
 from rlhfless.driver.records import MetricsLog
-from rlhfless.operator.config import OperatorConfig, real_driver
+from rlhfless.operator.config import OperatorConfig
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.runtime.local import LocalRuntime
 
@@ -36,14 +42,14 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     metrics = OperatorMetrics()
     async with emulated_cluster() as cluster:
         hooks = cluster.hooks(
-            config=OperatorConfig(data_dir=tmp_path, watch_interval_s=0.05,
+            config=OperatorConfig(watch_interval_s=0.05, progress_interval_s=0.1,
                                   cost=CostDefaults("L4", "spot", {"L4": GpuPrice(spot=0.36)})),
-            runtime_factory=lambda ctx: LocalRuntime(ctx.job, ctx.store_dir, ctx.run_dir,
-                                                     threads_per_instance=1),
-            driver_factory=real_driver,
-            metrics=metrics,
-        )
-        async with cluster.operator(hooks):
+            metrics=metrics)
+        pods = in_process(
+            cluster, tmp_path,
+            lambda job, ns, kube, token, run_dir, store: LocalRuntime(
+                job, store, run_dir, threads_per_instance=1, token=token))
+        async with cluster.operator(hooks), cluster.job_controller(pods):
             created = await cluster.create_job("real", SPEC)
             steps_seen: list[int] = []
 
@@ -59,10 +65,10 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     assert steps_seen == [1, 2]
     assert status["weightsVersion"] == 2
     assert 0.0 <= status["reward"] <= 1.0
-    assert status["costGpuSeconds"] > 0  # actor, reference and trainer hold 1 GPU each
-    run_dir = tmp_path / "jobs" / "default" / f"real-{created['metadata']['uid'][:8]}" / "run"
-    assert status["checkpoint"] == str(run_dir / "checkpoint.json")
-    rows = MetricsLog(run_dir / "metrics.jsonl").read()
+    assert status["costGpuSeconds"] > 0  # actor and learner hold 1 GPU each
+    home = Path("jobs") / "default" / f"real-{created['metadata']['uid'][:8]}"
+    assert status["checkpoint"] == str(home / "run" / "checkpoint.json")
+    rows = MetricsLog(tmp_path / home / "run" / "metrics.jsonl").read()
     assert [r["step"] for r in rows] == [1, 2]
     assert status["reward"] == pytest.approx(rows[-1]["reward/mean"])
     assert metrics.steps.labels("default", "real")._value.get() == 2
@@ -71,3 +77,70 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
     assert cost["gpuSeconds"] == pytest.approx(sum(r["cost/gpu_seconds"] for r in rows), rel=1e-3)
     assert cost["dollars"] == pytest.approx(cost["gpuSeconds"] * 0.36 / 3600, rel=1e-3)
     assert cost["serverfulGpuSeconds"] > 0
+
+
+def ready_reason(cluster: Any, name: str) -> str | None:
+    for cond in cluster.status(name).get("conditions") or []:
+        if cond["type"] == "Ready":
+            return cond.get("reason")
+    return None
+
+
+class _FileAccess:
+    """Every path this process opens, lists or stats while armed (audit hook + os.stat)."""
+
+    armed = False
+    seen: list[str] = []
+
+    @classmethod
+    def hook(cls, event: str, args: tuple[Any, ...]) -> None:
+        if cls.armed and event in ("open", "os.listdir", "os.scandir") and args:
+            cls.seen.append(str(args[0]))
+
+
+sys.addaudithook(_FileAccess.hook)
+
+
+@pytest.mark.slow
+async def test_the_operator_never_opens_a_spec_path_and_the_driver_pod_reports_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = "/nonexistent-rlhfless-model/weights"
+    spec = {**SPEC, "model": {"source": "hf", "path": missing},
+            "dataset": {"kind": "jsonl", "path": "/nonexistent-rlhfless-data/train.jsonl"}}
+    real_stat = os.stat
+
+    def watched_stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if _FileAccess.armed:
+            _FileAccess.seen.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", watched_stat)
+    logs: list[str] = []
+    async with emulated_cluster() as cluster:
+        hooks = cluster.hooks(
+            config=OperatorConfig(watch_interval_s=0.05, progress_interval_s=0.1,
+                                  max_retries=0),
+            metrics=OperatorMetrics())
+        _FileAccess.seen.clear()
+        _FileAccess.armed = True
+        try:
+            async with cluster.operator(hooks), cluster.job_controller(
+                    subprocess_pod(cluster, tmp_path, logs)):
+                await cluster.create_job("ghost", spec)
+                await cluster.wait_for(lambda: ready_reason(cluster, "ghost") == "DriverError",
+                                       timeout=180, what="the driver's report")
+        finally:
+            _FileAccess.armed = False
+        status = cluster.status("ghost")
+        # The operator created everything (it never looked at the paths)...
+        assert {s["metadata"]["name"] for s in cluster.list(KSVC)} == {
+            "ghost-actor", "ghost-reward", "ghost-learner"}
+        assert cluster.get(SECRETS, "ghost-token") is not None
+        assert [j["metadata"]["name"] for j in cluster.list(BATCH_JOBS)] == ["ghost-driver"]
+    # ...the driver pod found the path missing and said so, through the job's status...
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert missing in ready["message"], (ready["message"], logs)
+    assert status["phase"] == "Failed"
+    # ...and nothing in this process (the operator's) opened, listed or stat-ed it.
+    assert not [p for p in _FileAccess.seen if "nonexistent-rlhfless" in p]
+    assert _FileAccess.seen  # the watch was live

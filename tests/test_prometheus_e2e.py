@@ -31,8 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from kmock_cluster import emulated_cluster
-from test_operator_kmock import TINY, Trace, fake_hooks
+from test_operator_kmock import TINY, Trace, running
 
 from rlhfless.operator.metrics import OperatorMetrics
 from rlhfless.runtime.discovery import CHART_RULES, PROMETHEUS_CONFIG_FILE, TARGETS_FILE
@@ -216,9 +215,9 @@ async def test_every_dashboard_query_returns_data(tmp_path: Path) -> None:
                         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                         f"--web.listen-address=127.0.0.1:{prom_port}"]
             with process(prom_cmd, prom_log) as prom_proc:
-                async with (httpx.AsyncClient() as client, emulated_cluster() as cluster,
-                            cluster.operator(fake_hooks(cluster, tmp_path / "op", Trace(),
-                                                        step_s=0.5, metrics=op_metrics))):
+                async with (httpx.AsyncClient() as client,
+                            running(tmp_path / "op", Trace(), step_s=0.5,
+                                    metrics=op_metrics) as cluster):
                     await cluster.create_job("demo", {**TINY, "steps": 100000})
                     prom = Prometheus(f"http://127.0.0.1:{prom_port}", client)
 
@@ -280,20 +279,30 @@ async def _until_every_query_answers(
 async def _check_targets_and_labels(prom: Prometheus, run_dir: Path, started: float) -> None:
     """Every live function instance is a target Prometheus scrapes, labelled like a function
     pod; no scraped rlhfless series carries a label beyond the bounded set."""
-    listed = json.loads((run_dir / TARGETS_FILE).read_text())
-    assert {g["labels"]["stage"] for g in listed} >= {"actor", "reward", "learner"}
-    addresses = {g["targets"][0]: g["labels"] for g in listed}
+    stages = {"actor", "reward", "learner"}
 
     async def all_up() -> bool:
+        # Actors live for a rollout only (scaled to zero after it, prewarmed for the next), so
+        # the listing is read afresh each time: every listed learner and reward instance must
+        # be scraped and up, and each stage must have had a listed instance scraped and up.
+        listed = json.loads((run_dir / TARGETS_FILE).read_text())
         targets = (await prom.api("targets", state="active"))["activeTargets"]
         seen = {t["scrapeUrl"].split("/")[2]: t for t in targets
                 if t["scrapePool"] == "rlhfless-functions"}
-        return all(a in seen and seen[a]["health"] == "up"
-                   and seen[a]["labels"]["instance"] == labels["instance"]
-                   and seen[a]["labels"]["job"] == LOCAL_JOB
-                   for a, labels in addresses.items())
+        for group in listed:
+            address, labels = group["targets"][0], group["labels"]
+            target = seen.get(address)
+            ok = (target is not None and target["health"] == "up"
+                  and target["labels"]["instance"] == labels["instance"]
+                  and target["labels"]["job"] == LOCAL_JOB)
+            if ok:
+                scraped_up.add(labels["stage"])
+            elif labels["stage"] != "actor":
+                return False
+        return scraped_up >= stages
 
-    await wait_for("every listed instance scraped", all_up, time.monotonic() + 60)
+    scraped_up: set[str] = set()
+    await wait_for("every listed instance scraped", all_up, time.monotonic() + 180, 0.2)
     series = await prom.api("series", **{"match[]": '{__name__=~"rlhfless_.+"}',
                                          "start": started, "end": time.time()})
     assert series

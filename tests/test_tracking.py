@@ -192,12 +192,12 @@ def test_wandb_offline_run_in_the_run_dir(tmp_path, monkeypatch):
 
 def test_driver_wires_the_sinks(tmp_path):
     """The driver opens the sinks when it starts and closes them at the end (no runtime
-    needed for this: `_prepare` + a step record appended)."""
+    needed for this: `prepare` + a step record appended)."""
     from rlhfless.driver import Driver
     from tests.conftest import tiny_job
 
     driver = Driver(tiny_job("tb"), SimpleNamespace(), tmp_path)
-    driver._prepare()
+    driver.prepare()
     assert [type(s).__name__ for s in driver.metrics_log.sinks] == ["TensorBoardSink"]
     driver.metrics_log.append(_record(1, 0.5))
     driver.metrics_log.close()

@@ -11,7 +11,7 @@ import torch
 import rlhfless.store.weights as weights
 from rlhfless.model import CharTokenizer, load_base
 from rlhfless.model.materialize import load_from_store, materialize_base
-from rlhfless.store import WeightStore, WeightStoreError
+from rlhfless.store import VersionExistsError, WeightStore, WeightStoreError
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -68,11 +68,10 @@ def test_missing_and_existing_versions(tmp_path):
     store.save(0, tensors(), {})
     with pytest.raises(WeightStoreError, match=r"version 7 not found .*have: \[0\]"):
         store.load(7)
-    with pytest.raises(WeightStoreError, match="already exists"):
-        store.save(0, tensors(1), {})
-    store.save(0, tensors(1), {"redo": True}, overwrite=True)
-    loaded, meta = store.load(0)
-    assert meta == {"redo": True} and torch.equal(loaded["a.weight"], tensors(1)["a.weight"])
+    with pytest.raises(VersionExistsError, match="never rewritten"):
+        store.save(0, tensors(1), {"redo": True})
+    loaded, meta = store.load(0)  # append-only: the first write stands
+    assert meta == {} and torch.equal(loaded["a.weight"], tensors()["a.weight"])
     assert [p.name for p in tmp_path.iterdir()] == ["v0"]  # no temp or old dirs left over
 
 

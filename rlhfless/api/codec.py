@@ -22,6 +22,7 @@ reserved) and a reader knows each frame's size before it arrives.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -146,3 +147,29 @@ def to_json_compatible(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [to_json_compatible(v) for v in obj]
     return obj
+
+
+def non_finite(obj: Any, where: str = "") -> str | None:
+    """Where the first NaN or ±Inf of a message sits (a field path), or None when every
+    number is finite. Float arrays are checked whole (one vectorised pass)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "(root)")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f" and obj.size and not np.isfinite(obj).all():
+            return f"{where}[{int(np.flatnonzero(~np.isfinite(obj.ravel()))[0])}]"
+        return None
+    if isinstance(obj, np.floating):
+        return non_finite(float(obj), where)
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = ((f"[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for key, value in items:
+        path = (f"{where}{key}" if str(key).startswith("[") else
+                f"{where}.{key}" if where else str(key))
+        found = non_finite(value, path)
+        if found is not None:
+            return found
+    return None

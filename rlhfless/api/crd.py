@@ -18,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from rlhfless.api.imageref import MAX_NAME_LENGTH, NAME_LENGTH_PATTERN
 from rlhfless.api.names import JOB_NAME_PATTERN, MAX_JOB_NAME
 from rlhfless.api.spec import API_GROUP, GPU_TYPE_PATTERN, KIND, JobSpec
 from rlhfless.api.stages import STAGE_NAMES
@@ -287,12 +286,6 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
               "stageGpuTypes keys must be stage names: " + ", ".join(STAGE_NAMES)),
         _rule(f"!has(self.prices) || self.prices.all(k, k.matches('{GPU_TYPE_PATTERN}'))",
               "prices keys must be GPU type names (letters, digits, '.', '_', '-')"),
-    ],
-    ("image",): [
-        # The schema's pattern is the reference grammar; this adds the name's length limit.
-        _rule(f"self.matches('{NAME_LENGTH_PATTERN}')",
-              f"image name (before the tag or digest) may have at most {MAX_NAME_LENGTH} "
-              "characters"),
     ],
 }
 

@@ -16,9 +16,13 @@ From github.com/distribution/reference (the grammar container runtimes apply):
     tag               := /[\\w][\\w.-]{0,127}/
     digest            := algorithm ":" hex   (sha256: 64, sha384: 96, sha512: 128 hex digits)
 
-and a name of at most 255 characters. `REFERENCE_PATTERN` is the grammar as one RE2 regular
-expression (the CRD's `pattern`); `NAME_LENGTH_PATTERN` adds the length limit as a second one
-(a CEL rule), since one regular expression cannot count the name's part of the string.
+and a name of at most 255 characters. `REFERENCE_PATTERN` is the grammar as one RE2-compatible
+regular expression; `NAME_LENGTH_PATTERN` adds the length limit as a second one, since one
+regular expression cannot count the name's part of the string.
+
+A job never names an image (its pods run the operator's); the operator checks the images it
+is configured with (`knative.pods.FunctionSettings.from_env`) and refuses to start with a
+malformed one rather than create pods no node can pull.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from rlhfless.api.errors import FieldError, SpecError
-from rlhfless.api.imageref import MAX_REFERENCE_LENGTH, REFERENCE_PATTERN, check_image
 from rlhfless.api.names import name_errors, namespace_errors
 from rlhfless.api.quantity import (
     MAX_QUANTITY_LENGTH,
@@ -50,9 +49,6 @@ def _exact_int(value: Any) -> Any:
 Quantity = Annotated[str, Field(max_length=MAX_QUANTITY_LENGTH,
                                 json_schema_extra={"pattern": QUANTITY_PATTERN}),
                      BeforeValidator(quantity_is_text), AfterValidator(check_quantity)]
-ImageReference = Annotated[str, Field(max_length=MAX_REFERENCE_LENGTH,
-                                      json_schema_extra={"pattern": REFERENCE_PATTERN}),
-                           AfterValidator(check_image)]
 
 
 @functools.cache
@@ -262,10 +258,21 @@ class StageResources(SpecModel):
                              "quantity).")
 
 
+class DriverResources(SpecModel):
+    cpu: Quantity = Field("2", description="CPU request of the driver pod (Kubernetes "
+                          "quantity).")
+    memory: Quantity = Field(
+        "8Gi", description="Memory of the driver pod; it loads the base model once to write "
+        "version 0, so at least the model's size in float32."
+    )
+
+
 class ResourcesSpec(SpecModel):
     """Per stage function (see rlhfless.api.stages): the learner holds the policy, the frozen
-    reference and the critic in one instance."""
+    reference and the critic in one instance. `driver` is the job's driver pod on a
+    cluster (not a stage)."""
 
+    driver: DriverResources = Field(default_factory=DriverResources)
     actor: StageResources = Field(default_factory=StageResources)
     reward: StageResources = Field(default_factory=lambda: StageResources(gpus=0))
     learner: StageResources = Field(default_factory=StageResources)
@@ -425,9 +432,6 @@ class JobSpec(SpecModel):
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     steps: int = Field(10, ge=1, le=10_000_000, description="RL steps to run.")
     seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of sampling and shuffling.")
-    image: ImageReference = Field(
-        "ghcr.io/rlhfless/rlhfless:0.1.0", description="Container image of the functions."
-    )
     suspend: bool = Field(False, description="Stop after the current step and scale to zero.")
 
     @property
@@ -527,6 +531,13 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Fields a job may no longer set, and where that setting lives now.
+_REMOVED = {
+    ("spec", "image"): " (function and driver images come from the operator's configuration: "
+                       "Helm values functions.images)",
+}
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     messages = []
     for err in exc.errors():
@@ -537,7 +548,7 @@ def _format_errors(exc: ValidationError) -> list[str]:
             loc, msg = (*loc, *cause.field.split(".")), cause.message
         kind = err["type"]
         if kind == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + _REMOVED.get(loc, "")
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             msg = f"must be a mapping, got {_shown(err['input'])}"
         elif kind.endswith("_type") or kind.endswith("_parsing"):

@@ -12,7 +12,9 @@ The step's three stages speak three contracts:
   `ActorCut` / `ActorMerge` on its control endpoint (instance-addressed).
 - reward: `RewardRequest` → `RewardResponse` (JSON: decoded text in, floats out).
 - learner: `LearnerBegin` → `LearnerAdd` × groups → `LearnerFinish` (one optimizer step,
-  weights v+1). A group is sent inline or as a shard of the job's store, referenced by id.
+  published as a new weights version the driver chose). A group is sent inline or as a
+  shard of the job's store, referenced by id.
+Every call carries the job's bearer token (`bearer`, `TOKEN_ENV`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ JOB_ENV = "RLHFJOB_SPEC"
 # Share (0-1] of each of its GPUs' memory an instance may take, when a runtime packs several
 # instances onto one GPU (unset: the GPUs are the instance's own).
 GPU_SHARE_ENV = "RLHFLESS_GPU_MEMORY_SHARE"
+# The job's shared secret: every call to a stage function carries it as a bearer token.
+TOKEN_ENV = "RLHFLESS_TOKEN"
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The request header that authenticates a caller to the job's functions."""
+    return {"Authorization": f"Bearer {token}"}
+
 MAX_BATCH = 65536
 # The header a function names itself in (the pod's hostname on a cluster), so a runtime can
 # attribute busy time to instances and address a streaming actor directly.
@@ -48,6 +58,9 @@ def _array(dtype: str, integer: bool):
             raise ValueError(f"expected a flat array, got {arr.ndim} dimensions")
         if arr.size and integer and arr.dtype.kind not in "iu":
             raise ValueError("expected integers")
+        if (arr.size and integer and (arr.dtype.itemsize > 4 or arr.dtype.kind == "u")
+                and (arr.min() < -(1 << 31) or arr.max() >= 1 << 31)):
+            raise ValueError("expected 32-bit integers")  # never wrapped into another id
         if arr.size and not integer and arr.dtype.kind not in "iuf":
             raise ValueError("expected numbers")
         return arr.astype(dtype, copy=False)
@@ -275,10 +288,27 @@ class LearnerAdd(VersionedRequest):
 
 
 class LearnerFinish(VersionedRequest):
-    """Apply the step's one optimizer step (all groups in) and write weights v+1."""
+    """Apply the step's one optimizer step (all groups in) and publish it as `new_version`.
+
+    The store is append-only: a `new_version` that already exists is refused (409) unless
+    this very request published it (then it is answered from what exists). The driver picks
+    one above every version used so far (`WeightStore.next_version`).
+    """
 
     op: Literal["finish"] = "finish"
     step: int = Field(..., ge=1)
+    new_version: int | None = Field(
+        None, ge=1, description="Version to publish; default weights_version + 1.")
+
+    @model_validator(mode="after")
+    def _above(self) -> LearnerFinish:
+        if self.new_version is not None and self.new_version <= self.weights_version:
+            raise ValueError("new_version must be above weights_version")
+        return self
+
+    @property
+    def target_version(self) -> int:
+        return self.new_version if self.new_version is not None else self.weights_version + 1
 
 
 LearnerRequest = Annotated[LearnerBegin | LearnerAdd | LearnerFinish,

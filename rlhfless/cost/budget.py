@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhfless.api.progress import CostReport
 from rlhfless.api.spec import BudgetSpec
 from rlhfless.cost.row import (
     KEY_DOLLARS,
@@ -78,6 +79,25 @@ class Ledger:
         self.serverful_dollars = _add(self.serverful_dollars,
                                       _num(row, KEY_SERVERFUL_DOLLARS))
         self.recent.append((gpu_s, usd))
+
+    def report(self) -> CostReport:
+        """The totals as data: what a job's driver pod publishes for the operator."""
+        return CostReport(
+            steps=self.steps, gpu_seconds=self.gpu_seconds, dollars=self.dollars,
+            stage_gpu_seconds=dict(self.stage_gpu_seconds),
+            stage_dollars=dict(self.stage_dollars),
+            serverful_gpu_seconds=self.serverful_gpu_seconds,
+            serverful_dollars=self.serverful_dollars, recent=list(self.recent))
+
+    @classmethod
+    def from_report(cls, report: CostReport) -> Ledger:
+        """The ledger a report was made from (the operator's view of a driver's spend)."""
+        return cls(steps=report.steps, gpu_seconds=report.gpu_seconds, dollars=report.dollars,
+                   stage_gpu_seconds=dict(report.stage_gpu_seconds),
+                   stage_dollars=dict(report.stage_dollars),
+                   serverful_gpu_seconds=report.serverful_gpu_seconds,
+                   serverful_dollars=report.serverful_dollars,
+                   recent=deque(report.recent[-RECENT_STEPS:], maxlen=RECENT_STEPS))
 
     def next_step(self) -> tuple[float, float | None]:
         """Predicted (GPU-seconds, dollars) of the next step: the largest recent one."""

@@ -5,6 +5,10 @@ large clouds (per GPU, the instance's CPU and memory share included), rounded; t
 placeholders for your own rates: override them in the operator's Helm values
 (`cost.prices`) or in a job (`spec.cost.prices`). The README cites where they come from.
 
+The operator's table travels as environment variables (`COST_ENV`): its Deployment has them
+from the Helm values, and it hands them on to each job's driver pod, which prices the job
+with them (`priced_job`).
+
 Resolution, most specific first: `spec.cost.prices` > the operator's table > the defaults;
 the GPU type of a stage is `spec.cost.stageGpuTypes[stage]` > `spec.cost.gpuType` > the
 operator's `cost.gpuType` > H100. A GPU type with no price leaves that stage without
@@ -13,10 +17,14 @@ dollars (a warning, never an error): its GPU-seconds are still reported.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rlhfless.api.spec import CostSpec, GpuPrice, JobSpec
+from pydantic import TypeAdapter, ValidationError
+
+from rlhfless.api.spec import GPU_TYPE_PATTERN, CostSpec, GpuPrice, GpuType, JobSpec, RLHFJob
 
 ON_DEMAND, SPOT = "onDemand", "spot"
 DEFAULT_GPU_TYPE = "H100"
@@ -122,3 +130,49 @@ def with_defaults(cost: CostSpec, defaults: CostDefaults) -> CostSpec:
         "pricing": cost.pricing or defaults.pricing,
         "prices": merge_prices(defaults.prices, cost.prices),
     })
+
+
+# The environment that carries a cluster's CostDefaults (operator Deployment → driver pods).
+ENV_GPU_TYPE = "RLHFLESS_GPU_TYPE"
+ENV_PRICING = "RLHFLESS_PRICING"
+ENV_PRICES = "RLHFLESS_GPU_PRICES"
+COST_ENV = (ENV_GPU_TYPE, ENV_PRICING, ENV_PRICES)
+_PRICE_TABLE = TypeAdapter(dict[GpuType, GpuPrice])
+
+
+def cost_defaults_from_env(env: Mapping[str, str]) -> CostDefaults:
+    """The cluster's GPU type, pricing and price table (Helm values `cost.*`); a bad value is
+    an error naming the variable, so the operator refuses to start rather than misprice."""
+    gpu_type = env.get(ENV_GPU_TYPE) or DEFAULT_GPU_TYPE
+    if not re.match(GPU_TYPE_PATTERN, gpu_type):
+        raise ValueError(f"{ENV_GPU_TYPE}: {gpu_type!r} is not a GPU type name")
+    pricing = env.get(ENV_PRICING) or ON_DEMAND
+    if pricing not in (ON_DEMAND, SPOT):
+        raise ValueError(f"{ENV_PRICING}: must be {ON_DEMAND!r} or {SPOT!r}, got {pricing!r}")
+    prices = dict(DEFAULT_PRICES)
+    raw = env.get(ENV_PRICES)
+    if raw:
+        try:
+            prices = _PRICE_TABLE.validate_python(json.loads(raw), strict=True)
+        except ValidationError as exc:
+            where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                              for e in exc.errors())
+            raise ValueError(f"{ENV_PRICES} (Helm values cost.prices): {where}") from None
+        except ValueError as exc:
+            raise ValueError(f"{ENV_PRICES}: not JSON: {exc}") from None
+    return CostDefaults(gpu_type=gpu_type, pricing=pricing, prices=prices)
+
+
+def cost_env(defaults: CostDefaults) -> list[dict[str, str]]:
+    """`defaults` as a pod's environment (what `cost_defaults_from_env` reads back)."""
+    table = {gpu: price.model_dump(by_alias=True, exclude_none=True)
+             for gpu, price in sorted(defaults.prices.items())}
+    return [{"name": ENV_GPU_TYPE, "value": defaults.gpu_type},
+            {"name": ENV_PRICING, "value": defaults.pricing},
+            {"name": ENV_PRICES, "value": json.dumps(table, separators=(",", ":"))}]
+
+
+def priced_job(job: RLHFJob, defaults: CostDefaults) -> RLHFJob:
+    """The job with the cluster's GPU type and prices filled into `spec.cost`."""
+    spec = job.spec.model_copy(update={"cost": with_defaults(job.spec.cost, defaults)})
+    return job.model_copy(update={"spec": spec})

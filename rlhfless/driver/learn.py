@@ -11,7 +11,9 @@ the whole rollout is in; then one reward request, the adds, and `finish`.
 
 A learner that restarted mid-step answers 409 `step_not_open`: `LearnerClient` begins the
 step again and re-sends every group it had added, in the same order, from their shards,
-then carries on; the update equals the uninterrupted one.
+then carries on; the update equals the uninterrupted one. `finish` names the version the
+learner publishes (`new_version`, chosen by the driver above every version used so far: the
+store is append-only).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class LearnerClient:
 
     def __init__(self, runtime: Runtime, shards: ShardStore, step: int, version: int,
                  group_ids: Sequence[str], prefix: str, busy: list[BusyInterval],
-                 inline_limit: int = INLINE_LIMIT_BYTES):
+                 inline_limit: int = INLINE_LIMIT_BYTES, new_version: int | None = None):
         self.runtime, self.shards = runtime, shards
         self.step, self.version = step, version
+        self.new_version = new_version  # what finish publishes (None: version + 1)
         self.group_ids = list(group_ids)
         self.prefix, self.busy = prefix, busy
         self.inline_limit = inline_limit
@@ -94,7 +97,7 @@ class LearnerClient:
     async def finish(self) -> dict[str, Any]:
         return await self._with_recovery(lambda: self._call(LearnerFinish(
             request_id=f"{self.prefix}-finish{self.generation}", weights_version=self.version,
-            step=self.step).model_dump()))
+            step=self.step, new_version=self.new_version).model_dump()))
 
     async def _with_recovery(self, call) -> dict[str, Any]:
         while True:
@@ -135,14 +138,14 @@ class StepLearning:
     def __init__(self, runtime: Runtime, spec: JobSpec, shards: ShardStore,
                  tokenizer: Tokenizer, items: Sequence[PromptItem], step: int, version: int,
                  prefix: str, busy: list[BusyInterval],
-                 inline_limit: int = INLINE_LIMIT_BYTES):
+                 inline_limit: int = INLINE_LIMIT_BYTES, new_version: int | None = None):
         self.runtime, self.spec, self.shards, self.tok = runtime, spec, shards, tokenizer
         self.items = {item.key: item for item in items}
         self.position = {item.key: k for k, item in enumerate(items)}
         self.step, self.prefix, self.busy = step, prefix, busy
         self.streaming = spec.scheduling.streaming
         self.client = LearnerClient(runtime, shards, step, version, [i.key for i in items],
-                                    prefix, busy, inline_limit)
+                                    prefix, busy, inline_limit, new_version)
         self.rewards: dict[str, list[float]] = {}
         self._scoring: list[asyncio.Task[None]] = []
         self._queue: asyncio.Queue[tuple[GroupData, str] | None] = asyncio.Queue()

@@ -45,6 +45,8 @@ from rlhfless.store import (
     ShardStore,
     WeightStore,
     load_checkpoint,
+    prune_history,
+    recover,
     save_checkpoint,
 )
 
@@ -64,12 +66,14 @@ class Driver:
         self.inline_limit = inline_limit
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoint = load_checkpoint(self.run_dir) or Checkpoint()
+        self.saved_step = self.checkpoint.step  # the last step on disk (where a resume starts)
         self.planner = Planner(self.spec, self.checkpoint.scheduler)
         self.prices = job_prices(self.spec)
         self.ledger = Ledger()
         self.budget = BudgetCheck()  # exceeded: run() stops before the next step
         self._tokenizer = None
         self._dataset: list[dict] | None = None
+        self._prepared = False
 
     @property
     def completed_steps(self) -> int:
@@ -80,7 +84,8 @@ class Driver:
                   on_step: StepCallback | None = None) -> int:
         """Run until spec.steps are done, `stop` is set (checked between steps) or the next
         step would exceed spec.budget (`self.budget` says so; the last step is checkpointed)."""
-        await self.prepare()
+        # Loading a model (materialising v0) is blocking work: keep the event loop free.
+        await asyncio.to_thread(self.prepare)
         try:
             while self.checkpoint.step < self.spec.steps:
                 if (stop is not None and stop.is_set()) or self.budget.exceeded:
@@ -95,16 +100,22 @@ class Driver:
         await self._scale_all(0)
         return self.checkpoint.step
 
-    async def prepare(self) -> None:
-        """Materialise v0 if needed, load the tokenizer and the dataset (before `step`)."""
-        # Loading a model is blocking work: keep the event loop free (the operator runs
-        # this driver inside kopf's loop).
-        await asyncio.to_thread(self._prepare)
+    def prepare(self, command: str = "") -> str | None:
+        """Check the checkpoint's weights, materialise the base model, load the tokenizer and
+        the dataset, open the trackers, total the spend so far (once, before `step`).
 
-    def _prepare(self) -> None:
+        Returns a notice when the current weights version was corrupt and the run fell back
+        to an older checkpoint (`store.recover`; `command` names the job for the message).
+        """
+        if self._prepared:
+            return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.store.versions():
-            materialize_base(self.spec.model, self.store)
+        recovery = recover(self.run_dir, self.store, command)
+        if recovery.notice is not None and recovery.checkpoint is not None:
+            self.checkpoint = recovery.checkpoint
+            self.saved_step = self.checkpoint.step
+            self.planner = Planner(self.spec, self.checkpoint.scheduler)
+        materialize_base(self.spec.model, self.store)  # once; later a check that it matches
         # A step that ran but was never checkpointed is redone: forget its traces.
         self.metrics_log.truncate_after(self.checkpoint.step)
         self._tokenizer = load_tokenizer(self.store.base_dir / "tokenizer")
@@ -115,6 +126,8 @@ class Driver:
         self.budget = check_budget(self.ledger, self.spec.budget)
         for warning in job_cost_warnings(self.spec):
             log.warning("%s", warning)
+        self._prepared = True
+        return recovery.notice
 
     async def step(self, step: int) -> StepRecord:
         t0 = time.time()
@@ -128,8 +141,11 @@ class Driver:
 
         plan = self.planner.plan(items, warm_actors=self._alive("actor"))
         await self.runtime.scale("actor", plan.n_actors)
+        # Append-only store: a version left by a step that never reached its checkpoint
+        # keeps its number; this step publishes the next free one.
+        new_version = max(self.store.next_version(), version + 1)
         learn = StepLearning(self.runtime, self.spec, self.shards, self._tokenizer, items, step,
-                             version, prefix, busy, self.inline_limit)
+                             version, prefix, busy, self.inline_limit, new_version)
         rollout = StreamingRollout(self.runtime, items, plan.bins, version,
                                    self._rollout_settings(step), prefix, busy, learn.submit)
         try:
@@ -170,7 +186,9 @@ class Driver:
         due = step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps
         if due or self.budget.exceeded:  # a budget stop resumes exactly here
             save_checkpoint(self.run_dir, self.checkpoint)
+            self.saved_step = step
             self.store.prune(new_version, self.spec.checkpoint.keep)
+            prune_history(self.run_dir, set(self.store.versions()))
             self.shards.prune(step + 1)  # a checkpointed step is never re-sent
         return record
 

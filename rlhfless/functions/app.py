@@ -11,6 +11,13 @@ frames over a chunked response, the first one sent only once the request was acc
 a bad request is still a plain 4xx. While it streams, `POST /control` reaches the running
 request (cut it, merge samples into it) without waiting for it. Every reply names the
 instance that served it (header `x-rlhfless-instance`).
+
+What callers can rely on: every endpoint but the probes needs the job's bearer token
+(`functions.auth`, 401 otherwise), `/control` included; a body over the limit is refused
+(413) as soon as it passes it, chunked or not; a caller that disconnects abandons its
+request, streamed or not (`functions.cancel`: the engines stop at the next decode step); no
+reply carries NaN/Inf (they are refused on the way in and a reply holding one is a JSON 500)
+and no error names a filesystem path (the full error goes to the function's log).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -46,6 +54,8 @@ from rlhfless.api.wire import (
     REQUESTS,
     ErrorFrame,
 )
+from rlhfless.functions.auth import BearerAuth
+from rlhfless.functions.cancel import RequestCancelled, cancellable
 from rlhfless.functions.metrics import FunctionMetrics
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -65,6 +75,7 @@ def process_started_at() -> float:
 
 
 PROCESS_STARTED_AT = process_started_at()
+
 
 def instance_name() -> str:
     """This instance's name: set by the local runtime, else the host name (on Kubernetes,
@@ -99,13 +110,11 @@ class StageHandler(Protocol):
 class StreamingHandler(StageHandler, Protocol):
     def stream(self, request: Any, emit: Emit) -> None:
         """Serve one request as a sequence of frames (blocking; a worker thread). The first
-        frame means "accepted": raise before it to refuse the request."""
+        frame means "accepted": raise before it to refuse the request. A caller that leaves
+        makes `functions.cancel.check()` raise inside it."""
 
     def control(self, request: Any) -> BaseModel:
         """A control request for the running stream (never waits for it to finish)."""
-
-    def abandon(self, request_id: str) -> None:
-        """The caller went away: stop the stream `request_id` soon."""
 
 
 class _ResponseCache:
@@ -130,11 +139,26 @@ class _ResponseCache:
             self._items.popitem(last=False)
 
 
-def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
+# An absolute path of two or more components ("/data/jobs/x/store/v3/model.safetensors").
+_PATH = re.compile(r"(?<![\w.~])(?:/[^\s/'\"`,;:()\[\]{}<>]+){2,}/?")
+
+
+def redact_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last component."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
+def _error(status: int, message: str, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error for the caller; paths stay in the function's log only."""
+    redacted = redact_paths(message)
+    if redacted != message:
+        log.warning("HTTP %d: %s", status, message)
+    body: dict[str, Any] = {"error": redacted}
     if code:
         body["code"] = code
-    return JSONResponse(body, status_code=status, headers={INSTANCE_HEADER: instance_name()})
+    return JSONResponse(body, status_code=status,
+                        headers={INSTANCE_HEADER: instance_name(), **(headers or {})})
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -149,10 +173,30 @@ def _binary(request: Request) -> bool:
     return request.headers.get("content-type", "").split(";")[0].strip() == codec.CONTENT_TYPE
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
 def _parse(body: bytes, binary: bool) -> Any:
     if binary:
-        return codec.decode(body)
-    return json.loads(body)
+        message = codec.decode(body)
+        where = codec.non_finite(message)
+        if where is not None:
+            raise codec.CodecError(f"{where} is not a finite number")
+        return message
+    return json.loads(body, parse_constant=_no_constants)
+
+
+def _finite_reply(stage: str, data: Any) -> None:
+    """Refuse to send a NaN/Inf: a JSON reply could not carry it, and no caller wants it."""
+    where = codec.non_finite(data)
+    if where is not None:
+        raise FunctionError(500, f"the {stage} produced a non-finite number (NaN/Inf) at "
+                                 f"{where}; nothing was returned")
 
 
 def _reply(data: dict[str, Any], binary: bool) -> Response:
@@ -170,13 +214,41 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read: the next message is the
+    disconnect; servers send it once the connection drops)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_gone(request: Request, work: asyncio.Future, cancel: threading.Event) -> Any:
+    """Await `work`; if the caller disconnects first, set `cancel` (the handler raises
+    RequestCancelled at its next check) and still wait for the work to wind down."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            cancel.set()
+        return await work
+    finally:
+        if not work.done():  # this coroutine itself was cancelled (server stopping)
+            cancel.set()
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+
+
 def create_app(
     handler: StageHandler,
     *,
+    token: str,
     cold_start_s: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_shutdown: Callable[[], None] | None = None,
-) -> Starlette:
+) -> BearerAuth:
+    """The stage's ASGI app; `token` is the job's bearer token (required, never empty)."""
     stage = handler.stage
     request_model = TypeAdapter(REQUESTS[stage])
     control_model = TypeAdapter(CONTROLS[stage]) if stage in CONTROLS else None
@@ -196,59 +268,79 @@ def create_app(
         if version is not None:
             metrics.version.labels(stage).set(version)
 
-    def serve(request: Any, digest: str) -> dict[str, Any]:
+    def serve(request: Any, digest: str, cancel: threading.Event) -> dict[str, Any]:
         with one_at_a_time:
             cached = cache.get(request.request_id, digest)
             if cached is not None:
                 metrics.requests.labels(stage, "cached").inc()
                 return cached
+            if cancel.is_set():  # its caller left while it queued behind another request
+                raise RequestCancelled("the caller disconnected before it was served")
             metrics.busy.labels(stage).set(1)
             started = time.perf_counter()
             try:
-                response = handler.handle(request).model_dump()
+                with cancellable(cancel):
+                    response = handler.handle(request).model_dump()
             finally:
                 metrics.busy.labels(stage).set(0)
             observe(response.setdefault("stats", {}), time.perf_counter() - started)
+            _finite_reply(stage, response)
             cache.put(request.request_id, digest, response)
             return response
 
     async def read(request: Request) -> bytes:
+        """The body, refused as soon as it passes the limit (a chunked body has no length
+        to check up front: count while reading, never buffer past the limit)."""
+        too_large = _Refused(_error(413, f"request body over {max_body_bytes} bytes",
+                                    # the rest of the body is never read: close after this
+                                    headers={"Connection": "close"}), "invalid")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _Refused(_error(413, f"request body over {max_body_bytes} bytes"), "invalid")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise _Refused(_error(413, f"request body over {max_body_bytes} bytes"), "invalid")
-        return body
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def validate(adapter: TypeAdapter, body: bytes, binary: bool) -> Any:
         try:
             return adapter.validate_python(_parse(body, binary))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _Refused(_error(400, f"body is not JSON: {exc}"), "invalid") from None
+        except (json.JSONDecodeError, _NotJSON, UnicodeDecodeError) as exc:
+            raise _Refused(_error(400, f"body is not JSON: {getattr(exc, 'msg', exc)}"),
+                           "invalid") from None
         except codec.CodecError as exc:
             raise _Refused(_error(400, f"body is not a valid message: {exc}"),
                            "invalid") from None
         except ValidationError as exc:
             raise _Refused(_error(422, _validation_message(exc)), "invalid") from None
 
-    def refusal(exc: Exception) -> _Refused:
+    def refusal(exc: BaseException) -> _Refused:
+        if isinstance(exc, RequestCancelled):
+            log.info("request abandoned: the caller disconnected")
+            return _Refused(_error(499, "the caller disconnected"), "cancelled")
         if isinstance(exc, FunctionError):
             return _Refused(_error(exc.status, exc.message, exc.code), "refused")
         if isinstance(exc, ValueError):  # the request does not fit (e.g. longer than the model)
             return _Refused(_error(422, f"cannot serve this request: {exc}"), "invalid")
-        log.exception("request failed", exc_info=exc)
-        return _Refused(_error(500, f"{type(exc).__name__}: {exc}"), "error")
+        log.error("request failed", exc_info=exc)
+        return _Refused(_error(500, f"{type(exc).__name__}: {str(exc)[:500]} (see the "
+                                    "function's log)"), "error")
 
     async def invoke(request: Request) -> Response:
         try:
             body = await read(request)
             binary = _binary(request)
             parsed = validate(request_model, body, binary)
+            digest = hashlib.sha256(body).hexdigest()
             if streaming:
-                return await stream(parsed, hashlib.sha256(body).hexdigest())
+                return await stream(request, parsed, digest)
+            cancel = threading.Event()
+            work = asyncio.ensure_future(run_in_threadpool(serve, parsed, digest, cancel))
             try:
-                result = await run_in_threadpool(serve, parsed, hashlib.sha256(body).hexdigest())
+                result = await _unless_gone(request, work, cancel)
             except Exception as exc:  # noqa: BLE001 - report, don't drop the connection
                 raise refusal(exc) from None
         except _Refused as refused:
@@ -257,7 +349,7 @@ def create_app(
         metrics.requests.labels(stage, "ok").inc()
         return _reply(result, binary)
 
-    async def stream(request: Any, digest: str) -> Response:
+    async def stream(http: Request, request: Any, digest: str) -> Response:
         """Frames from the handler's thread, through a queue, into a chunked response."""
         try:
             cached = cache.get(request.request_id, digest)
@@ -276,25 +368,31 @@ def create_app(
         queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         frames: list[bytes] = []
         final_stats: dict[str, Any] = {}
+        cancel = threading.Event()
 
         def emit(message: BaseModel) -> None:
-            data = codec.frame(message.model_dump())
-            frames.append(data)
+            data = message.model_dump()
+            _finite_reply(stage, data)
+            encoded = codec.frame(data)
+            frames.append(encoded)
             stats = getattr(message, "stats", None)
             if isinstance(stats, dict):  # the end (or cut) frame: the whole run's account
                 final_stats.clear()
                 final_stats.update(stats)
-            loop.call_soon_threadsafe(queue.put_nowait, data)
+            loop.call_soon_threadsafe(queue.put_nowait, encoded)
 
         def work() -> None:
             with one_at_a_time:
+                outcome = "ok"
                 metrics.busy.labels(stage).set(1)
                 started = time.perf_counter()
-                outcome = "ok"
                 try:
-                    handler.stream(request, emit)  # type: ignore[attr-defined]
+                    if cancel.is_set():  # its caller left while it queued
+                        raise RequestCancelled("the caller disconnected before it was served")
+                    with cancellable(cancel):
+                        handler.stream(request, emit)  # type: ignore[attr-defined]
                 except BaseException as exc:  # noqa: BLE001 - the stream reports it
-                    outcome = "error"
+                    outcome = "cancelled" if isinstance(exc, RequestCancelled) else "error"
                     loop.call_soon_threadsafe(queue.put_nowait, exc)
                 finally:
                     metrics.busy.labels(stage).set(0)
@@ -302,13 +400,21 @@ def create_app(
                     observe(dict(final_stats), time.perf_counter() - started)
                 if outcome == "ok":
                     cache.put(request.request_id, digest, list(frames))
-                metrics.requests.labels(stage, outcome).inc()
+                if frames:  # accepted; a refusal before the first frame is counted by invoke
+                    metrics.requests.labels(stage, outcome).inc()
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         worker = asyncio.ensure_future(run_in_threadpool(work))
-        first = await queue.get()
+        # Until the first frame, the caller may still leave (queued, or loading a model).
+        first_frame = asyncio.ensure_future(queue.get())
+        try:
+            first = await _unless_gone(http, first_frame, cancel)
+        finally:
+            if cancel.is_set() and not first_frame.done():
+                first_frame.cancel()
         if isinstance(first, BaseException) or first is None:
-            await worker
+            with contextlib.suppress(BaseException):
+                await worker
             if first is None:
                 first = RuntimeError("the stream ended before it started")
             raise refusal(first)
@@ -319,16 +425,17 @@ def create_app(
                 while item is not None:
                     if isinstance(item, BaseException):
                         status = getattr(item, "status", 500)
-                        if not isinstance(item, FunctionError):
+                        if not isinstance(item, FunctionError | RequestCancelled):
                             log.error("stream failed: %s", item, exc_info=item)
-                        yield codec.frame(ErrorFrame(status=status, message=str(item))
+                        message = redact_paths(getattr(item, "message", None) or str(item))
+                        yield codec.frame(ErrorFrame(status=status, message=message)
                                           .model_dump())
                     else:
                         yield item
                     item = await queue.get()
             finally:
                 if not worker.done():  # the caller went away mid-stream: stop the work
-                    handler.abandon(request.request_id)  # type: ignore[attr-defined]
+                    cancel.set()
                     with contextlib.suppress(BaseException):
                         await asyncio.shield(worker)
 
@@ -367,9 +474,10 @@ def create_app(
         if on_shutdown is not None:
             on_shutdown()
 
-    return Starlette(lifespan=lifespan, routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/invoke", invoke, methods=["POST"]),
         Route("/control", control, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ])
+    return BearerAuth(app, token)

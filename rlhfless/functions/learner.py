@@ -8,7 +8,21 @@ three. A step is three kinds of request:
     LearnerAdd(step, group | shard)  × groups           ref log-probs, values, advantages and
                                                         the gradient, at once; a group id
                                                         already in counts once
-    LearnerFinish(step)                                 one optimizer step; writes v+1
+    LearnerFinish(step, new_version)                    one optimizer step; publishes
+                                                        `new_version` (default v+1)
+
+The store is append-only. `finish` publishes the weights, the critic and the optimizer state
+(a safetensors part) as one new version, with the finish request's sha256 and the step's
+statistics in its manifest. A repeated finish (a retry after a lost reply, on this or any
+instance) is answered from what was published; any other request aiming at a version that
+exists is refused with 409 (versions are never rewritten). The driver picks `new_version`
+above every version used so far, so a step redone after a crash never meets its orphan. An
+update whose statistics are not finite (NaN/Inf) publishes nothing and drops the in-memory
+state: the next step starts again from the store.
+
+A learner request, once started, runs to its end even if its caller leaves (an add is one
+group's forward and backward; a half-applied optimizer step would be worse than a finished
+one, whose retry the manifest answers); one that was still queued is not served.
 
 An add or finish for a step this instance has not begun (it restarted, or the step was
 never opened) is refused with 409 `step_not_open`: the driver begins the step again and
@@ -24,6 +38,8 @@ one-rank learner writes.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from typing import Any
 
@@ -43,14 +59,17 @@ from rlhfless.api.wire import (
 from rlhfless.functions.app import FunctionError
 from rlhfless.functions.device import on_device
 from rlhfless.functions.versions import VersionedCache
+from rlhfless.functions.vocab import Vocabulary, group
 from rlhfless.model.materialize import CRITIC_PART, load_critic_from_store, load_from_store
 from rlhfless.store import (
     DEFAULT_PART,
+    OPTIMIZER_PART,
     ShardError,
     ShardStore,
+    VersionExistsError,
     WeightStore,
     load_optimizer_state,
-    save_optimizer_state,
+    optimizer_part,
 )
 from rlhfless.train.deepspeed_config import full_fp32_state_dict
 from rlhfless.train.distributed import (
@@ -79,6 +98,7 @@ class LearnerHandler:
         self._writes = ranks is None or ranks.rank == 0  # rank 0 publishes
         self.shards = ShardStore(store.root)
         self.cache: VersionedCache[StreamingLearner] = VersionedCache(store, self._load)
+        self.vocabulary = Vocabulary(store)
         self._reference = None
 
     def _reference_model(self):
@@ -147,40 +167,85 @@ class LearnerHandler:
 
     def _add(self, request: LearnerAdd) -> AddReply:
         learner = self._open(request)
-        group = request.group
-        if group is None:
+        group_data = request.group
+        if group_data is None:
             assert request.shard is not None
             try:
-                group = GroupData.model_validate(self.shards.get(request.shard))
+                group_data = GroupData.model_validate(self.shards.get(request.shard))
             except ShardError as exc:
                 raise FunctionError(404, str(exc)) from None
+        self.vocabulary.check(group(group_data.prompt_ids, group_data.responses,
+                                    "group" if request.group is not None else "shard"))
         added = learner.add_group(GroupInput(
-            group_id=group.group_id, prompt=group.prompt_ids.tolist(),
-            responses=[r.tolist() for r in group.responses], rewards=list(group.rewards)))
-        return AddReply(group_id=group.group_id, added=added, groups_in=len(learner.groups),
-                        stats={"tokens": float(sum(r.size for r in group.responses))})
+            group_id=group_data.group_id, prompt=group_data.prompt_ids.tolist(),
+            responses=[r.tolist() for r in group_data.responses],
+            rewards=list(group_data.rewards)))
+        return AddReply(group_id=group_data.group_id, added=added,
+                        groups_in=len(learner.groups),
+                        stats={"tokens": float(sum(r.size for r in group_data.responses))})
+
+    def _drop(self) -> None:
+        """Forget the in-memory state (half-updated, or not what was published): the next
+        request loads its version from the store."""
+        self.cache.version, self.cache.value = None, None
+
+    def _already_published(self, request: LearnerFinish, digest: str) -> TrainResponse:
+        """The reply for a target version that exists: its own earlier result, else 409."""
+        version = request.target_version
+        meta = self.store.meta(version)
+        if meta.get("request_sha256") != digest:
+            raise FunctionError(409, f"weights version {version} already exists (published by "
+                                     f"request {meta.get('request_id')!r}); versions are never "
+                                     "rewritten")
+        return TrainResponse(weights_version=version, stats=dict(meta.get("stats", {})))
 
     def _finish(self, request: LearnerFinish) -> TrainResponse:
+        new_version = request.target_version
         done = self.cache.value
-        if (done is not None and self.cache.version == request.weights_version + 1
+        if (done is not None and self.cache.version == new_version
                 and request.step in done.finished):
             # A repeated finish (its reply was lost): the step is already applied.
-            return TrainResponse(weights_version=self.cache.version,
-                                 stats=done.finished[request.step])
+            return TrainResponse(weights_version=new_version, stats=done.finished[request.step])
+        digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        if self.store.exists(new_version):
+            return self._already_published(request, digest)
         learner = self._open(request)
-        stats = learner.finish()
-        new_version = request.weights_version + 1
+        try:
+            stats = {k: float(v) for k, v in learner.finish().items()}
+        except LearnerStateError:
+            raise  # refused before anything was applied (groups missing): the step stays open
+        except BaseException:
+            self._drop()  # the optimizer may be half-way: never reuse this state
+            raise
+        bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+        if bad:
+            self._drop()
+            raise FunctionError(422, f"the update gave non-finite {', '.join(bad)}; weights "
+                                     f"version {new_version} was not published")
         trainer = learner.trainer
-        # fp32 master weights (DeepSpeed bf16 / ZeRO or FSDP shards gathered), on the CPU.
+        # fp32 master weights (DeepSpeed bf16 / ZeRO or FSDP shards gathered: every rank
+        # takes part, rank 0 writes), on the CPU; the optimizer state (gathered whole, so it
+        # resumes on any rank count) goes into the same version, covered by the same manifest.
         parts = {DEFAULT_PART: _full_state(trainer.model, trainer.policy_optimizer)}
         if trainer.critic is not None:
             parts[CRITIC_PART] = _full_state(trainer.critic, trainer.critic_optimizer)
-        optimizer_state = trainer.state_dict()  # gathered whole: resumes on any rank count
+        optimizer_state = trainer.state_dict()
+        published = True
         if self._writes:
-            save_optimizer_state(self.store, new_version, optimizer_state)
-            # A version left by a step that was never checkpointed is replaced, not reused.
-            self.store.save_parts(new_version, parts, {"trained_from": request.weights_version,
-                                                       "step": request.step}, overwrite=True)
+            parts[OPTIMIZER_PART], header = optimizer_part(optimizer_state)
+            meta = {"trained_from": request.weights_version, "step": request.step,
+                    "request_id": request.request_id, "request_sha256": digest, "stats": stats}
+            try:
+                self.store.save_parts(new_version, parts, meta,
+                                      headers={OPTIMIZER_PART: header})
+            except VersionExistsError:
+                published = False
+        if self.ranks is not None:
+            # Every rank learns whether rank 0's write won (followers add 1 each).
+            published = self.ranks.sum([float(published)])[0] == self.ranks.world
+        if not published:
+            self._drop()  # another writer won: what is published is not what we hold
+            return self._already_published(request, digest)
         # The weights in memory are now exactly the new version: no reload on the next step.
         self.cache.version, self.cache.value = new_version, learner
         return TrainResponse(weights_version=new_version, stats=stats)

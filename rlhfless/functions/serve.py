@@ -3,7 +3,9 @@
     python -m rlhfless.functions.serve --stage actor --port 8080 --store /weights --job job.yaml
 
 The job comes from `--job` (YAML or JSON file) or the RLHFJOB_SPEC environment variable (the
-custom resource's JSON, as the operator passes it to Knative). Loading the latest weights
+custom resource's JSON, as the operator passes it to Knative); the bearer token every caller
+must present from RLHFLESS_TOKEN (the job's Secret; the local runtime sets a per-run one).
+A function without a token refuses to start. Loading the latest weights
 before reporting ready makes the measured cold start include the model load, as it would on
 a real serverless platform.
 """
@@ -23,8 +25,9 @@ import uvicorn
 from rlhfless.api.spec import RLHFJob, SpecError, load_job, parse_job
 from rlhfless.api.stages import STAGE_NAMES
 from rlhfless.api.wire import JOB_ENV
-from rlhfless.functions.app import PROCESS_STARTED_AT, StageHandler, create_app
-from rlhfless.store import WeightStore
+from rlhfless.functions.app import PROCESS_STARTED_AT, FunctionError, StageHandler, create_app
+from rlhfless.functions.auth import TokenMissing, token_from_env
+from rlhfless.store import WeightStore, WeightStoreError
 
 
 def load_job_for_function(job_file: str | None) -> RLHFJob:
@@ -60,11 +63,18 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
 
 def preload(handler: StageHandler, store: WeightStore) -> None:
     """Warm the handler on the newest version so the first request is not a cold one (the
-    learner also loads the frozen reference, version 0, when the job has a KL term)."""
+    learner also loads the frozen reference, version 0, when the job has a KL term).
+
+    Best effort: the newest version may be one a driver will not use (left by a step that
+    never reached its checkpoint, or corrupt); the version a request names is loaded then.
+    """
     latest = store.latest()
     warm = getattr(handler, "warm", None)
     if latest is not None and warm is not None:
-        warm(latest)
+        try:
+            warm(latest)
+        except (FunctionError, WeightStoreError) as exc:
+            print(f"not preloaded: {getattr(exc, 'message', exc)}", file=sys.stderr)
 
 
 def _exit_with_parent() -> None:
@@ -96,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        token = token_from_env()
+    except TokenMissing as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
         job = load_job_for_function(args.job)
     except SpecError as exc:
         print(f"invalid job: {exc}", file=sys.stderr)
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             {"stage": args.stage, "started_at": PROCESS_STARTED_AT, "ended_at": time.time()}),
             flush=True)
 
-    app = create_app(handler, cold_start_s=time.time() - started, on_shutdown=report_exit)
+    app = create_app(handler, token=token, cold_start_s=time.time() - started,
+                     on_shutdown=report_exit)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -3,6 +3,9 @@
 - `scale(stage, n)` sets the revision template's min-scale to `n` (prewarm; 0 lets Knative
   scale to zero after the keep-alive). Knative reads scale bounds from the revision
   template, so each change rolls a new revision; calls that change nothing patch nothing.
+Every call carries the job's bearer token (the job's Secret, mounted into the driver's pod):
+the functions answer 401 without it, on `/invoke` and `/control` alike.
+
 - `invoke(stage, payload)` POSTs to `<Service URL>/invoke`. With containerConcurrency 1,
   N parallel invokes become N pods; the activator holds requests while pods cold-start.
   Connection errors and 502/503/504 (activator, overloaded queue-proxy) are retried; the
@@ -14,8 +17,9 @@
   and the queue-proxy (whose containerConcurrency=1 would hold a control request behind the
   running rollout): `http://<status.podIP>:8080/control`. The pod IP comes from the pods
   this runtime already lists for metering (`list pods` with the Service label, the same RBAC
-  rule; no new verb). The driver must reach pod IPs on the user port: a NetworkPolicy or a
-  mesh in front of the functions must allow it.
+  rule; no new verb). The driver must reach pod IPs on the user port: the job's
+  NetworkPolicy admits the job's driver pod on that port (`knative.isolation`); a mesh in
+  front of the functions must allow it too.
 - `release_instance` does nothing immediate on Knative: the cut pod is idle once its stream
   ends and the autoscaler reclaims it after its window (patching min-scale would roll a new
   revision in the middle of the rollout).
@@ -39,6 +43,7 @@ import httpx
 
 from rlhfless.api import codec
 from rlhfless.api.spec import RLHFJob
+from rlhfless.api.wire import bearer
 from rlhfless.knative.kube import Kube, parse_time
 from rlhfless.knative.services import (
     AUTOSCALING,
@@ -46,6 +51,7 @@ from rlhfless.knative.services import (
     GPU_RESOURCE,
     LABEL_KSVC,
     FunctionSettings,
+    scale_patch,
     service_name,
 )
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
@@ -112,6 +118,7 @@ class KnativeRuntime:
         *,
         namespace: str,
         kube: Kube,
+        token: str,
         settings: FunctionSettings | None = None,
         http: httpx.AsyncClient | None = None,
         meter_interval_s: float = 5.0,
@@ -130,6 +137,7 @@ class KnativeRuntime:
         self.pod_port = pod_port  # the user container's port (FUNCTION_PORT in every Service)
         timeout = httpx.Timeout(self.settings.timeout_s + 30.0, connect=10.0)
         self._http = http or httpx.AsyncClient(timeout=timeout)
+        self._auth = bearer(token)  # the job's token: functions answer 401 without it
         self._own_http = http is None
         self._urls: dict[str, str] = {}
         self._min_scale: dict[str, int] = {}
@@ -176,17 +184,13 @@ class KnativeRuntime:
             if annotations.get(AUTOSCALING + "min-scale", "0") == str(n):
                 self._min_scale[stage] = n
                 return
-        initial = 0 if self.settings.allow_zero_initial_scale else 1
-        patch = {"spec": {"template": {"metadata": {"annotations": {
-            AUTOSCALING + "min-scale": str(n),
-            AUTOSCALING + "max-scale": str(max(n, self.job.spec.stages[stage].max_scale)),
-            AUTOSCALING + "initial-scale": str(max(n, initial)),
-        }}}}}
-        await self.kube.patch_service(self.namespace, name, patch)
+        await self.kube.patch_service(self.namespace, name,
+                                      scale_patch(self.job, stage, n, self.settings))
         self._min_scale[stage] = n
 
     async def invoke(self, stage: str, payload: Payload) -> Payload:
         body, headers = encode_body(payload)
+        headers = {**headers, **self._auth}
         last = "no attempt made"
         for attempt in range(self.retries):
             if attempt:
@@ -213,6 +217,7 @@ class KnativeRuntime:
     async def invoke_stream(self, stage: str,
                             payload: Payload) -> AsyncIterator[tuple[str, Payload]]:
         body, headers = encode_body(payload)
+        headers = {**headers, **self._auth}
         last = "no attempt made"
         for attempt in range(self.retries):
             if attempt:
@@ -247,6 +252,7 @@ class KnativeRuntime:
     async def invoke_instance(self, stage: str, instance: str, payload: Payload) -> Payload:
         address = await self.pod_address(stage, instance)
         body, headers = encode_body(payload)
+        headers = {**headers, **self._auth}
         try:
             response = await self._http.post(f"{address}/control", content=body,
                                              headers=headers)

@@ -1,21 +1,33 @@
 """Knative Services for an RLHFJob, built as plain data.
 
 One `serving.knative.dev/v1` Service per deployed stage of the job's stage table. Each
-revision runs `rlhfless serve --stage <stage>` on the job's image, reads the
-job from the `RLHFJOB_SPEC` environment variable (the custom resource as JSON, so a spec
-change rolls a new revision) and the weights from a shared ReadWriteMany volume. Pure
-functions: the operator creates what these return; tests validate them against Knative's
-CRD schema and its admission webhook's rules.
+revision runs `rlhfless serve --stage <stage>` on the operator's function image (the GPU
+variant for stages with GPUs), reads the job from the `RLHFJOB_SPEC` environment variable
+(the custom resource as JSON, so a spec change rolls a new revision), its bearer token from
+the job's Secret, and the weights from the job's own folder of a shared ReadWriteMany volume
+(the reward function mounts none). Pods are
+restricted (`knative.pods`) and get no service-account token. Pure functions: the operator
+creates what these return; tests validate them against Knative's CRD schema and its
+admission webhook's rules.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
-from rlhfless.api.spec import API_VERSION, KIND, RLHFJob, dump_job
-from rlhfless.api.wire import JOB_ENV
+from rlhfless.api.spec import API_VERSION, KIND, RLHFJob
+from rlhfless.knative.pods import (
+    LABEL_COMPONENT,
+    LABEL_JOB,
+    FunctionSettings,
+    image_for,
+    job_env,
+    job_mount,
+    restricted_container_context,
+    scratch_mount,
+    scratch_volume,
+    store_volume,
+)
 
 KNATIVE_API_VERSION = "serving.knative.dev/v1"
 KNATIVE_GROUP = "serving.knative.dev"
@@ -23,33 +35,16 @@ AUTOSCALING = "autoscaling.knative.dev/"
 FUNCTION_PORT = 8080
 GPU_RESOURCE = "nvidia.com/gpu"
 KNATIVE_MAX_TIMEOUT_S = 600  # Knative's default max-revision-timeout-seconds
-LABEL_JOB = "rlhfless.io/job"
 LABEL_STAGE = "rlhfless.io/stage"
 LABEL_KSVC = "serving.knative.dev/service"
 VISIBILITY_LABEL = "networking.knative.dev/visibility"
-
-
-@dataclass(frozen=True)
-class FunctionSettings:
-    """Cluster-specific knobs the job spec does not carry (the operator reads them from env)."""
-
-    weights_pvc: str = "rlhfless-weights"
-    data_mount: str = "/data"  # where the weights volume is mounted in function pods
-    timeout_s: int = KNATIVE_MAX_TIMEOUT_S
-    progress_deadline_s: int = 1200  # GPU model loads can exceed Knative's 600 s default
-    allow_zero_initial_scale: bool = False  # config-autoscaler allow-zero-initial-scale
-    image_pull_policy: str | None = None
-    service_account: str | None = None
+# The reward function needs no weights at all; the actor and the learner write (the learner
+# publishes versions, the vLLM actor hard-links its exports next to the store).
+_NO_STORE = frozenset({"reward"})
 
 
 def service_name(job_name: str, stage: str) -> str:
     return f"{job_name}-{stage}"
-
-
-def job_dir(namespace: str, name: str, uid: str) -> str:
-    """Relative home of one job on the weights volume; the uid keeps a re-created job with
-    the same name from resuming its predecessor's checkpoint."""
-    return f"jobs/{namespace}/{name}-{uid[:8]}"
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -84,8 +79,22 @@ def autoscaling_annotations(job: RLHFJob, stage: str, settings: FunctionSettings
         AUTOSCALING + "initial-scale": str(max(initial, min_scale)),
         AUTOSCALING + "scale-to-zero-pod-retention-period": _seconds(keep_alive),
         AUTOSCALING + "window": _seconds(min(3600.0, max(6.0, keep_alive))),
+        # The activator stays in every request's path, so a job's NetworkPolicy needs to
+        # admit only the activator's namespace (and the job's driver).
+        AUTOSCALING + "target-burst-capacity": "-1",
         "serving.knative.dev/progress-deadline": _seconds(settings.progress_deadline_s),
     }
+
+
+def scale_patch(job: RLHFJob, stage: str, n: int, settings: FunctionSettings) -> dict[str, Any]:
+    """The merge patch that keeps at least `n` warm pods of a stage's Service (0: scale to
+    zero after the keep-alive); Knative rolls a new revision when the bounds change."""
+    initial = 0 if settings.allow_zero_initial_scale else 1
+    return {"spec": {"template": {"metadata": {"annotations": {
+        AUTOSCALING + "min-scale": str(n),
+        AUTOSCALING + "max-scale": str(max(n, job.spec.stages[stage].max_scale)),
+        AUTOSCALING + "initial-scale": str(max(n, initial)),
+    }}}}}
 
 
 def _resources(job: RLHFJob, stage: str) -> dict[str, Any]:
@@ -101,33 +110,33 @@ def build_service(job: RLHFJob, stage: str, *, namespace: str, uid: str,
                   settings: FunctionSettings | None = None) -> dict[str, Any]:
     settings = settings or FunctionSettings()
     name = job.metadata.name
-    store = f"{settings.data_mount}/{job_dir(namespace, name, uid)}/store"
+    store = f"{settings.data_mount}/store"
     labels = {
         "app.kubernetes.io/name": "rlhfless",
-        "app.kubernetes.io/component": stage,
+        LABEL_COMPONENT: stage,
         "app.kubernetes.io/managed-by": "rlhfless-operator",
         LABEL_JOB: name,
         LABEL_STAGE: stage,
     }
-    document = dump_job(job)
-    document["metadata"]["namespace"] = namespace
+    mounts = [scratch_mount()]
+    volumes = [scratch_volume()]
+    if stage not in _NO_STORE:
+        mounts.insert(0, job_mount(settings, namespace, name, uid, read_only=False))
+        volumes.insert(0, store_volume(settings))
     container: dict[str, Any] = {
         "name": "function",
-        "image": job.spec.image,
+        "image": image_for(settings, job.spec.stages[stage].gpus),
         "command": ["rlhfless"],
         "args": ["serve", "--stage", stage, "--port", str(FUNCTION_PORT),
                  "--host", "0.0.0.0", "--store", store],
         "ports": [{"name": "http1", "containerPort": FUNCTION_PORT}],
-        "env": [
-            {"name": JOB_ENV, "value": json.dumps(document, separators=(",", ":"))},
-            {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-        ],
+        "env": job_env(job, namespace),
         "resources": _resources(job, stage),
         # Ready only once the weights are loaded, so cold starts include the model load.
         "readinessProbe": {"httpGet": {"path": "/healthz"}, "periodSeconds": 2,
                            "failureThreshold": 3},
-        "volumeMounts": [{"name": "weights", "mountPath": settings.data_mount}],
+        "securityContext": restricted_container_context(),
+        "volumeMounts": mounts,
     }
     if settings.image_pull_policy:
         container["imagePullPolicy"] = settings.image_pull_policy
@@ -136,9 +145,11 @@ def build_service(job: RLHFJob, stage: str, *, namespace: str, uid: str,
         # telling Knative makes it route the N-th parallel request to the N-th pod.
         "containerConcurrency": 1,
         "timeoutSeconds": min(settings.timeout_s, KNATIVE_MAX_TIMEOUT_S),
+        # Functions never call the Kubernetes API: no token in their pods.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
         "containers": [container],
-        "volumes": [{"name": "weights",
-                     "persistentVolumeClaim": {"claimName": settings.weights_pvc}}],
+        "volumes": volumes,
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account

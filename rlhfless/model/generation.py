@@ -19,7 +19,7 @@ merged into the running batch between steps, and the unfinished rows handed back
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,6 +262,7 @@ def generate(
     stop_after: int | None = None,
     keys: Sequence[int] | None = None,
     sample_indices: Sequence[int] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """Sample n responses per prompt.
 
@@ -274,6 +275,8 @@ def generate(
       samples may be continued in another call.
     sample_indices: RNG sample index per output (default j for the j-th sample of a prompt);
       a continued sample passes its original index.
+    on_step: called before every decode step; it may raise to abandon the generation (the
+      functions do when their caller disconnects).
     """
     total = len(prompts) * n
     if n < 1:
@@ -291,6 +294,8 @@ def generate(
                 tag=r, response=prefixes[r]) for r in range(total)]
     done = len(session.add(rows))
     while session.live and (stop_after is None or done < stop_after):
+        if on_step is not None:
+            on_step()
         done += len(session.step())
     samples = [
         {

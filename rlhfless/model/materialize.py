@@ -52,6 +52,10 @@ def materialize_base(
                 f"weight store {store.root} already holds a different base model: {stored}"
             )
         return store.path(0)
+    if store.exists(0) and store.meta(0).get("base") != record:
+        # v0 is never rewritten (the store is append-only), only its base/ folder rebuilt.
+        raise WeightStoreError(f"weight store {store.root} already holds a different base "
+                               f"model: {store.meta(0).get('base')}")
 
     from rlhfless.model.loading import load_base
 
@@ -73,7 +77,9 @@ def materialize_base(
             "tokenizer": tok.kind,
         }
         (tmp / "base.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-    return store.save(0, model.state_dict(), {"base": record}, overwrite=store.exists(0))
+    if store.exists(0):
+        return store.path(0)
+    return store.save(0, model.state_dict(), {"base": record})
 
 
 def load_from_store(

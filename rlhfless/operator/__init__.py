@@ -1,1 +1,1 @@
-"""Kubernetes operator: kopf handlers, Knative Service manifests, status, metrics, RBAC."""
+"""Kubernetes operator: kopf handlers, a pure decide(), driver Jobs, status, metrics, RBAC."""

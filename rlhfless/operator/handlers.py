@@ -2,22 +2,28 @@
 
 1. created / resumed / spec changed → validate the spec (a bad one is reported as
    Ready=False, reason InvalidSpec, naming the field, and nothing is created), then
-   get-or-create the job's children (`knative.manifests`: one Knative Service per deployed
-   stage), owned by the job (deleting the job deletes them through owner references).
+   get-or-create the job's standing children (`knative.manifests`: the token's Secret, the
+   NetworkPolicy, the driver's ServiceAccount, Role and RoleBinding, the progress ConfigMap,
+   one Knative Service per deployed stage), owned by the job (deleting the job deletes them
+   through owner references).
 2. a daemon per job acts on `decide(...)` (operator/decide.py): it reports an invalid
-   spec, suspends, reports success, backs off after failures, or runs the driver with the
-   runtime and patches the status (`status.cost` included) after every step.
-   `spec.suspend: true` stops it after the current step and scales every stage to zero;
-   `false` resumes from the checkpoint. When the next step would cross `spec.budget` it
-   stops the same way with condition BudgetExceeded; raising the budget resumes it.
-   Any other spec change restarts the driver after the current step. When kopf stops the
-   daemon (job deleted, operator exiting) the step in flight is abandoned; the next
-   operator resumes after the last checkpointed step, so no recorded step is repeated.
+   spec, suspends, reports success, starts the job's driver pod (a `batch/v1` Job that
+   resumes from the checkpoint), stops it (the step in flight finishes first), backs off
+   after failures, and turns the progress the driver publishes into the job's status
+   (`status.cost` included) and its Prometheus series. `spec.suspend: true` stops the
+   driver after the current step and scales every stage to zero; `false` starts a new one.
+   When the next step would cross `spec.budget` (checked here on the spend the driver
+   published, and by the driver itself, which stops there) the job is reported with
+   condition BudgetExceeded and scaled to zero; raising the budget starts a new driver.
+   Any other spec change replaces the driver after the current step. The driver does not
+   depend on the operator: an operator restart leaves it running, and the next operator
+   picks up its progress.
 
-Handlers and daemon share a per-job `JobState` in kopf's per-object memo; only the daemon
-writes the status, so status patches never race each other. The handlers are registered at
-import on this module's `registry`; what differs between a cluster and a test (login, API
-client, runtime and driver factories) reaches them as `Hooks` in kopf's memo.
+The operator never loads a model, never opens a path named in a spec and mounts no job's
+data. Handlers and daemon share a per-job `JobState` in kopf's per-object memo; only the
+daemon writes the status, so status patches never race each other. The handlers are
+registered at import on this module's `registry`; what differs between a cluster and a test
+(login, API client) reaches them as `Hooks` in kopf's memo.
 """
 
 from __future__ import annotations
@@ -34,15 +40,17 @@ import kopf
 from rlhfless.api.crd import PLURAL, VERSION
 from rlhfless.api.spec import API_GROUP, API_VERSION, KIND, RLHFJob, SpecError, parse_job
 from rlhfless.cost import BudgetCheck, Ledger, check_budget, cost_status
-from rlhfless.driver.records import MetricsLog, StepRecord
+from rlhfless.knative.driver import driver_name
 from rlhfless.knative.kube import Kube
-from rlhfless.knative.manifests import job_manifests
+from rlhfless.knative.manifests import DRIVER_KIND, job_manifests
+from rlhfless.knative.pods import job_dir
 from rlhfless.model.fit import check_job
+from rlhfless.operator import driver_job
 from rlhfless.operator import status as st
-from rlhfless.operator.config import Hooks, JobContext
-from rlhfless.operator.decide import Action, JobView, decide
+from rlhfless.operator.config import Hooks
+from rlhfless.operator.decide import Action, DriverState, JobView, decide
 from rlhfless.operator.metrics import OperatorMetrics
-from rlhfless.store import load_checkpoint
+from rlhfless.operator.runs import Failures, Reported
 
 PREFIX = "rlhfless.io"
 log = logging.getLogger(__name__)
@@ -96,7 +104,8 @@ def validate(spec: Mapping[str, Any] | None, name: str,
     except SpecError as exc:
         return None, exc.errors
     # Memory plan and tensor parallelism from shapes known without files: the operator
-    # never opens a path named in a spec (a local model is sized by `rlhfless validate`).
+    # never opens a path named in a spec (a local model is sized by the driver's pod and
+    # by `rlhfless validate`).
     errors = check_job(job.spec, open_files=False).errors
     return (None, errors) if errors else (job, [])
 
@@ -114,37 +123,16 @@ def immutable_changes(before: RLHFJob | None, job: RLHFJob) -> list[str]:
     return errors
 
 
-def completed_steps(run_dir: Any) -> int:
-    checkpoint = load_checkpoint(run_dir)
-    return checkpoint.step if checkpoint is not None else 0
-
-
-def recorded_cost(run_dir: Any, job: RLHFJob) -> tuple[Ledger, BudgetCheck]:
-    """Spend over the checkpointed steps (metrics.jsonl) and the budget check on it; an
-    unreadable log counts as no spend (logged), it must not stop the daemon."""
-    try:
-        rows = MetricsLog(run_dir / "metrics.jsonl").read(upto=_safe_steps(run_dir))
-        ledger = Ledger.of(rows)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("cost of %s not read from its metrics log: %s", job.metadata.name, exc)
-        ledger = Ledger()
-    return ledger, check_budget(ledger, job.spec.budget)
-
-
-def _safe_steps(run_dir: Any) -> int:
-    try:
-        return completed_steps(run_dir)
-    except Exception:
-        return -1
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Keep kopf's own state in `rlhfless.io/` annotations, never in our status schema."""
+def configure(settings: kopf.OperatorSettings, namespaced: bool = False) -> None:
+    """Keep kopf's own state in `rlhfless.io/` annotations, never in our status schema.
+    Watching one namespace, kopf must not scan cluster-scoped namespaces and CRDs: the
+    operator then holds a Role in that namespace only."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.WARNING  # events for problems, not for every step
+    settings.scanning.disabled = namespaced
 
 
 class _Reporter:
@@ -218,8 +206,9 @@ async def login(memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> Any:
 
 @kopf.on.startup(registry=registry)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    configure(settings)
-    memo["kube"] = Kube(await _hooks(memo).api_client())
+    hooks = _hooks(memo)
+    configure(settings, namespaced=hooks.namespace is not None)
+    memo["kube"] = Kube(await hooks.api_client())
 
 
 @kopf.on.cleanup(registry=registry)
@@ -252,152 +241,161 @@ async def reconcile(spec: kopf.Spec, meta: kopf.Meta, name: str, namespace: str,
         state.update(None, errors, [], generation)
         return
     kube: Kube = memo["kube"]
-    manifests = job_manifests(job, namespace=namespace, uid=uid,
-                              settings=_hooks(memo).config.functions)
+    config = _hooks(memo).config
+    manifests = job_manifests(job, namespace=namespace, uid=uid, settings=config.functions,
+                              cost=config.cost)
     services = [m["metadata"]["name"] for m in manifests if m["kind"] == "Service"]
     if state.job is not None and state.services == services:
         # A change to a running job (suspend, steps, ...): tell the daemon first, so it
-        # stops after the current step instead of after the Services are rolled.
+        # stops the driver after the current step instead of after the Services are rolled.
         state.update(job, None, services, generation)
     for manifest in manifests:
-        _, verb = await kube.apply_service(manifest)
-        if verb != "unchanged":
+        if manifest["kind"] == DRIVER_KIND:
+            continue  # the daemon starts and stops the driver
+        _, verb = await kube.apply(manifest)
+        if verb not in ("unchanged", "exists"):
             logger.info("%s %s %s", manifest["kind"], manifest["metadata"]["name"], verb)
     state.update(job, None, services, generation)
+
+
+def _desired_driver(job: RLHFJob | None, namespace: str, uid: str,
+                    hooks: Hooks) -> dict[str, Any] | None:
+    if job is None:
+        return None
+    manifests = job_manifests(job, namespace=namespace, uid=uid,
+                              settings=hooks.config.functions, token="unused",
+                              cost=hooks.config.cost)
+    return next(m for m in manifests if m["kind"] == DRIVER_KIND)
+
+
+@dataclass
+class _Spend:
+    """The driver's published spend, judged against the current spec.budget."""
+
+    ledger: Ledger
+    budget: BudgetCheck
+    status: dict[str, Any] | None  # status.cost; None until a driver reported
+
+    @classmethod
+    def of(cls, obs: driver_job.Observation, job: RLHFJob | None) -> _Spend:
+        report = obs.progress.cost
+        ledger = Ledger.from_report(report) if report is not None else Ledger()
+        budget = check_budget(ledger, job.spec.budget) if job is not None else BudgetCheck()
+        return cls(ledger, budget, cost_status(ledger) if report is not None else None)
 
 
 @kopf.daemon(*RESOURCE, registry=registry, cancellation_backoff=2.0, cancellation_timeout=30.0)
 async def run_job(name: str, namespace: str, uid: str, status: kopf.Status, memo: kopf.Memo,
                   stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any) -> None:
-    """Act on `decide(...)` whenever the job changes: report, suspend, or run the driver."""
+    """Observe the driver and its progress, act on `decide(...)`, report."""
     hooks, state, kube = _hooks(memo), job_state(memo), memo["kube"]
     config = hooks.config
     reporter = _Reporter(kube, namespace, name, list(status.get("conditions") or []),
                          hooks.metrics)
-    run_dir, store_dir = config.job_paths(namespace, name, uid)
-    interval = config.watch_interval_s
-    failures, failed_version, retry_due, last_error = 0, -1, False, ""
+    checkpoint = f"{job_dir(namespace, name, uid)}/run/checkpoint.json"  # on the volume
+    interval, poll = config.watch_interval_s, config.progress_interval_s
+    reported = Reported(step=int(status.get("step") or 0))  # by an earlier operator too
+    failures = Failures()
+    metered: str | None = None  # the driver Job whose run the metrics show as running
     try:
         while await _wait(lambda: state.version > 0, stopped, interval):
             seen, job = state.version, state.job
-            if seen != failed_version:
-                failures, retry_due = 0, False
-            ledger, budget = recorded_cost(run_dir, job) if job else (Ledger(), BudgetCheck())
-            view = JobView(valid=job is not None, suspend=bool(job and job.spec.suspend),
-                           steps_done=_safe_steps(run_dir), steps=job.spec.steps if job else 0,
-                           failures=0 if retry_due else failures,
-                           max_retries=config.max_retries, over_budget=budget.exceeded)
-            action = decide(view)
-            if action is Action.INVALID:
-                await reporter.write(st.invalid_spec(reporter.conditions, state.errors or [],
-                                                     state.generation))
-            elif action is Action.RETRY:
-                await reporter.write(st.failed(reporter.conditions, last_error,
-                                               state.generation, config.retry_backoff_s))
-                retry_due = not await _wait_change(state, seen, stopped, interval,
-                                                   config.retry_backoff_s)
+            failures.on_spec(seen)
+            desired = _desired_driver(job, namespace, uid, hooks)
+            try:
+                obs = await driver_job.observe(kube, namespace, name, desired)
+            except Exception as exc:  # noqa: BLE001 - the API hiccuped: look again later
+                logger.warning("cannot read the driver of %s: %s", name, exc)
+                await _wait_change(state, seen, stopped, interval, poll)
                 continue
-            elif action is Action.GIVE_UP:
-                await reporter.write(st.failed(reporter.conditions, last_error,
-                                               state.generation, None))
-            else:
-                assert job is not None
-                ctx = JobContext(job, namespace, name, uid, run_dir, store_dir, kube, config)
-                retry_due = False
-                try:
-                    if action is Action.SUSPEND:
-                        await _scale_to_zero(ctx, hooks)
-                        await reporter.write(st.suspended(reporter.conditions,
-                                                          view.steps_done, state.generation))
-                    elif action is Action.BUDGET:  # raising spec.budget is a change: resumes
-                        await _scale_to_zero(ctx, hooks)
-                        await reporter.write(st.budget_exceeded(
-                            reporter.conditions, view.steps_done, budget.message,
-                            state.generation, cost=cost_status(ledger)))
-                    elif action is Action.SUCCEEDED:
-                        await reporter.write(st.succeeded(reporter.conditions,
-                                                          view.steps_done, state.generation))
-                    elif await _drive(ctx, hooks, state, seen, stopped, reporter) == "stopped":
-                        return
-                    elif (state.version == seen and completed_steps(run_dir) < job.spec.steps
-                          and not recorded_cost(run_dir, job)[1].exceeded):
-                        raise RuntimeError(f"driver stopped after {completed_steps(run_dir)} "
-                                           f"of {job.spec.steps} steps")
-                    else:
-                        continue  # finished, suspended or changed: decide again right away
-                except Exception as exc:  # a failed step or checkpoint: decide on a retry
-                    progressed = _safe_steps(run_dir) > view.steps_done >= 0
-                    failures = 1 if progressed else failures + 1  # failures in a row
-                    failed_version, last_error = seen, f"{type(exc).__name__}: {exc}"
-                    logger.exception("job failed (attempt %d)", failures)
+            metered = _meter_driver(hooks.metrics, namespace, name, job, obs, metered)
+            progress, spend = obs.progress, _Spend.of(obs, job)
+            if notice := reported.new_notice(progress):
+                logger.warning("driver: %s", notice)  # kopf posts it as an Event on the job
+            new = reported.news(progress)
+            for record in new:
+                hooks.metrics.observe_step(namespace, name, record)
+            if new:
+                hooks.metrics.observe_actors(namespace, name, new[-1].actors_alive)
+                hooks.metrics.observe_budget(namespace, name, spend.budget.used)
+            if new and job is not None:
+                await reporter.write(st.step_done(reporter.conditions, new[-1], job.spec.steps,
+                                                  checkpoint, state.generation,
+                                                  cost=spend.status))
+            if failures.judge(obs.driver, obs.uid, obs.failed, obs.message,
+                              progress.checkpoint_step, seen):
+                logger.warning("driver of %s failed (%d in a row): %s", name, failures.count,
+                               obs.message)
+            view = JobView(valid=job is not None, suspend=bool(job and job.spec.suspend),
+                           steps_done=progress.checkpoint_step,
+                           steps=job.spec.steps if job else 0, driver=obs.driver,
+                           driver_current=obs.current, failures=failures.pending,
+                           max_retries=config.max_retries, over_budget=spend.budget.exceeded)
+            action = decide(view)
+            try:
+                if action is Action.RETRY:
+                    await reporter.write(st.failed(reporter.conditions, failures.error,
+                                                   state.generation, config.retry_backoff_s))
+                    failures.retry_due = not await _wait_change(
+                        state, seen, stopped, interval, config.retry_backoff_s)
                     continue
-            await _wait_change(state, seen, stopped, interval)
+                if await _act(action, view, job, desired, obs, kube, namespace, name, hooks,
+                              state, reporter, failures.error, spend):
+                    failures.started(progress.checkpoint_step)
+            except Exception as exc:  # noqa: BLE001 - an API error: decide again later
+                logger.warning("%s for %s failed: %s", action.value, name, exc)
+            idle = action in (Action.INVALID, Action.SUSPEND, Action.SUCCEEDED, Action.GIVE_UP,
+                              Action.BUDGET)
+            await _wait_change(state, seen, stopped, interval, None if idle else poll)
     finally:
         reason = stopped.reason
         if reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in reason:
             hooks.metrics.forget(namespace, name)
 
 
-async def _scale_to_zero(ctx: JobContext, hooks: Hooks) -> None:
-    async with hooks.runtime_factory(ctx) as runtime:
-        for stage in ctx.job.spec.stages.deployed:
-            await runtime.scale(stage, 0)
+def _meter_driver(metrics: OperatorMetrics, namespace: str, name: str, job: RLHFJob | None,
+                  obs: driver_job.Observation, metered: str | None) -> str | None:
+    """rlhfless_driver_running and _start_time_seconds from the driver Job as observed (an
+    operator restarted under a running driver takes the Job's start time, not its own)."""
+    if obs.driver in (DriverState.RUNNING, DriverState.STOPPING):
+        if obs.uid != metered:
+            stages = job.spec.stages.deployed if job is not None else ()
+            metrics.driver_started(namespace, name, stages, now=obs.started_at)
+        return obs.uid
+    if metered is not None:
+        metrics.driver_stopped(namespace, name)
+    return None
 
 
-async def _drive(ctx: JobContext, hooks: Hooks, state: JobState, seen: int,
-                 stopped: kopf.DaemonStopped, reporter: _Reporter) -> str:
-    """One driver run: "ran" when it returned (done, suspended or spec changed), "stopped"
-    when kopf stopped the daemon (the step in flight is abandoned, never recorded)."""
-    job = ctx.job
-    stop = asyncio.Event()
-    async with hooks.runtime_factory(ctx) as runtime:
-        done = completed_steps(ctx.run_dir)
-        ledger, _ = recorded_cost(ctx.run_dir, job)
-        await reporter.write(st.started(reporter.conditions, state.services, done,
-                                        job.spec.steps, state.generation,
+async def _act(action: Action, view: JobView, job: RLHFJob | None,
+               desired: dict[str, Any] | None, obs: driver_job.Observation, kube: Kube,
+               namespace: str, name: str, hooks: Hooks, state: JobState, reporter: _Reporter,
+               last_error: str, spend: _Spend) -> bool:
+    """Carry out one decision; True when it started a new driver run."""
+    conditions, generation = reporter.conditions, state.generation
+    if action is Action.INVALID:
+        await reporter.write(st.invalid_spec(conditions, state.errors or [], generation))
+    elif action is Action.GIVE_UP:
+        await reporter.write(st.failed(conditions, last_error, generation, None))
+    elif action is Action.STOP:
+        await driver_job.stop(kube, namespace, name)
+    elif action is Action.SUSPEND:
+        assert job is not None
+        await driver_job.scale_to_zero(kube, job, namespace, hooks.config.functions)
+        await reporter.write(st.suspended(conditions, view.steps_done, generation))
+    elif action is Action.BUDGET:  # raising spec.budget is a spec change: a new driver
+        assert job is not None
+        await driver_job.scale_to_zero(kube, job, namespace, hooks.config.functions)
+        await reporter.write(st.budget_exceeded(conditions, view.steps_done,
+                                                spend.budget.message, generation,
+                                                cost=spend.status))
+    elif action is Action.SUCCEEDED:
+        await reporter.write(st.succeeded(conditions, view.steps_done, generation))
+    elif action is Action.START:
+        assert job is not None and desired is not None
+        await driver_job.start(kube, name, desired, obs.progress)
+        await reporter.write(st.started(conditions, state.services, driver_name(name),
+                                        view.steps_done, job.spec.steps, generation,
                                         has_budget=job.spec.budget.limited))
-
-        async def on_step(record: StepRecord) -> None:
-            ledger.add(record.metrics)
-            budget = check_budget(ledger, job.spec.budget)
-            if budget.exceeded:
-                stop.set()  # the driver stops itself too; this covers any DriverLike
-            await reporter.write(st.step_done(reporter.conditions, record, job.spec.steps,
-                                              state.generation, cost=cost_status(ledger)))
-            hooks.metrics.observe_step(ctx.namespace, ctx.name, record)
-            hooks.metrics.observe_budget(ctx.namespace, ctx.name, budget.used)
-            hooks.metrics.observe_usage(ctx.namespace, ctx.name, runtime.meter())
-
-        driver = hooks.driver_factory(ctx, runtime)
-
-        async def run_when_ready() -> int:
-            # Knative: wait until every Service is Ready (routes exist, a first pod loaded
-            # its weights), bounded by the progress deadline Knative itself applies.
-            wait_ready = getattr(runtime, "wait_ready", None)
-            if wait_ready is not None:
-                await wait_ready(timeout_s=float(ctx.config.functions.progress_deadline_s))
-            return await driver.run(stop=stop, on_step=on_step)
-
-        task = asyncio.create_task(run_when_ready())
-        hooks.metrics.driver_started(ctx.namespace, ctx.name, job.spec.stages.deployed)
-        try:
-            while not task.done():
-                if stopped:
-                    task.cancel()
-                    break
-                if state.version != seen:
-                    stop.set()  # suspend or another spec change: finish this step first
-                await asyncio.wait({task}, timeout=ctx.config.watch_interval_s)
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-                return "stopped"
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            hooks.metrics.driver_stopped(ctx.namespace, ctx.name)
-    return "stopped" if stopped else "ran"
+        return True
+    return False  # WATCH, WAIT: the driver works; its progress is reported as it comes

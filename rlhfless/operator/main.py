@@ -25,6 +25,7 @@ async def serve(hooks: Hooks, *, namespace: str | None = None, liveness: str | N
                 stop_flag: asyncio.Event | None = None,
                 ready_flag: asyncio.Event | None = None) -> None:
     """The operator as a coroutine in the current event loop (embedding and tests)."""
+    hooks.namespace = namespace
     await kopf.operator(registry=registry, memo=operator_memo(hooks), stop_flag=stop_flag,
                         ready_flag=ready_flag, **operator_kwargs(namespace, liveness))
 
@@ -34,6 +35,7 @@ def run_operator(namespace: str | None = None, liveness: str | None = None,
     """Blocking entry point: Prometheus on `metrics_port` (0 = off), then kopf until a
     signal. `liveness` is kopf's endpoint, e.g. http://0.0.0.0:8080/healthz."""
     hooks = hooks or Hooks()
+    hooks.namespace = namespace
     kopf.configure(verbose=False)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if metrics_port:

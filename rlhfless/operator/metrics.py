@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics: every job's series (`rlhfless.driver.prometheus`,
+"""The operator's Prometheus metrics: every job's series (`rlhfless.jobmetrics`,
 shared with `rlhfless run --metrics-port`) plus how many RLHFJobs are in each phase.
 
 `METRIC_NAMES` is the one list of what the operator exports (as PromQL sees it; a histogram
@@ -12,7 +12,7 @@ import threading
 from prometheus_client import CollectorRegistry, Gauge
 
 from rlhfless.api.crd import PHASES
-from rlhfless.driver.prometheus import JOB_METRIC_NAMES, JobMetrics
+from rlhfless.jobmetrics import JOB_METRIC_NAMES, JobMetrics
 
 METRIC_NAMES: tuple[str, ...] = ("rlhfless_jobs", *JOB_METRIC_NAMES)
 

@@ -1,10 +1,13 @@
 """What the operator may call on the Kubernetes API: one list, checked against real calls.
 
 `OPERATOR_RULES` is the RBAC the operator needs, as (apiGroup, resource, verb) triples; the
-Helm ClusterRole should grant exactly these (`cluster_role_rules()` renders them). The
-in-process operator tests record every request the operator makes and check it stays inside
-these rules; `NOT_SEEN_IN_TESTS` names the few rules only a real cluster
-exercises.
+Helm chart grants exactly these (`role_rules()` renders them): as a ClusterRole when the
+operator watches the whole cluster, as a Role in the watched namespace otherwise (then kopf
+does not scan cluster-scoped objects, so `CLUSTER_SCOPED` is left out). The in-process
+operator tests record every request the operator makes and check it stays inside these
+rules; `NOT_SEEN_IN_TESTS` names the few only a real cluster exercises. `DELEGATED` are
+rights the operator never uses itself but must hold to grant them to a job's driver
+(Kubernetes refuses to let anyone create a Role granting more than they hold).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from rlhfless.knative.driver import DRIVER_RULES
+
 ApiCall = tuple[str, str, str]  # (apiGroup, resource or resource/subresource, verb)
 
 _JOBS = "rlhfless.io"
 _KNATIVE = "serving.knative.dev"
+_RBAC = "rbac.authorization.k8s.io"
 
-OPERATOR_RULES: frozenset[ApiCall] = frozenset({
+CALLED: frozenset[ApiCall] = frozenset({
     # The custom resource: kopf watches it, patches annotations/finalizers on it.
     (_JOBS, "rlhfjobs", "list"),
     (_JOBS, "rlhfjobs", "watch"),
@@ -28,30 +34,50 @@ OPERATOR_RULES: frozenset[ApiCall] = frozenset({
     # Setting blockOwnerDeletion on children needs this where the
     # OwnerReferencesPermissionEnforcement admission plugin is on.
     (_JOBS, "rlhfjobs/finalizers", "update"),
-    # The stage functions: get-or-create, scale by patching annotations, read URL/readiness.
+    # The stage functions: get-or-create, patch on spec changes and to scale to zero.
     (_KNATIVE, "services", "get"),
     (_KNATIVE, "services", "create"),
     (_KNATIVE, "services", "patch"),
-    # Metering: pod lifetimes of each stage's revisions. The same list gives the pod IPs the
-    # Knative runtime calls a streaming actor at directly (`invoke_instance`): no new verb.
-    ("", "pods", "list"),
-    # kopf: events about handler progress, and discovery of CRDs/namespaces.
+    # The driver: its Job (created, watched, deleted to stop it), identity and progress.
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "delete"),
+    ("", "serviceaccounts", "create"),
+    (_RBAC, "roles", "create"),
+    (_RBAC, "roles", "get"),
+    (_RBAC, "roles", "patch"),
+    (_RBAC, "rolebindings", "create"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "patch"),  # the progress is reset before each driver run
+    # The job's function token: created once, never read back.
+    ("", "secrets", "create"),
+    ("networking.k8s.io", "networkpolicies", "create"),
+    ("networking.k8s.io", "networkpolicies", "get"),
+    ("networking.k8s.io", "networkpolicies", "patch"),
+    # kopf: events about handler progress.
     ("", "events", "create"),
+})
+
+DELEGATED: frozenset[ApiCall] = DRIVER_RULES - CALLED
+
+# kopf's resource discovery (only when it watches the whole cluster).
+CLUSTER_SCOPED: frozenset[ApiCall] = frozenset({
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
 })
 
-NOT_SEEN_IN_TESTS: frozenset[ApiCall] = frozenset({
+OPERATOR_RULES: frozenset[ApiCall] = CALLED | DELEGATED | CLUSTER_SCOPED
+NAMESPACED_RULES: frozenset[ApiCall] = OPERATOR_RULES - CLUSTER_SCOPED
+
+NOT_SEEN_IN_TESTS: frozenset[ApiCall] = DELEGATED | frozenset({
     (_JOBS, "rlhfjobs/finalizers", "update"),  # an admission check, not a request
     ("", "events", "create"),  # posted asynchronously; may not flush in a short test
-    ("", "namespaces", "list"),  # only with --namespace (namespace-restricted kopf)
-    ("", "namespaces", "watch"),
 })
 
-def cluster_role_rules(calls: Iterable[ApiCall] = OPERATOR_RULES) -> list[dict[str, Any]]:
-    """ClusterRole `rules`: one rule per (apiGroup, resource), verbs sorted."""
+
+def role_rules(calls: Iterable[ApiCall] = OPERATOR_RULES) -> list[dict[str, Any]]:
+    """Role or ClusterRole `rules`: one rule per (apiGroup, resource), verbs sorted."""
     verbs: dict[tuple[str, str], set[str]] = defaultdict(set)
     for group, resource, verb in calls:
         verbs[(group, resource)].add(verb)

@@ -8,12 +8,13 @@ patch replaces lists wholesale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rlhfless.driver.records import StepRecord
+from rlhfless.api.progress import StepSummary
 
 READY = "Ready"
 RUNNING = "Running"
@@ -91,15 +92,15 @@ def invalid_spec(current: Iterable[dict[str, Any]], errors: list[str],
     ], now)
 
 
-def started(current: Iterable[dict[str, Any]], services: list[str], step: int, steps: int,
-            generation: int | None, now: str | None = None,
+def started(current: Iterable[dict[str, Any]], services: list[str], driver: str, step: int,
+            steps: int, generation: int | None, now: str | None = None,
             has_budget: bool = False) -> dict[str, Any]:
     """Running; a job with a budget (or one stopped by it before) gets BudgetExceeded=False."""
     current = list(current)
     updates = [
         Cond(READY, True, SERVICES_CREATED,
-             f"{len(services)} Knative Services: {', '.join(services)}"),
-        Cond(RUNNING, True, STARTING, f"starting after step {step} of {steps}"),
+             f"{len(services)} Knative Services: {', '.join(services)}; driver Job {driver}"),
+        Cond(RUNNING, True, STARTING, f"driver starting after step {step} of {steps}"),
         Cond(SUSPENDED, False, NOT_SUSPENDED, "spec.suspend is false"),
         Cond(COMPLETE, False, IN_PROGRESS, f"{step} of {steps} steps done"),
     ]
@@ -110,17 +111,23 @@ def started(current: Iterable[dict[str, Any]], services: list[str], step: int, s
     return _status(current, "Running", generation, updates, now, step=step)
 
 
-def step_done(current: Iterable[dict[str, Any]], record: StepRecord, steps: int,
-              generation: int | None, now: str | None = None,
+def step_done(current: Iterable[dict[str, Any]], record: StepSummary, steps: int,
+              checkpoint: str, generation: int | None, now: str | None = None,
               cost: dict[str, Any] | None = None) -> dict[str, Any]:
-    """After a step; `cost` is `status.cost` (rlhfless.cost.cost_status) when known."""
-    extra = {} if cost is None else {"cost": cost}
+    """After a step the driver reported; `checkpoint` is its file, relative to the volume;
+    `cost` is `status.cost` (rlhfless.cost.cost_status) when known. A non-finite reward (a
+    JSON status cannot hold NaN) is left out."""
+    fields: dict[str, Any] = {"step": record.step, "weightsVersion": int(record.weights_version),
+                              "costGpuSeconds": round(float(record.gpu_seconds_total), 3),
+                              "checkpoint": checkpoint}
+    if math.isfinite(record.reward):
+        fields["reward"] = float(record.reward)
+    if cost is not None:
+        fields["cost"] = cost
     return _status(current, "Running", generation, [
         Cond(RUNNING, True, STEP_COMPLETED, f"step {record.step} of {steps} done"),
         Cond(COMPLETE, False, IN_PROGRESS, f"{record.step} of {steps} steps done"),
-    ], now, step=record.step, reward=float(record.reward_mean),
-        costGpuSeconds=round(float(record.gpu_seconds_total), 3),
-        weightsVersion=int(record.weights_version), checkpoint=record.checkpoint, **extra)
+    ], now, **fields)
 
 
 def budget_exceeded(current: Iterable[dict[str, Any]], step: int, message: str,

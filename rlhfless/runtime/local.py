@@ -8,6 +8,10 @@ spent serving). An instance is addressed by its handle (`actor-3`): `invoke_inst
 to that process's `/control` even while a stream keeps it busy. The run directory's
 `prometheus_targets.json` lists the ready instances' /metrics for Prometheus.
 
+Instances listen on loopback only and require a per-run bearer token (`token`), as Knative
+functions require the job's: another local user cannot call them. `invoke`, `invoke_stream`
+and `invoke_instance` all send it.
+
 On a machine with GPUs each instance gets its own devices from a pool (`gpu_pool.py`,
 CUDA_VISIBLE_DEVICES); a start that does not fit waits for GPUs, never oversubscribing them.
 Without GPUs (or RLHFLESS_GPUS empty) every instance runs on the CPU and is billed the GPUs
@@ -22,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,7 +40,7 @@ import httpx
 
 from rlhfless.api import codec
 from rlhfless.api.spec import RLHFJob, dump_job, job_namespace
-from rlhfless.api.wire import GPU_SHARE_ENV, INSTANCE_ENV
+from rlhfless.api.wire import GPU_SHARE_ENV, INSTANCE_ENV, TOKEN_ENV, bearer
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
 from rlhfless.runtime.discovery import TARGETS_FILE, Target, TargetsFile
 from rlhfless.runtime.gpu_pool import GpuPool, GpuPoolError, detect_devices, detect_slots
@@ -118,8 +123,10 @@ class LocalRuntime:
         *,
         keep_alive_s: float | None = None,
         threads_per_instance: int | None = None,
+        token: str | None = None,
     ):
         self.job = job
+        self.token = token or secrets.token_urlsafe(32)
         self.store_dir = Path(store_dir)
         self.run_dir = Path(run_dir)
         self.keep_alive_s = (
@@ -129,7 +136,8 @@ class LocalRuntime:
         self._instances: list[_Instance] = []
         self._counter = itertools.count()
         self._changed = asyncio.Condition()
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                         headers=bearer(self.token))
         self._reaper: asyncio.Task[None] | None = None
         self._exits: list[asyncio.Task[None]] = []
         self._job_file = self.run_dir / "job.json"
@@ -336,7 +344,7 @@ class LocalRuntime:
             "--threads", str(self._threads(stage)), "--exit-with-parent",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               INSTANCE_ENV: name}
+               INSTANCE_ENV: name, TOKEN_ENV: self.token}
         if self._pool is not None:
             # Its own GPUs only (none for a CPU stage), billed as given.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)

@@ -4,7 +4,8 @@ A rollout is streamed: the engine generates, the `RolloutLedger` turns finished 
 frames (a prompt's samples are reported together once every one this actor holds is done),
 reports τ once, and builds the closing frame; the `RolloutControl` is the thread-safe
 channel through which the actor's control endpoint reaches the running loop (a cut, samples
-to merge). Engines call them between decode steps.
+to merge). Engines call them between decode steps, with `functions.cancel.check()` (a caller
+that left ends the rollout there, reporting nothing).
 """
 
 from __future__ import annotations
@@ -72,19 +73,17 @@ class RolloutControl:
         self._lock = threading.Lock()
         self._merges: list[ActorMerge] = []
         self._cut = False
-        self.discard = False  # nobody reads the stream any more: stop without reporting
         self.closed = False
 
     @property
     def cut_requested(self) -> bool:
         return self._cut
 
-    def request_cut(self, discard: bool = False) -> bool:
+    def request_cut(self) -> bool:
         with self._lock:
             if self.closed:
                 return False
             self._cut = True
-            self.discard = self.discard or discard
             return True
 
     def offer(self, merge: ActorMerge) -> ControlReply:

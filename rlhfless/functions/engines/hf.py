@@ -2,7 +2,8 @@
 
 One `GenerationSession` per request: whole groups prefill their prompt once; samples merged
 in by a hand-off are prefilled (prompt + partial response) and join the running batch
-between decode steps; a cut hands back every unfinished row.
+between decode steps; a cut hands back every unfinished row; a caller that left stops it
+at the next decode step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 import torch
 
 from rlhfless.api.wire import ActorRequest, RolloutPrompt
+from rlhfless.functions import cancel
 from rlhfless.functions.device import on_device
 from rlhfless.functions.engines.base import RolloutControl, RolloutLedger, sample
 from rlhfless.functions.versions import VersionedCache
@@ -68,6 +70,7 @@ class TransformersEngine:
 
         report(session.add(rows))
         while True:
+            cancel.check()  # the caller left: stop here (the session's cache is dropped)
             merges, cut = control.take()
             if merges:
                 ledger.hold(merges, merged=True)

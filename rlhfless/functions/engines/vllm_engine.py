@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfless.api.wire import GPU_SHARE_ENV, ActorRequest, RolloutPrompt, RolloutSample
+from rlhfless.functions import cancel
 from rlhfless.functions.engines.base import RolloutControl, RolloutLedger, sample
 from rlhfless.functions.versions import VersionedCache
 from rlhfless.model.export import export_version
@@ -692,6 +693,7 @@ class VLLMEngine:
         try:
             submit(plans)
             while True:
+                cancel.check()  # the caller left: the finally below aborts what is open
                 merges, cut = control.take()
                 if merges:
                     merges_seen += 1

@@ -1,11 +1,15 @@
-"""Per-job Prometheus metrics: one definition for every process that drives a job.
+"""Per-job Prometheus metrics: one definition for every process that reports a job.
 
-The operator (all its jobs on one registry), `rlhfless run --metrics-port` (one job) and a
-job's own driver process export the same series, fed from each step's `StepRecord` and the
-runtime's meter. Names follow Prometheus conventions (`rlhfless_` prefix, `_seconds`,
-`_total`, ratios 0-1). Labels are the job's `namespace` and `job` name and, where a value
-is per stage, `stage`: never step numbers, request ids or uids, so the number of series
-stays bounded by jobs x stages however long a job runs.
+The operator (all its jobs on one registry, from the progress each job's driver pod
+publishes), `rlhfless run --metrics-port` (one job) and a driver pod started with
+`--metrics-port` export the same series, fed from each step's record (a `StepRecord`, or
+the `api.progress.StepSummary` a driver pod published) and the runtime's meter. The module
+imports nothing of the driver, the runtime or the ML stack: the operator loads it.
+
+Names follow Prometheus conventions (`rlhfless_` prefix, `_seconds`, `_total`, ratios 0-1).
+Labels are the job's `namespace` and `job` name and, where a value is per stage, `stage`:
+never step numbers, request ids or uids, so the number of series stays bounded by jobs x
+stages however long a job runs.
 
 Scrape these with `honor_labels: true` (the chart's ServiceMonitor does): Prometheus would
 otherwise rename the job's `job` label to `exported_job` and the dashboard would not find it.
@@ -17,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -36,8 +41,6 @@ from rlhfless.cost.row import (
     KEY_TAIL_SHARE,
 )
 from rlhfless.cost.split import USES
-from rlhfless.driver.records import StepRecord
-from rlhfless.runtime.base import InstanceUsage
 
 JOB_METRIC_NAMES: tuple[str, ...] = (
     "rlhfless_job_steps_total",
@@ -68,6 +71,40 @@ KEY_COLD_GPU_SECONDS_PREFIX = "cost/cold_start_gpu_seconds/"
 KEY_IDLE_PREFIX = "idle_ratio/"
 KEY_ACTORS_CHOSEN = "sched/actors"
 KEY_LENGTH_MAE = "sched/pred_mae_tokens"
+
+_READ_KEYS = (KEY_STEP_SECONDS, KEY_ACTORS_CHOSEN, KEY_LENGTH_MAE, KEY_SERVERFUL_GPU_SECONDS,
+              KEY_SERVERFUL_DOLLARS, KEY_TAIL_SHARE)
+_READ_PREFIXES = (KEY_GPU_SECONDS_PREFIX, KEY_COLD_GPU_SECONDS_PREFIX, KEY_IDLE_PREFIX,
+                  KEY_DOLLARS + "/", KEY_SPLIT + "/")
+
+
+def exported_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The part of a step's metrics these series are made of (what a driver pod publishes
+    for the operator to export)."""
+    return {k: float(v) for k, v in sorted(metrics.items())
+            if k in _READ_KEYS or k.startswith(_READ_PREFIXES)}
+
+
+class UsageLike(Protocol):
+    """An instance's life as a runtime meters it (`runtime.base.InstanceUsage`)."""
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def ended_at(self) -> float | None: ...
+
+
+class StepLike(Protocol):
+    """A step as a StepRecord (this process drove it) or the summary a driver pod published
+    (api.progress.StepSummary) carries it."""
+
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+
+    @property
+    def reward_mean(self) -> float: ...
+
 
 JOB_LABELS = ("namespace", "job")
 # Steps last from seconds (tiny CPU models) to tens of minutes (large models on GPUs).
@@ -169,7 +206,7 @@ class JobMetrics:
     def driver_stopped(self, namespace: str, name: str) -> None:
         self.driver_running.labels(namespace, name).set(0)
 
-    def observe_step(self, namespace: str, name: str, record: StepRecord,
+    def observe_step(self, namespace: str, name: str, record: StepLike,
                      now: float | None = None) -> None:
         m: Mapping[str, float] = record.metrics
         job = (namespace, name)
@@ -211,8 +248,10 @@ class JobMetrics:
         if used is not None:
             self.budget_used.labels(namespace, name).set(used)
 
-    def observe_usage(self, namespace: str, name: str, usages: Iterable[InstanceUsage]) -> None:
-        alive = sum(1 for u in usages if u.stage == "actor" and u.ended_at is None)
+    def observe_usage(self, namespace: str, name: str, usages: Iterable[UsageLike]) -> None:
+        self.observe_actors(namespace, name, actors_alive(usages))
+
+    def observe_actors(self, namespace: str, name: str, alive: int) -> None:
         self.actors_alive.labels(namespace, name).set(alive)
 
     def forget(self, namespace: str, name: str) -> None:
@@ -262,11 +301,15 @@ class JobReporter:
     def driver_stopped(self) -> None:
         self.metrics.driver_stopped(self.namespace, self.name)
 
-    def step(self, record: StepRecord, usages: Iterable[InstanceUsage],
+    def step(self, record: StepLike, usages: Iterable[UsageLike],
              budget_used: float | None = None) -> None:
         self.metrics.observe_step(self.namespace, self.name, record)
         self.metrics.observe_usage(self.namespace, self.name, usages)
         self.metrics.observe_budget(self.namespace, self.name, budget_used)
+
+
+def actors_alive(usages: Iterable[UsageLike]) -> int:
+    return sum(1 for u in usages if u.stage == "actor" and u.ended_at is None)
 
 
 def _label_sets(metric: Counter | Gauge | Histogram) -> Iterable[tuple[str, ...]]:
