@@ -27,6 +27,7 @@ other number of ranks, or on one rank without sharding.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,12 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rlhfless.train.optim import BETAS, WEIGHT_DECAY
+
+# The root returns the rows `fn` split off its outputs (views), and FSDP warns on every call
+# that an in-place op on them would skip its pre-backward hook. Nothing modifies them in
+# place (they are padded into new tensors): silence that one message.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP_Root\) returned a view",
+                        category=UserWarning)
 
 
 class _Root(nn.Module):
