@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     preload(handler, store)
 
     def report_exit() -> None:
+        close = getattr(handler, "close", None)
+        if close is not None:
+            close()  # a multi-rank learner's followers leave (and free their GPUs) first
         # This process's own account of its life (tests compare it with the runtime's meter).
         print("rlhfless-instance-exit " + json.dumps(
             {"stage": args.stage, "started_at": PROCESS_STARTED_AT, "ended_at": time.time()}),
