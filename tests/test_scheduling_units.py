@@ -11,6 +11,8 @@ from rlhfless.scheduling.profile import Profile
 from rlhfless.scheduling.step import plan_step
 from rlhfless.scheduling.units import (
     SPLIT_SLACK,
+    SampleUnit,
+    bin_entries,
     group_finish,
     part_sizes,
     sample_units,
@@ -99,3 +101,25 @@ def test_runaway_floor_plans_every_actor_up_to_the_longest_sample():
     assert floor.n <= bare.n
     raised = work.with_lmax_floor(5000.0)
     assert np.all(raised.lmax >= 5000.0) and np.all(raised.tokens == work.tokens)
+
+
+def test_bin_entries_merge_parts_on_one_actor_and_name_whole_groups_by_index():
+    units = [SampleUnit(0, (0, 1, 2, 3)), SampleUnit(1, (0, 1)), SampleUnit(1, (2, 3)),
+             SampleUnit(2, (0, 1)), SampleUnit(2, (2, 3))]
+    assert bin_entries(units, [[0, 1, 2], [3], [4]], 4) == [[0, 1], [(2, (0, 1))],
+                                                            [(2, (2, 3))]]
+    work, tokens, prof, learner, lam, n = _plan_args()
+    plan = plan_step(work, tokens, prof, learner, lam=lam, max_actors=n, quota=64,
+                     split_groups=True)
+    entries = bin_entries(plan.units, plan.bins, 16)
+    assert len(entries) == plan.n
+    seen = sorted((e, i) if isinstance(e, int) else (e[0], i)
+                  for b in entries for e in b
+                  for i in (range(16) if isinstance(e, int) else e[1]))
+    assert seen == [(k, i) for k in range(24) for i in range(16)]
+    assert any(not isinstance(e, int) for b in entries for e in b)  # the long groups split
+
+
+def _plan_args():
+    work = _work(seed=1)
+    return work, work.tokens + work.prefill, PROF, LEARNER, 0.5, 32

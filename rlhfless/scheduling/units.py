@@ -22,9 +22,12 @@ Parts of one group have the same longest sample, so a length-aware split keeps t
 each other and on one actor whenever that fits; splitting only adds freedom.
 
 `SampleUnit` is what a plan hands out: a group index and the sample indices of that part
-(the whole group is ``range(G)``). The real driver builds each actor's prompts from them
-(`RolloutPrompt.sample_indices`); the sampler is counter-based per (prompt, sample index),
-so where a sample runs does not change its tokens.
+(the whole group is ``range(G)``). `bin_entries` turns a plan's bins into what the driver's
+rollout takes: per actor, a group index where it runs the whole group, ``(index, sample
+indices)`` where it runs a part (parts of one group on one actor merged). The driver builds
+each actor's prompts from them (`RolloutPrompt.sample_indices`) and hands a group on when
+all its samples are in, from however many actors; the sampler is counter-based per (prompt,
+sample index), so where a sample runs does not change its tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from rlhfless.scheduling.workmodel import Workload, context_tokens, unit_times
 # A split group's largest part may take this much longer alone than the batch's longest
 # sample alone: 10% keeps parts few (each re-prefills the prompt) and the step near t1.
 SPLIT_SLACK = 0.1
+
+
+# One entry of an actor's bin: a whole group (its index) or a part (index, sample indices).
+BinEntry = int | tuple[int, tuple[int, ...]]
 
 
 class SampleUnit(NamedTuple):
@@ -123,4 +130,18 @@ def group_finish(units: Sequence[SampleUnit], unit_finish: np.ndarray,
     out = np.zeros(n_groups)
     np.maximum.at(out, np.array([u.group for u in units], dtype=int),
                   np.asarray(unit_finish, dtype=float))
+    return out
+
+
+def bin_entries(units: Sequence[SampleUnit], bins: Sequence[Sequence[int]],
+                group_size: int) -> list[list[BinEntry]]:
+    """Per actor (in the plan's order), its groups as `BinEntry`: parts of one group that
+    share an actor are merged, and a group whole on one actor is its plain index."""
+    out: list[list[BinEntry]] = []
+    for b in bins:
+        held: dict[int, list[int]] = {}
+        for k in b:
+            held.setdefault(int(units[k].group), []).extend(int(i) for i in units[k].samples)
+        out.append([g if sorted(s) == list(range(group_size)) else (g, tuple(sorted(s)))
+                    for g, s in held.items()])
     return out
