@@ -24,8 +24,9 @@ N minimises ``λ·T/T_ref + (1−λ)·C/C_ref`` over the candidates (refs: the m
 ``runaway_floor`` (default on) packs and times every bin as if it held the batch's longest
 predicted sample: no step ends before that sample anyway, so bins are filled up to it rather
 than split finer, and a sample that runs away unpredicted on any actor costs no more than
-the plan already allows for. ``split_groups`` (default off: the driver keeps groups whole;
-the simulator turns it on) lets a group too long for one actor run on several.
+the plan already allows for. ``split_groups`` lets a group too long for one actor run on
+several; it is off by default because ``bins`` then index `StepPlan.units`, not groups (the
+driver's planner and the simulator turn it on and read the units; `units.bin_entries`).
 
 ``rollout_scale`` (default 1) stretches the predicted rollout — actor releases and group
 arrivals — by the measured ratio of actual to predicted rollouts of recent steps

@@ -65,9 +65,10 @@ class SimConfig:
     # at the end; "barrier" = rollout, then reference (+critic), then trainer (three barriers,
     # three functions).
     step_mode: str = "stream"
-    # The streaming step's planner (`plan_step`): split groups too long for one actor over
-    # several (the driver keeps groups whole), plan every actor as if it may hold the batch's
-    # longest sample, and trade λ only among plans within `time_slack` of the fastest.
+    # The streaming step's planner (`plan_step`, as the driver's planner calls it): split
+    # groups too long for one actor over several, plan every actor as if it may hold the
+    # batch's longest sample, and trade λ only among plans within `time_slack` of the fastest.
+    # Switches for the ablation; the driver has no spec field for them.
     split_groups: bool = True
     runaway_floor: bool = True
     time_slack: float | None = TIME_SLACK
