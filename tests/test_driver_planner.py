@@ -14,6 +14,7 @@ from rlhfless.runtime.base import InstanceUsage
 from rlhfless.scheduling.planning import planning_workload, prewarm_margin
 from rlhfless.scheduling.predictor import LengthPredictor
 from rlhfless.scheduling.step import plan_step
+from rlhfless.scheduling.units import bin_entries
 
 G = 4
 
@@ -50,14 +51,21 @@ def test_plans_with_the_same_code_and_inputs_as_the_simulator() -> None:
     plan = planner.plan(prompts, warm_actors=0)
     # The same call the simulator makes (sim.serverless._plan_step), from the same inputs.
     mean, longest = planner.predictor.predict([p.key for p in prompts])
+    square = planner.predictor.predict_square([p.key for p in prompts])
     prompt_tokens = np.full(8, 6.0)
-    expected = plan_step(planning_workload(mean, longest, G, prompt_tokens),
+    expected = plan_step(planning_workload(mean, longest, G, prompt_tokens, mean_square=square),
                          prompt_tokens + G * mean, planner.profile.profile(),
                          planner._learner(), lam=spec.scheduling.lam, max_actors=4,
                          handoff_tau=spec.scheduling.tau, arrival_curve=planner.arrivals,
-                         margin_s=prewarm_margin({}), policy="length-aware", seed=spec.seed)
-    assert plan.n_actors == expected.n and plan.bins == [list(b) for b in expected.bins]
-    assert sorted(i for b in plan.bins for i in b) == list(range(8))  # every group once
+                         margin_s=prewarm_margin({}), policy="length-aware", seed=spec.seed,
+                         split_groups=True)
+    assert plan.n_actors == expected.n
+    assert plan.bins == bin_entries(expected.units, expected.bins, G)
+    # every sample once, whole groups as plain indices
+    seen = sorted((e, i) if isinstance(e, int) else (e[0], i)
+                  for b in plan.bins for e in b
+                  for i in (range(G) if isinstance(e, int) else e[1]))
+    assert seen == [(k, i) for k in range(8) for i in range(G)]
     assert plan.decisions["sched/actors"] == plan.n_actors
     assert {f"sched/table/n{row.n}/time_s" for row in expected.table} <= set(plan.decisions)
     # The longest-sample EWMA is what the plan reads, not only the mean: a group with one

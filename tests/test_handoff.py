@@ -72,6 +72,21 @@ def test_cut_samples_continue_in_a_running_actor_exactly_as_uncut(tiny_store):
                                                   strict=True)) < 1e-5
 
 
+def test_a_group_split_over_actors_is_reported_once_whole_and_equals_unsplit(tiny_store):
+    job, store = tiny_store
+    items = _items(store)[:3]
+    uncut = _uncut(store, items)
+    # Group 1's samples run on two actors (a plan's `bin_entries` for a split group).
+    result, _, groups = _rollout(job, store, items, [[0, (1, (0, 1))], [(1, (2, 3)), 2]],
+                                 tau=None)
+    assert sorted(groups) == ["p0", "p1", "p2"]  # p1 handed on once, when whole
+    for item in items:
+        samples = result.samples[item.key]
+        assert [s.index for s in samples] == list(range(G))
+        for s in samples:  # where a sample runs does not change it
+            assert s.response.tolist() == uncut[(item.key, s.index)]["response"]
+
+
 def test_the_last_actor_keeps_its_tail(tiny_store):
     job, store = tiny_store
     items = _items(store)[:2]

@@ -20,6 +20,7 @@ from rlhfless.scheduling.learner import (
 )
 from rlhfless.scheduling.planning import planning_workload
 from rlhfless.scheduling.profile import Profile
+from rlhfless.scheduling.scaling import TIME_SLACK
 from rlhfless.scheduling.step import candidate_counts, plan_step
 from rlhfless.scheduling.workmodel import unit_finish_times
 
@@ -146,12 +147,19 @@ def test_plan_step_shares_the_quota_and_follows_lambda():
     assert sorted(i for b in plan.bins for i in b) == list(range(len(work)))
     row = next(r for r in plan.table if r.n == plan.n)
     assert row.learner_gpus == plan.learner.gpus <= 24
-    fast = plan_step(work, tokens, PROF, LEARNER, lam=1.0, **common)
-    cheap = plan_step(work, tokens, PROF, LEARNER, lam=0.0, **common)
+    fast = plan_step(work, tokens, PROF, LEARNER, lam=1.0, time_slack=None, **common)
+    cheap = plan_step(work, tokens, PROF, LEARNER, lam=0.0, time_slack=None, **common)
     assert min(r.time_s for r in fast.table) == pytest.approx(
         next(r.time_s for r in fast.table if r.n == fast.n))
     assert min(r.gpu_seconds for r in cheap.table) == pytest.approx(
         next(r.gpu_seconds for r in cheap.table if r.n == cheap.n))
+    # By default λ trades only among plans within TIME_SLACK of the fastest.
+    slack = plan_step(work, tokens, PROF, LEARNER, lam=0.0, **common)
+    chosen = next(r for r in slack.table if r.n == slack.n)
+    fastest = min(r.time_s for r in slack.table)
+    assert chosen.time_s <= fastest * (1 + TIME_SLACK) + 1e-9
+    assert chosen.gpu_seconds == pytest.approx(min(
+        r.gpu_seconds for r in slack.table if r.time_s <= fastest * (1 + TIME_SLACK) + 1e-9))
     fixed = plan_step(work, tokens, PROF, LEARNER, lam=0.5, candidates=[5], **common)
     assert fixed.n == 5 and len(fixed.table) == 1
     slower = plan_step(work, tokens, PROF, LEARNER, lam=0.5, candidates=[5],

@@ -141,3 +141,34 @@ def test_kv_capacity_term_and_unit_finish_times():
         assert finish.max() == pytest.approx(bin_time(w, [0, 1, 2], p))
         assert finish[0] < finish[1] < finish[2]  # shorter groups are done earlier
         assert lower_bound(w, 2, p) <= makespan(w, [[2], [0, 1]], p) * (1 + 1e-9)
+
+
+def test_group_predictor_tracks_the_mean_square_and_plans_reads_from_it():
+    p = GroupLengthPredictor(alpha=0.5, prior=100.0)
+    assert p.predict_square(["a"]) is None  # nothing observed yet
+    p.observe(["a"], [[10, 30]])
+    p.observe(["a"], [[20, 20]])
+    square = p.predict_square(["a"])
+    assert square[0] == pytest.approx(0.5 * 400 + 0.5 * 500)
+    # A group split into run-aways at the limit and short answers: the spread between the
+    # mean and the longest under-counts its reads; the mean square does not.
+    lengths = np.array([8000.0] * 4 + [100.0] * 12)
+    prompt = np.array([200.0])
+    mean, top = np.array([lengths.mean()]), np.array([8000.0])
+    sq = np.array([(lengths ** 2).mean()])
+    direct = planning_workload(mean, top, 16, prompt, mean_square=sq)
+    spread = planning_workload(mean, top, 16, prompt)
+    truth = context_tokens(200.0, lengths).sum()
+    assert direct.ctx[0] == pytest.approx(truth, rel=0.01)
+    assert spread.ctx[0] < 0.9 * truth
+    # NaN (no square for that prompt) falls back to the spread.
+    assert planning_workload(mean, top, 16, prompt, mean_square=[np.nan]).ctx[0] == \
+        pytest.approx(spread.ctx[0])
+    # A state saved before the mean square existed loads; its prompts read as NaN.
+    state = p.state_dict()
+    del state["square"]
+    old = GroupLengthPredictor()
+    old.load_state_dict(state)
+    old.observe(["b"], [[5, 5]])
+    sq = old.predict_square(["a", "b"])
+    assert np.isnan(sq[0]) and sq[1] == pytest.approx(25.0)

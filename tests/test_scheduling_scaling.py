@@ -77,8 +77,10 @@ def test_lambda_extremes_pick_fastest_and_cheapest(lengths, g, profile, max_acto
     cheap = choose_actor_count(lengths, g, profile, 0.0, max_actors)
     times = [r.time_s for r in fast.table]
     costs = [r.gpu_seconds for r in cheap.table]
-    assert fast.n == fast.table[int(np.argmin(times))].n
-    assert cheap.n == cheap.table[int(np.argmin(costs))].n
+    # Ties (equal up to rounding) may go to either count: compare the values.
+    assert next(r.time_s for r in fast.table if r.n == fast.n) == pytest.approx(min(times))
+    assert next(r.gpu_seconds for r in cheap.table if r.n == cheap.n) == pytest.approx(
+        min(costs))
 
 
 @settings(max_examples=20, deadline=None)

@@ -49,6 +49,24 @@ def test_fused_learner_learns_every_group_once_and_overlaps_the_rollout():
     assert r.extra["overlap_s"] > 0  # the learner worked while actors still generated
 
 
+def test_split_groups_generate_every_sample_once_and_learn_each_group_once():
+    cfg = replace(_cfg(nodes=2), prompts_per_step=32, group_size=16)
+    w = synthetic("dapo", 32, 16, 3, seed=1, max_len=20_000)
+    sim = ServerlessSim(cfg, w)
+    split = 0.0
+    for epoch in range(w.epochs):
+        prompts = np.arange(32)
+        r = sim.step(epoch, epoch, prompts)
+        split += r.extra["split_groups"]
+        assert r.tokens == int(w.lengths[epoch].sum())  # each sample decoded exactly once
+        work = cfg.learner_gpu_s(w.prompt_len[prompts], w.lengths[epoch, prompts], True)
+        assert r.extra["learner_busy_s"] * r.extra["learner_gpus"] == pytest.approx(work.sum())
+    assert split > 0  # the predicted long groups ran on several actors
+    whole = ServerlessSim(replace(cfg, split_groups=False), w)
+    for epoch in range(w.epochs):
+        assert whole.step(epoch, epoch, np.arange(32)).extra["split_groups"] == 0
+
+
 def test_quota_holds_over_the_whole_run_and_shared_may_exceed_it():
     cfg = _cfg(nodes=1, pool="quota")
     w = _work(cfg)
@@ -135,6 +153,15 @@ def test_simulate_headline_writes_the_table_and_prints_one_line_per_row(
              or " shared: speedup " in ln]
     assert len(lines) == len(rows)
     assert (tmp_path / "headline.png").stat().st_size > 1000
+    # The details break each step into its phases and the bound into its two terms.
+    with (tmp_path / "headline_details.csv").open() as fh:
+        details = list(csv.DictReader(fh))
+    for d in details:
+        phases = sum(float(d[f"{k}_s"]) for k in ("sync", "gen", "learn_tail", "finish"))
+        assert phases == pytest.approx(float(d["step_s"]), rel=1e-3)
+        # a mean of per-step maxima is at least the larger mean
+        assert float(d["bound_s"]) >= 0.999 * max(float(d["bound_critical_s"]),
+                                                  float(d["bound_work_s"]))
 
 
 def test_simulate_rejects_an_unknown_experiment(tmp_path):

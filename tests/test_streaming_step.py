@@ -15,11 +15,12 @@ from rlhfless.store import ShardStore, WeightStore
 from tests.conftest import tiny_job
 
 
-def _one_step(tmp_path, name, inline_limit=1 << 20, dataset=None, **scheduling):
+def _one_step(tmp_path, name, inline_limit=1 << 20, dataset=None, generation=None,
+              **scheduling):
+    extra = {k: v for k, v in (("dataset", dataset), ("generation", generation)) if v}
     job = tiny_job(name, steps=1, algorithm={"lr": 1e-4, "entropyCoef": 0.01},
                    scheduling={"prewarm": False, "actors": 2, "costAware": False,
-                               "tau": 0.5, **scheduling}, **({"dataset": dataset} if dataset
-                                                             else {}))
+                               "tau": 0.5, **scheduling}, **extra)
     run_dir = tmp_path / name
     runtime = InProcessRuntime(job, WeightStore(run_dir / "store"))
 
@@ -50,19 +51,33 @@ def test_streaming_and_barrier_steps_train_the_same_weights(tmp_path):
     assert row_b["timing_s/first_group"] <= row_b["timing_s/gen"] + 1e-6
 
 
-def test_each_prompt_keeps_its_own_response_budget(tmp_path):
-    budgets = {"a": 2, "b": 5, "c": 8, "d": 30}
+def _budgets_file(tmp_path, budgets):
     path = tmp_path / "budgets.jsonl"
     path.write_text("".join(json.dumps({"id": k, "prompt": f"{k}:", "max_new_tokens": n}) + "\n"
                             for k, n in budgets.items()))
-    _, row, runtime = _one_step(tmp_path, "budget", dataset={
-        "kind": "jsonl", "path": str(path), "promptsPerStep": 4})
+    return {"kind": "jsonl", "path": str(path), "promptsPerStep": len(budgets)}
+
+
+def test_each_prompt_keeps_its_own_response_budget(tmp_path):
+    budgets = {"a": 2, "b": 5, "c": 8, "d": 30}
+    _, row, runtime = _one_step(tmp_path, "budget", dataset=_budgets_file(tmp_path, budgets))
     adds = [p["group"] for stage, p in runtime.calls if stage == "learner" and p["op"] == "add"]
     assert len(adds) == 4 and row["response_length/max"] <= 8  # maxNewTokens caps "d"
     for group in adds:
         cap = min(budgets[group["group_id"]], 8)
         assert all(r.size <= cap for r in group["responses"])
     assert max(r.size for g in adds if g["group_id"] == "a" for r in g["responses"]) <= 2
+
+
+def test_the_learner_works_while_the_actor_still_generates(tmp_path):
+    # One actor: three groups end after a token, the fourth decodes 47 more while the
+    # learner already scores and back-propagates the first three.
+    dataset = _budgets_file(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 48})
+    _, row, _ = _one_step(tmp_path, "overlap", dataset=dataset,
+                          generation={"maxNewTokens": 48}, actors=1)
+    assert row["response_length/max"] > 1
+    assert row["timing_s/overlap"] > 0
+    assert row["timing_share/after_rollout"] < 1
 
 
 def test_shards_of_a_checkpointed_step_are_pruned(tmp_path):

@@ -282,12 +282,13 @@ class SchedulingSpec(SpecModel):
     actors: int = Field(2, ge=1, le=1024, description="Actor count when costAware is off.")
     max_actors: int = Field(4, ge=1, le=1024, description="Upper bound on actor functions.")
     lam: float = Field(
-        0.5, ge=0, le=1, description="λ: 1 = fastest step, 0 = fewest GPU-seconds."
+        0.5, ge=0, le=1, description="λ: 1 = fastest step, 0 = fewest GPU-seconds "
+        "(a streaming step trades only among plans within 2% of its fastest)."
     )
     tau: float = Field(
-        0.7, gt=0, le=1,
+        1.0, gt=0, le=1,
         description="τ: at this fraction of its own samples done, an actor hands its unfinished "
-        "samples to a running actor and scales down.")
+        "samples to a running actor and scales down (1 = never).")
     ewma_alpha: float = Field(0.5, gt=0, le=1, description="EWMA weight of the newest length.")
     length_prediction: bool = Field(True, description="Predict response lengths.")
     assignment: Literal["length-aware", "round-robin", "random"] = Field("length-aware")

@@ -32,6 +32,7 @@ from rlhfless.scheduling.predictor import prediction_error
 from rlhfless.scheduling.prewarm import PrewarmPlan, prewarm_plan
 from rlhfless.scheduling.profile import Profile, ProfileEstimator
 from rlhfless.scheduling.step import plan_step
+from rlhfless.scheduling.units import BinEntry, bin_entries
 
 # Until a learner has been measured: seconds per token it works on (prompt once + responses,
 # every pass). Deliberately small: it only places the learner in the first step's plan.
@@ -43,7 +44,7 @@ KNOWN_FOR_RATIO = 0.5
 @dataclass
 class RolloutPlan:
     n_actors: int
-    bins: list[list[int]]
+    bins: list[list[BinEntry]]  # per actor: group indices, or (index, samples) for a part
     predicted: list[float]  # each prompt's predicted mean response length
     rollout_s: float  # predicted rollout seconds (corrected by the measured ratio)
     model_rollout_s: float  # the time model's own prediction (what the ratio corrects)
@@ -75,8 +76,10 @@ class Planner:
         sched, g = self.spec.scheduling, self.spec.algorithm.group_size
         keys = [i.key for i in items]
         prompt_tokens = np.array([len(i.prompt_ids) for i in items], dtype=float)
+        square = None
         if sched.length_prediction:
             mean, longest = self.predictor.predict(keys)
+            square = self.predictor.predict_square(keys)
             known = self.predictor.known_fraction(keys)
         else:
             # Without prediction every prompt looks the same: the worst case, max length.
@@ -85,16 +88,18 @@ class Planner:
         caps = np.array([i.max_new_tokens or self.spec.generation.max_new_tokens
                          for i in items], dtype=float)
         mean, longest = np.minimum(mean, caps), np.minimum(longest, caps)
+        if square is not None:
+            square = np.minimum(square, caps * caps)  # NaN (not yet known) stays NaN
         profile = self.profile.profile()
         step = plan_step(
-            planning_workload(mean, longest, g, prompt_tokens),
+            planning_workload(mean, longest, g, prompt_tokens, mean_square=square),
             prompt_tokens + g * mean, profile, self._learner(),
             lam=sched.lam, max_actors=min(sched.max_actors, len(keys)), warm=warm_actors,
             handoff_tau=sched.tau if sched.cut_migrate and sched.tau < 1 else None,
             arrival_curve=self.arrivals, margin_s=prewarm_margin(self.cold_start_s),
             policy=sched.assignment, seed=self.spec.seed,
             candidates=None if sched.cost_aware else [min(sched.actors, len(keys))],
-            rollout_scale=self.ratio.correct(1.0),
+            rollout_scale=self.ratio.correct(1.0), split_groups=True,
         )
         rollout_s = self.ratio.correct(step.rollout_s)
         decisions: dict[str, float] = {}
@@ -105,6 +110,8 @@ class Planner:
             decisions[f"sched/table/n{row.n}/rollout_s"] = row.rollout_s
         decisions.update({
             "sched/actors": float(step.n),
+            "sched/split_groups": float(len({u.group for u in step.units
+                                             if len(u.samples) < g})),
             "sched/warm_actors": float(warm_actors),
             "sched/plan/rollout_s": rollout_s,
             "sched/plan/step_s": float(step.learner.end_s),
@@ -114,7 +121,7 @@ class Planner:
             "sched/profile/tpot_per_ctx_s": profile.tpot_per_ctx_s,
             "sched/profile/cold_start_s": profile.cold_start_s,
         })
-        self.last_plan = RolloutPlan(step.n, [list(map(int, b)) for b in step.bins],
+        self.last_plan = RolloutPlan(step.n, bin_entries(step.units, step.bins, g),
                                      mean.tolist(), rollout_s, step.rollout_s, decisions,
                                      known)
         return self.last_plan

@@ -1,9 +1,10 @@
 """Streaming rollout: N actor streams at once, each group handed on the moment it is whole.
 
-Each actor bin holds whole GRPO groups (the prompt's prefill is shared by its samples). An
+Each actor bin holds GRPO groups (the prompt's prefill is shared by its samples): whole, or,
+for a group too long for one actor, a part of its samples (`rlhfless.scheduling.units`). An
 actor streams a prompt's samples as soon as all it holds are done; a prompt whose G samples
-are all in (from one actor or, after a hand-off, from two) goes to `on_group` at once, while
-the other actors still generate.
+are all in (from one actor or, after a hand-off or a split, from several) goes to `on_group`
+at once, while the other actors still generate.
 
 Hand-off cut: when an actor reports τ of its own samples done and another actor is still
 running, the driver cuts it; its unfinished samples (prompt + partial response, same weights
@@ -45,6 +46,7 @@ from rlhfless.api.wire import (
 from rlhfless.driver.records import BusyInterval
 from rlhfless.runtime.base import InvocationError, Runtime, StreamBroken
 from rlhfless.scheduling.migrate import handoff_target
+from rlhfless.scheduling.units import BinEntry
 
 FRAME = TypeAdapter(ActorFrame)
 MAX_BROKEN = 3  # broken actor streams tolerated per initial actor before the step fails
@@ -125,7 +127,7 @@ class StreamingRollout:
         self,
         runtime: Runtime,
         items: Sequence[PromptItem],
-        bins: Sequence[Sequence[int]],
+        bins: Sequence[Sequence[BinEntry]],
         version: int,
         settings: RolloutSettings,
         request_prefix: str,
@@ -154,8 +156,7 @@ class StreamingRollout:
     async def run(self) -> RolloutResult:
         cut = self.s.cut_fraction if len(self.bins) > 1 else None
         for i, bin_ in enumerate(self.bins):
-            prompts = [self._prompt(self.item_list[j].key, list(range(self.s.group_size)))
-                       for j in bin_]
+            prompts = [self._entry_prompt(e) for e in bin_]
             self._spawn(f"{self.prefix}-a{i}", prompts, cut)
         try:
             while self._tasks:
@@ -178,6 +179,13 @@ class StreamingRollout:
         works = [a.stats.get("function_s", 0.0) for a in self.actors if a.stats]
         self.result.round_work_s = [max(works, default=0.0)]
         return self.result
+
+    def _entry_prompt(self, entry: BinEntry) -> RolloutPrompt:
+        """A whole group (its index) or a part of it ((index, sample indices))."""
+        if isinstance(entry, (tuple, list)):
+            j, indices = entry
+            return self._prompt(self.item_list[int(j)].key, [int(i) for i in indices])
+        return self._prompt(self.item_list[int(entry)].key, list(range(self.s.group_size)))
 
     def _prompt(self, key: str, indices: list[int], prefixes: list | None = None
                 ) -> RolloutPrompt:

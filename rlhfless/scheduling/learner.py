@@ -19,7 +19,8 @@ reduction, the optimizer step, the weights publish).
 
 `plan_learner` evaluates every size L in ``profile.candidates()`` (memory bound below, the
 GPU budget above) and picks the best ``λ·T/T_ref + (1−λ)·C/C_ref`` like the actor count
-(`rlhfless.scheduling.scaling`), with T = end + finish and C = L × (T − start) GPU-seconds.
+(`rlhfless.scheduling.scaling`; ``time_slack`` drops sizes more than that fraction slower
+than the fastest), with T = end + finish and C = L × (T − start) GPU-seconds.
 Under a quota (``free_gpus``: GPUs the actors leave free over time) a size starts no earlier
 than its GPUs are free.
 
@@ -157,7 +158,8 @@ def earliest_free(free_gpus: Sequence[tuple[float, int]] | None, gpus: int) -> f
 
 def plan_learner(arrivals: Sequence[float] | np.ndarray, tokens: Sequence[float] | np.ndarray,
                  profile: LearnerProfile, *, lam: float = 0.5, margin_s: float = 0.0,
-                 free_gpus: Sequence[tuple[float, int]] | None = None) -> LearnerPlan:
+                 free_gpus: Sequence[tuple[float, int]] | None = None,
+                 time_slack: float | None = None) -> LearnerPlan:
     """Size and start of the learner for one step (see the module docstring)."""
     a = np.asarray(arrivals, dtype=float).reshape(-1)
     w = np.asarray(tokens, dtype=float).reshape(-1) * profile.gpu_s_per_token
@@ -185,7 +187,7 @@ def plan_learner(arrivals: Sequence[float] | np.ndarray, tokens: Sequence[float]
         raise ValueError("no learner size fits the free GPUs")
     times = np.array([r[3] for r in rows])
     costs = np.array([r[4] for r in rows])
-    score, _, _ = scores(times, costs, lam)
+    score, _, _ = scores(times, costs, lam, time_slack)
     best = int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
     gpus, start, ready, end, gpu_s = rows[best]
     table = [LearnerRow(r[0], r[1], r[3], r[4], float(s)) for r, s in zip(rows, score,

@@ -2,18 +2,22 @@
 
 The driver's `Planner` and the simulator build their inputs here, so both decide the same way:
 
-* `GroupLengthPredictor` — two EWMAs per prompt: the mean response length of its GRPO group
-  (``tokens`` of the time model) and the group's longest sample (``lmax``: the decode
-  iterations the group holds its actor for). A group's longest sample is typically 1.5–3× its
-  mean in long-tailed reasoning RL; planning with the mean as the longest under-predicts the
-  bins that decide the makespan. ``state_dict`` is JSON-serialisable; a state saved by a
-  plain `LengthPredictor` (mean only) loads too.
-* `planning_workload(pred_mean, pred_max, group_size, prompt_tokens)` — the units the
-  policies split (`Workload.groups` with ``lmax`` from the max EWMA and, by default, the
-  groups' KV reads in ``ctx``, priced by ``Profile.tpot_per_ctx_s``; with that coefficient at
-  0 the context term changes nothing). The reads are summed over the group's samples spread
-  between the mean and the longest (`spread_context`): they grow with a length's square,
-  so G samples of the mean length would under-count a group with one long sample.
+* `GroupLengthPredictor` — three EWMAs per prompt: the mean response length of its GRPO
+  group (``tokens`` of the time model), the group's longest sample (``lmax``: the decode
+  iterations the group holds its actor for) and the mean *square* of its lengths (its KV
+  reads). A group's longest sample is typically 1.5–3× its mean in long-tailed reasoning RL;
+  planning with the mean as the longest under-predicts the bins that decide the makespan.
+  ``state_dict`` is JSON-serialisable; states saved before the mean square existed, and by a
+  plain `LengthPredictor` (mean only), load too.
+* `planning_workload(pred_mean, pred_max, group_size, prompt_tokens, mean_square=...)` — the
+  units the policies split (`Workload.groups` with ``lmax`` from the max EWMA and, by
+  default, the groups' KV reads in ``ctx``, priced by ``Profile.tpot_per_ctx_s``; with that
+  coefficient at 0 the context term changes nothing). The reads grow with a length's
+  square, so G samples of the mean length would under-count a group with long samples: they
+  are G·(prompt·mean + mean square / 2) from the mean-square EWMA, or, for a prompt without
+  one, summed over the group's samples spread between the mean and the longest
+  (`spread_context`), which under-counts groups whose samples split into run-aways at the
+  limit and short answers by ~20–30%.
 * `prewarm_margin(cold_starts)` — the safety margin of every prewarm plan: half the longest
   cold start. Phases vary from step to step; starting a stage too late puts the rest of its
   cold start on the critical path, too early only bills idle seconds.
@@ -42,6 +46,7 @@ class GroupLengthPredictor:
                  window: int = 4096):
         self.mean = LengthPredictor(alpha, default_quantile, window, prior)
         self.max = LengthPredictor(alpha, default_quantile, window, prior)
+        self.square = LengthPredictor(alpha, default_quantile, window, prior * prior)
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -51,11 +56,26 @@ class GroupLengthPredictor:
         mean = self.mean.predict(ids)
         return mean, np.maximum(self.max.predict(ids), mean)
 
+    def predict_square(self, ids: Sequence[Hashable]) -> np.ndarray | None:
+        """Mean square length per prompt, within [mean², longest²]; NaN where the mean is
+        known but the square is not (a state saved before it existed); None before any
+        square was observed."""
+        if len(self.square) == 0:
+            return None
+        mean, top = self.predict(ids)
+        square = np.clip(self.square.predict(ids), mean * mean, top * top)
+        stale = self.mean.known(ids) & ~self.square.known(ids)
+        return np.where(stale, np.nan, square)
+
     def update(self, ids: Sequence[Hashable], means: Sequence[float] | np.ndarray,
-               maxes: Sequence[float] | np.ndarray) -> None:
-        """One epoch's group means and group maxima (aligned with ids)."""
+               maxes: Sequence[float] | np.ndarray,
+               squares: Sequence[float] | np.ndarray | None = None) -> None:
+        """One epoch's group means, group maxima and (optional) mean squares, aligned with
+        ids."""
         self.mean.update(ids, means)
         self.max.update(ids, maxes)
+        if squares is not None:
+            self.square.update(ids, squares)
 
     def observe(self, ids: Sequence[Hashable],
                 lengths: Sequence[Sequence[float]] | np.ndarray) -> None:
@@ -65,7 +85,8 @@ class GroupLengthPredictor:
         groups = [np.asarray(g, dtype=float).reshape(-1) for g in lengths]
         if any(len(g) == 0 for g in groups):
             raise ValueError("every group needs at least one response length")
-        self.update(ids, [float(g.mean()) for g in groups], [float(g.max()) for g in groups])
+        self.update(ids, [float(g.mean()) for g in groups], [float(g.max()) for g in groups],
+                    [float((g * g).mean()) for g in groups])
 
     def default(self) -> float:
         return self.mean.default()
@@ -75,7 +96,8 @@ class GroupLengthPredictor:
         return float(self.mean.known(ids).mean()) if len(ids) else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.state_dict(), "max": self.max.state_dict()}
+        return {"mean": self.mean.state_dict(), "max": self.max.state_dict(),
+                "square": self.square.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "ewma" in state:  # a plain LengthPredictor's state: the group means only
@@ -84,22 +106,31 @@ class GroupLengthPredictor:
             return
         self.mean.load_state_dict(state["mean"])
         self.max.load_state_dict(state["max"])
+        if "square" in state:
+            self.square.load_state_dict(state["square"])
 
 
 def planning_workload(pred_mean: Sequence[float] | np.ndarray,
                       pred_max: Sequence[float] | np.ndarray | None, group_size: int,
                       prompt_tokens: Sequence[float] | np.ndarray | None = None, *,
-                      context: bool = True) -> Workload:
+                      context: bool = True,
+                      mean_square: Sequence[float] | np.ndarray | None = None) -> Workload:
     """The GRPO groups as units of the time model (see the module docstring).
 
     ``pred_max`` None plans every sample as long as the group mean (the inputs before the
-    max predictor existed); ``context=False`` leaves the KV reads out.
+    max predictor existed); ``context=False`` leaves the KV reads out. ``mean_square``
+    (per group; NaN where unknown) gives the KV reads directly.
     """
     work = Workload.groups(pred_mean, group_size, prompt_tokens, lmax=pred_max)
     if not context:
         return work
-    return Workload(work.lmax, work.tokens, work.seqs, work.prefill,
-                    spread_context(work.lmax, work.tokens, work.seqs, work.prefill))
+    ctx = spread_context(work.lmax, work.tokens, work.seqs, work.prefill)
+    if mean_square is not None:
+        square = np.asarray(mean_square, dtype=float).reshape(-1)
+        mean = work.tokens / np.maximum(work.seqs, 1.0)
+        direct = work.seqs * (work.prefill * mean + 0.5 * square)
+        ctx = np.where(np.isfinite(square), direct, ctx)
+    return Workload(work.lmax, work.tokens, work.seqs, work.prefill, ctx)
 
 
 def prewarm_margin(cold_starts: Mapping[str, float]) -> float:

@@ -69,13 +69,30 @@ def step_time(times: Sequence[float], profile: Profile, warm: int = 0) -> float:
     return max(hot, cold)
 
 
-def scores(times: np.ndarray, costs: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
-    """λ·T/T_ref + (1−λ)·C/C_ref with the minima as references (a zero minimum counts as 1)."""
+# The streaming step's planner (`rlhfless.scheduling.step`) trades time for GPU-seconds only
+# among plans predicted within this fraction of its fastest: under a fixed GPU quota the
+# cost term alone would pick a few long-running actors (half the actors, a quarter slower),
+# and a plan's predicted time is accurate to a few percent at best, so 2% is "as fast".
+TIME_SLACK = 0.02
+
+
+def scores(times: np.ndarray, costs: np.ndarray, lam: float,
+           time_slack: float | None = None) -> tuple[np.ndarray, float, float]:
+    """λ·T/T_ref + (1−λ)·C/C_ref with the minima as references (a zero minimum counts as 1).
+
+    ``time_slack``: candidates predicted more than this fraction slower than the fastest
+    score +inf (None: no limit), so λ only trades among the near-fastest plans.
+    """
     if not 0 <= lam <= 1:
         raise ValueError("lam must be in [0, 1]")
+    if time_slack is not None and time_slack < 0:
+        raise ValueError("time_slack must be >= 0")
     t_ref = float(times.min()) or 1.0
     c_ref = float(costs.min()) or 1.0
-    return lam * times / t_ref + (1 - lam) * costs / c_ref, t_ref, c_ref
+    score = lam * times / t_ref + (1 - lam) * costs / c_ref
+    if time_slack is not None:
+        score = np.where(times <= float(times.min()) * (1 + time_slack) + 1e-9, score, np.inf)
+    return score, t_ref, c_ref
 
 
 def choose_from_candidates(work: Workload, candidates: Sequence[int], profile: Profile,

@@ -110,6 +110,11 @@ class Workload:
         return cls(lmax=longest, tokens=lengths * group_size,
                    seqs=np.full_like(lengths, float(group_size)), prefill=prompt, ctx=ctx)
 
+    def with_lmax_floor(self, floor: float) -> Workload:
+        """The same units, each planned to run at least ``floor`` decode iterations."""
+        return Workload(np.maximum(self.lmax, floor), self.tokens, self.seqs, self.prefill,
+                        self.ctx)
+
     def take(self, idx: Sequence[int] | np.ndarray) -> Workload:
         idx = np.asarray(idx, dtype=int)
         assert self.ctx is not None

@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from rlhfless.api.spec import SchedulingSpec
+from rlhfless.scheduling.scaling import TIME_SLACK
 from rlhfless.sim.costmodel import (
     AffineDecode,
     Prefill,
@@ -64,6 +65,13 @@ class SimConfig:
     # at the end; "barrier" = rollout, then reference (+critic), then trainer (three barriers,
     # three functions).
     step_mode: str = "stream"
+    # The streaming step's planner (`plan_step`, as the driver's planner calls it): split
+    # groups too long for one actor over several, plan every actor as if it may hold the
+    # batch's longest sample, and trade λ only among plans within `time_slack` of the fastest.
+    # Switches for the ablation; the driver has no spec field for them.
+    split_groups: bool = True
+    runaway_floor: bool = True
+    time_slack: float | None = TIME_SLACK
     cold_start: str = "node-cache"  # a key of hardware.COLD_STARTS (see `with_cold_start`)
     learner_gpu_step: int = 4  # learner sizes are multiples of this many GPUs
     # The learner recomputes the old (behaviour) log-probs in a forward pass of its own, as

@@ -11,10 +11,11 @@ ablation     7B DAPO-like, quota: the default with one mechanism changed at a ti
 frontier     7B DAPO-like, quota: fixed actor counts N against the points λ picks.
 sensitivity  7B DAPO-like, quota: the hand-off cut's τ.
 
-Every RLHFless configuration is `SchedulingSpec`'s defaults (λ 0.5, τ 0.7, all mechanisms
-on) unless a row says otherwise; runs are 8 epochs of one step each, and every number is a
-mean over the warm epochs (2–7). Runs are cached within one process, so `all` simulates each
-configuration once.
+Every RLHFless configuration is `SchedulingSpec`'s defaults (λ 0.5 within 2% of the fastest
+plan, τ 1 = no hand-off cut, all other mechanisms on) and `SimConfig`'s (groups split over
+actors where too long for one) unless a row says otherwise; runs are 8 epochs of one step
+each, and every number is a mean over the warm epochs (2–7). Runs are cached within one
+process, so `all` simulates each configuration once.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import numpy as np
 from rlhfless.api.spec import SchedulingSpec
 from rlhfless.sim.config import SimConfig
 from rlhfless.sim.hardware import COLD_STARTS
-from rlhfless.sim.results import StepResult
-from rlhfless.sim.runner import bounds, job_workload, run_system, warm
+from rlhfless.sim.results import STEP_PHASES, StepResult
+from rlhfless.sim.runner import bound_parts, bounds, job_workload, run_system, warm
 from rlhfless.sim.workload import Workload
 
 Row = dict[str, object]
@@ -79,7 +80,8 @@ def measure(cfg: SimConfig, family: str, base_cfg: SimConfig | None = None) -> R
     _, ours_all = run("rlhfless", cfg, family)
     verl, ours = warm(verl_all, w), warm(ours_all, w)
     peak = int(max(r.peak_gpus for r in ours))
-    limit = bounds(cfg, w, ours, cfg.gpus if cfg.pool == "quota" else peak)
+    parts = bound_parts(cfg, w, ours, cfg.gpus if cfg.pool == "quota" else peak)
+    limit = np.array([b.step_s for b in parts])
     verl_limit = bounds(cfg, w, verl, cfg.gpus)
     v_step, v_gpu = _mean(verl, lambda r: r.step_s), _mean(verl, lambda r: r.gpu_s)
     step, gpu_s = _mean(ours, lambda r: r.step_s), _mean(ours, lambda r: r.gpu_s)
@@ -91,6 +93,11 @@ def measure(cfg: SimConfig, family: str, base_cfg: SimConfig | None = None) -> R
         "step_over_bound": step / float(limit.mean()),
         "verl_over_bound": v_step / float(verl_limit.mean()),
         "bound_s": float(limit.mean()),
+        # the bound's two terms, and RLHFless's step by phase (they sum to step_s): how far
+        # each phase runs past what the bound allows is what holds the row back
+        "bound_critical_s": float(np.mean([b.critical_s for b in parts])),
+        "bound_work_s": float(np.mean([b.work_s for b in parts])),
+        **{f"{k}_s": _mean(ours, lambda r, k=k: r.phases.get(k, 0.0)) for k in STEP_PHASES},
         "step_s": step,
         "verl_step_s": v_step,
         "gpu_s": gpu_s,
@@ -98,7 +105,7 @@ def measure(cfg: SimConfig, family: str, base_cfg: SimConfig | None = None) -> R
         "actors": _mean(ours, lambda r: r.actors),
         "learner_gpus": _mean(ours, lambda r: r.extra.get("learner_gpus", 0.0)),
         "rollout_s": _mean(ours, lambda r: r.extra["actual_gen_s"]),
-        "learn_tail_s": _mean(ours, lambda r: r.phases.get("learn_tail", 0.0)),
+        "split_groups": _mean(ours, lambda r: r.extra.get("split_groups", 0.0)),
         "cold_gpu_s": _mean(ours, lambda r: r.extra["cold_gpu_s"]),
         "idle_gpu_s": _mean(ours, lambda r: r.extra["idle_gpu_s"]),
         "verl_tail10_share": _mean(verl, lambda r: r.extra["tail10_share"]),
@@ -198,8 +205,11 @@ def coldstart(seed: int = 0, quick: bool = False) -> list[Row]:
 ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "default": ({}, {}),
     "barrier step (reference, then trainer)": ({}, {"step_mode": "barrier"}),
-    "no hand-off cut": ({"cut_migrate": False}, {}),
-    "one global cut instead of hand-offs": ({}, {"cut_mode": "global"}),
+    "hand-off cut at τ 0.7": ({"tau": 0.7}, {}),
+    "one global cut at τ 0.7": ({"tau": 0.7}, {"cut_mode": "global"}),
+    "whole groups (no sample split)": ({}, {"split_groups": False}),
+    "bins timed on their own longest sample (no floor)": ({}, {"runaway_floor": False}),
+    "λ over every plan (no 2% time slack)": ({}, {"time_slack": None}),
     "no length prediction (round-robin)": ({"length_prediction": False,
                                             "assignment": "round-robin"}, {}),
     "no prewarm": ({"prewarm": False}, {}),

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rlhfless.sim.results import STEP_PHASES  # noqa: E402
+
 Row = dict[str, object]
 
 
@@ -62,8 +64,13 @@ def plot_details(rows: list[Row], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 4.4))
     quota = [r for r in rows if r["mode"] == "quota"]
     x = range(len(quota))
-    ax.bar([i - 0.2 for i in x], [r["step_over_bound"] for r in quota], 0.4, label="RLHFless")
-    ax.bar([i + 0.2 for i in x], [r["verl_over_bound"] for r in quota], 0.4, label="verl-like")
+    bottom = [0.0] * len(quota)
+    for phase in STEP_PHASES:  # RLHFless's step by phase, in units of the bound
+        part = [float(r[f"{phase}_s"]) / float(r["bound_s"]) for r in quota]
+        ax.bar([i - 0.2 for i in x], part, 0.4, bottom=bottom, label=f"RLHFless {phase}")
+        bottom = [b + p for b, p in zip(bottom, part, strict=True)]
+    ax.bar([i + 0.2 for i in x], [r["verl_over_bound"] for r in quota], 0.4, label="verl-like",
+           color="grey")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(1.3, color="C3", ls="--", lw=0.8, label="goal 1.3×")
     ax.set_xticks(list(x), [f"{r['cluster']}\n{r['model']} {r['workload']}" for r in quota],

@@ -66,10 +66,12 @@ def actor_profile(cfg: SimConfig, prompt_len: np.ndarray, pred_mean: np.ndarray,
 
 
 def work_units(pred_mean: np.ndarray, pred_max: np.ndarray, group_size: int,
-               prompt_len: np.ndarray, inputs: str) -> Workload:
+               prompt_len: np.ndarray, inputs: str,
+               mean_square: np.ndarray | None = None) -> Workload:
     if inputs == "mean":
         return planning_workload(pred_mean, None, group_size, prompt_len, context=False)
-    return planning_workload(pred_mean, pred_max, group_size, prompt_len)
+    return planning_workload(pred_mean, pred_max, group_size, prompt_len,
+                             mean_square=mean_square)
 
 
 def cut_after(total: int, tau: float) -> int:

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The streaming step's phases on the critical path: waiting for the first actor (cold start
+# or weights), generation until the last group is in, the learner's queue after it, the
+# optimizer step and publish.
+STEP_PHASES = ("sync", "gen", "learn_tail", "finish")
+
 
 @dataclass
 class StepResult:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlhfless.sim.bound import step_bound
+from rlhfless.sim.bound import Bound, step_bound
 from rlhfless.sim.config import SimConfig
 from rlhfless.sim.results import StepResult, Summary, summarise
 from rlhfless.sim.serverless import ServerlessSim
@@ -46,16 +46,22 @@ def warm_skip(cfg: SimConfig, w: Workload) -> int:
     return per_epoch * min(WARMUP_EPOCHS, w.epochs - 1)
 
 
-def bounds(cfg: SimConfig, w: Workload, results: list[StepResult],
-           peak_gpus: int) -> np.ndarray:
-    """The step's lower bound (`sim.bound`) for each result's batch."""
+def bound_parts(cfg: SimConfig, w: Workload, results: list[StepResult],
+                peak_gpus: int) -> list[Bound]:
+    """The step's lower bound (`sim.bound`: critical path and work) for each result's batch."""
     steps = list(w.steps(cfg.prompts_per_step, seed=cfg.seed))
     out = []
     for r in results:
         epoch, prompts = steps[r.step]
         out.append(step_bound(cfg, w.prompt_len[prompts], w.lengths[epoch, prompts],
-                              peak_gpus).step_s)
-    return np.array(out)
+                              peak_gpus))
+    return out
+
+
+def bounds(cfg: SimConfig, w: Workload, results: list[StepResult],
+           peak_gpus: int) -> np.ndarray:
+    """The step's lower bound for each result's batch (seconds)."""
+    return np.array([b.step_s for b in bound_parts(cfg, w, results, peak_gpus)])
 
 
 @dataclass(frozen=True)

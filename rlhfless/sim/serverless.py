@@ -41,6 +41,7 @@ from rlhfless.scheduling.planning import GroupLengthPredictor, RatioTracker, pre
 from rlhfless.scheduling.prewarm import keep_or_prewarm
 from rlhfless.scheduling.scaling import choose_actor_count
 from rlhfless.scheduling.step import plan_step
+from rlhfless.scheduling.units import whole_groups
 from rlhfless.scheduling.workmodel import bin_times
 from rlhfless.sim import policies
 from rlhfless.sim.actors import ActorLife, run_barrier, run_global, run_no_cut, run_stream
@@ -107,8 +108,10 @@ class ServerlessSim:
 
         # 1. plan ----------------------------------------------------------------------------
         predicted = s.length_prediction and self.predictor.known_fraction(ids) >= 0.5
+        square = None
         if s.length_prediction:
             pred_mean, pred_max = self.predictor.predict(ids)
+            square = self.predictor.predict_square(ids)
         else:  # every group looks the same: the worst case, as the driver plans it
             pred_mean = pred_max = np.full(len(ids), float(w.max_len))
         streaming = cfg.step_mode == "stream"
@@ -117,14 +120,15 @@ class ServerlessSim:
         linger = cfg.over.scale_down_s if streaming else s.keep_alive_s
         profile = policies.actor_profile(cfg, pl, pred_mean, init_s + load_s, self.inputs,
                                          linger)
-        work = policies.work_units(pred_mean, pred_max, g, pl, self.inputs)
+        work = policies.work_units(pred_mean, pred_max, g, pl, self.inputs, square)
         max_n = min(s.max_actors, cfg.max_replicas, len(prompts))
         warm = min(len(self.pending), max_n) if s.prewarm else 0
         lplan = splan = next_start = None
+        units = whole_groups(work)
         if streaming:  # actors and learner planned together (`plan_step`)
             splan = self._plan_step(work, profile, pl, pred_mean, max_n, warm, handoff_tau,
                                     step)
-            bins, lplan = splan.bins, splan.learner
+            bins, lplan, units = splan.bins, splan.learner, splan.units
         elif s.cost_aware:
             bins = choose_actor_count(work, 1, profile, s.lam, max_n, warm=warm,
                                       policy=s.assignment, seed=cfg.seed + step).bins
@@ -163,7 +167,8 @@ class ServerlessSim:
             e = cfg.engine(i, readies[i], mem)
             e.prefix_cache = prefix
             a = ActorLife(e, starts[i], readies[i])
-            e.add([r for k in b for r in groups[k]], a.ready)  # in the policy's order
+            # in the policy's order; a unit is a group or a part of its samples
+            e.add([groups[units[k].group][j] for k in b for j in units[k].samples], a.ready)
             actors.append(a)
         out = self._rollout(actors, profile, streaming)
         gen_end = out.gen_end
@@ -206,6 +211,7 @@ class ServerlessSim:
                  "cold_gpu_s": cost.cold_gpu_seconds, "idle_ratio": cost.idle_ratio,
                  "busy_gpu_s": cost.busy_gpu_seconds, "idle_gpu_s": cost.idle_gpu_seconds,
                  "warm_actors": float(len(pending)), "rollout_scale": scale,
+                 "split_groups": float(len({u.group for u in units if len(u.samples) < g})),
                  **learn["extra"]}
         return StepResult(
             self.name, step, epoch, t_end - t0, cost.gpu_seconds, phases,
@@ -288,7 +294,9 @@ class ServerlessSim:
                          handoff_tau=handoff_tau, arrival_curve=self.arrival_curve,
                          report_s=self._report_s(), margin_s=margin, policy=s.assignment,
                          seed=cfg.seed + step, candidates=fixed,
-                         rollout_scale=self.rollout_ratio.correct(1.0))
+                         rollout_scale=self.rollout_ratio.correct(1.0),
+                         split_groups=cfg.split_groups, runaway_floor=cfg.runaway_floor,
+                         time_slack=cfg.time_slack)
 
     def _learn_stream(self, t0, lplan, done, pl, lens, held) -> dict:
         cfg, s = self.cfg, self.cfg.sched
