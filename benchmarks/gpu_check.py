@@ -56,7 +56,8 @@ QWEN_TOY = {**QWEN25_15B, "vocab_size": 512, "hidden_size": 64, "intermediate_si
             "max_position_embeddings": 512}
 TOL = {"exact_logprob_abs": 1e-5, "exact_grad_rel": 1e-4, "checkpointing_loss_abs": 1e-6,
        "bf16_logprob_mean": 0.01, "bf16_logprob_max": 0.1}
-# The sharding backend a learner instance uses today (one rank); follows the learner's default.
+# DeepSpeed on one rank (a learner with one GPU may use it); several ranks shard with FSDP2
+# (the `learner_fsdp` check).
 SHARDING = {"backend": "deepspeed", "zero_stage": 2}
 
 
@@ -323,7 +324,9 @@ def check_scoring(device: str, sizes: Sizes) -> dict[str, Any]:
 
 
 def check_learner(device: str, sizes: Sizes, backend: str, zero_stage: int,
-                  checkpointing: bool) -> dict[str, Any]:
+                  checkpointing: bool, fsdp: bool = False) -> dict[str, Any]:
+    """One GRPO update. `fsdp`: the multi-rank learner's path (FSDP2, bf16 compute on a GPU)
+    as one rank of a process group."""
     import torch
 
     from rlhfless.api.spec import AlgorithmSpec, TrainerSpec
@@ -338,21 +341,35 @@ def check_learner(device: str, sizes: Sizes, backend: str, zero_stage: int,
     rewards = [[float(i % 2) for i in range(len(g))] for g in groups]
     train_batch = make_train_batch(algo, prompts, groups, rewards)
     spec = TrainerSpec(backend=backend, zero_stage=zero_stage, grad_checkpointing=checkpointing)
-    trainer = PolicyTrainer(model, algo, spec)
-    _sync(device)
-    started = time.perf_counter()
-    stats = trainer.step(train_batch)
-    _sync(device)
-    seconds = time.perf_counter() - started
+    ranks = None
+    if fsdp:
+        from rlhfless.train.distributed import init_ranks
+        from rlhfless.train.ranks import LOOPBACK, free_port
+
+        ranks = init_ranks(0, 1, LOOPBACK, free_port(), device_type=device)
+    try:
+        trainer = PolicyTrainer(model, algo, spec, ranks=ranks)
+        _sync(device)
+        started = time.perf_counter()
+        stats = trainer.step(train_batch)
+        _sync(device)
+        seconds = time.perf_counter() - started
+    finally:
+        if ranks is not None:
+            from rlhfless.train.distributed import close_ranks
+
+            close_ranks()
     shape = hf_config_shape(sizes.config)
     work = Workload("train", trained=("policy",), sequences=responses, group_size=sizes.group,
-                    response_tokens=sizes.train_tokens, backend=backend, zero_stage=zero_stage,
+                    response_tokens=sizes.train_tokens,
+                    backend="fsdp" if fsdp else backend, zero_stage=zero_stage,
                     checkpointing=checkpointing)
     planned = estimate("learner", "gpu", shape, work, 4).total
     peak = _peak(device)
     covered = peak is None or peak <= planned
     out = {"ok": covered and all(map(_finite, (stats["loss"], stats["grad_norm"]))),
-           "backend": backend, "zero_stage": zero_stage, "checkpointing": checkpointing,
+           "backend": "fsdp2" if fsdp else backend, "zero_stage": zero_stage,
+           "checkpointing": checkpointing,
            "params": shape.params, "responses": responses, "step_s": seconds,
            "loss": stats["loss"], "grad_norm": stats["grad_norm"], "estimate_bytes": planned}
     if peak is not None:
@@ -436,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                   lambda: check_learner(device, sizes, "torch", 0, False))
         run_check(report, "learner_checkpointing",
                   lambda: check_learner(device, sizes, "torch", 0, True))
+        # The multi-rank learner's path: FSDP2 (one rank here), bf16 compute on a GPU.
+        run_check(report, "learner_fsdp",
+                  lambda: check_learner(device, sizes, "torch", 0, True, fsdp=True))
         if _has("deepspeed"):
             run_check(report, "learner_sharded",
                       lambda: check_learner(device, sizes, SHARDING["backend"],

@@ -126,6 +126,8 @@ VALID = [
     {"resources": {"driver": {"cpu": "1500m", "memory": "12Gi"}}},
     {"algorithm": {"klBeta": 10, "entropyCoef": 0}, "seed": 2**63 - 1},
     {"trainer": {"backend": "deepspeed", "zeroStage": 2}},
+    {"resources": {"learner": {"gpus": 8}}, "trainer": {"cpuOffload": True,
+                                                        "gradCheckpointing": True}},
     {"model": {"source": "gguf", "path": "/models", "ggufFile": "m.gguf", "dtype": "bfloat16"}},
     {"scheduling": {"keepAliveS": 30, "maxActors": None}, "generation": {"temperature": 1}},
     {"algorithm": {"groupSize": 4, "miniBatchSize": 8}, "dataset": {"promptsPerStep": 6}},
@@ -158,6 +160,8 @@ INVALID = [
     {"logging": {"backends": ["tensorboard"]}},
     {"reward": {"workers": 0}},
     {"trainer": {"zeroStage": 1}},
+    {"trainer": {"backend": "deepspeed", "zeroStage": 3}, "resources": {"learner": {"gpus": 2}}},
+    {"trainer": {"cpuOffload": True}},
     {"suspend": "maybe"},
     {"steps": "ten"},
 ]

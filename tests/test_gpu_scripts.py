@@ -159,7 +159,8 @@ def test_the_offline_folder_covers_what_the_checks_import(tmp_path):
     assert record["ok"] and record["device"] == "cpu"
     names = [c["name"] for c in record["checks"]]
     assert names == ["exactness", "checkpointing", "engine_bf16", "scoring_bf16",
-                     "learner_default", "learner_checkpointing", "learner_sharded"]
+                     "learner_default", "learner_checkpointing", "learner_fsdp",
+                     "learner_sharded"]
     assert all(c["ok"] for c in record["checks"])
     assert record["versions"]["torch"] and record["tolerances"]["bf16_logprob_max"] == 0.1
 

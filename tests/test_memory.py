@@ -49,6 +49,48 @@ def test_training_state_by_backend_and_zero_stage():
     assert z1["weights"] == 2e9 and z1["gradients"] == 4e9 and z1["optimizer"] == 2e9
 
 
+def test_fsdp_ranks_shard_the_whole_fp32_training_state():
+    # weights, gradients and both moments in fp32, every part divided by the ranks
+    assert training_state_bytes(P, 2, "fsdp", 0, 8) == {
+        "weights": 4e9 / 8, "gradients": 4e9 / 8, "optimizer": 8e9 / 8}
+
+
+def test_a_learner_too_big_for_one_gpu_fits_on_eight_ranks():
+    model = {"source": "tiny", "tiny": {"nLayer": 24, "nEmbd": 4096, "nHead": 32,
+                                        "nPositions": 512}}
+    gpu = (80.0 * GIB, "test")
+
+    def learner(gpus, **trainer):
+        job = tiny_job(model=model, resources={"learner": {"gpus": gpus}}, trainer=trainer)
+        report = check_job(job.spec, gpu_memory=gpu)
+        est = next(e for e in report.estimates if e.stage == "learner")
+        return est, [e for e in report.errors if e.startswith("resources.learner")]
+
+    one, errors = learner(1)
+    params = 24 * (12 * 4096**2 + 13 * 4096) + (128 + 512) * 4096 + 2 * 4096
+    assert one.parts["optimizer"] == pytest.approx(8 * params * MARGIN, rel=1e-3)
+    (message,) = errors
+    assert "resources.learner.gpus (FSDP2 shards the training state over them)" in message
+    eight, errors = learner(8)
+    assert errors == [] and eight.fits
+    for part in ("weights", "gradients", "optimizer", "frozen weights"):
+        assert eight.parts[part] == pytest.approx(one.parts[part] / 8), part
+    # bf16 compute on the ranks: one rank's share of the mini-batch, in half the bytes
+    assert eight.parts["activations"] < one.parts["activations"] / 8
+    assert eight.parts["gathered weights"] > 0 and "gathered weights" not in one.parts
+    offloaded, _ = learner(8, cpuOffload=True)
+    assert not {"weights", "gradients", "optimizer", "frozen weights"} & set(offloaded.parts)
+    assert offloaded.total < eight.total
+    # ... into the pod's host memory, which must hold every rank's shards
+    job = tiny_job(model=model, resources={"learner": {"gpus": 8, "memory": "64Gi"}},
+                   trainer={"cpuOffload": True})
+    report = check_job(job.spec, gpu_memory=gpu)
+    (host,) = [e for e in report.estimates if e.device == "host"]
+    assert host.parts["optimizer"] == pytest.approx(one.parts["optimizer"])
+    (message,) = [e for e in report.errors if e.startswith("resources.learner")]
+    assert "per host" in message and "change resources.learner.memory" in message
+
+
 def test_kv_cache_and_activations_by_hand():
     # SmolLM2: 2 (k, v) x 30 layers x 3 KV heads x 64 x 2 bytes = 23,040 bytes per token
     assert kv_cache_bytes(SMOLLM2, 1000, 2) == 23_040_000

@@ -232,6 +232,10 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "algorithm.miniBatchSize must divide the batch "
             "(dataset.promptsPerStep × algorithm.groupSize)",
         ),
+        _rule("self.resources.learner.gpus <= 1 || self.trainer.backend == 'torch'",
+              "trainer.backend must be 'torch' when resources.learner.gpus > 1 (FSDP2 ranks)"),
+        _rule("!self.trainer.cpuOffload || self.resources.learner.gpus > 1",
+              "trainer.cpuOffload needs resources.learner.gpus > 1"),
     ],
     ("model",): [
         _rule("self == oldSelf", "model is immutable; create a new RLHFJob"),

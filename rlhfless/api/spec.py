@@ -317,6 +317,9 @@ class TrainerSpec(SpecModel):
         0, description="DeepSpeed ZeRO stage (backend deepspeed)."
     )
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    cpu_offload: bool = Field(
+        False, description="Learner with resources.learner.gpus > 1 (FSDP2 ranks): keep the "
+        "parameter and gradient shards and the optimizer step in host memory.")
 
     @model_validator(mode="after")
     def _zero_needs_deepspeed(self) -> TrainerSpec:
@@ -445,6 +448,15 @@ class JobSpec(SpecModel):
                              f"must be below model.tiny.nPositions ({tiny.n_positions})")
         # One optimizer step per mini-batch, all of equal size: a remainder would get a
         # full step from fewer responses (verl refuses it too).
+        learner_gpus = self.resources.learner.gpus
+        if learner_gpus > 1 and self.trainer.backend != "torch":
+            raise FieldError("trainer.backend",
+                             f"a learner with resources.learner.gpus: {learner_gpus} runs "
+                             f"{learner_gpus} ranks sharded with FSDP2: use backend 'torch' "
+                             "(DeepSpeed trains one rank per instance)")
+        if self.trainer.cpu_offload and learner_gpus <= 1:
+            raise FieldError("trainer.cpuOffload", "offloads the shards of a multi-rank "
+                             "learner: needs resources.learner.gpus > 1")
         batch = self.dataset.prompts_per_step * self.algorithm.group_size
         if batch % self.algorithm.mini_batch_size:
             raise FieldError("algorithm.miniBatchSize",

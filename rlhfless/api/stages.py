@@ -41,6 +41,12 @@ class Stage:
     deployed: bool  # False: the job never calls it (no Service, no process, no bill)
     holds: tuple[str, ...] = ()  # models in the instance's memory (memory planning sizes them)
 
+    @property
+    def ranks(self) -> int:
+        """Processes of one instance: a learner with `gpus: N > 1` runs N training ranks,
+        one per GPU (rlhfless.train.ranks); every other instance is one process."""
+        return max(1, self.gpus) if self.name == "learner" else 1
+
 
 @dataclass(frozen=True)
 class StageTable:

@@ -28,6 +28,12 @@ An add or finish for a step this instance has not begun (it restarted, or the st
 never opened) is refused with 409 `step_not_open`: the driver begins the step again and
 re-sends its groups from the store's shards. `finish` before every group is in is refused
 with 409 `groups_missing`, naming them.
+
+With `ranks` (an instance with `resources.learner.gpus: N > 1`, started by
+rlhfless.functions.learner_ranks) this handler runs on every rank, on the same requests:
+the models are sharded (FSDP2), each rank takes a share of every group, and `finish` gathers
+the full state once on every rank while only rank 0 writes the version: the same files a
+one-rank learner writes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -65,16 +72,30 @@ from rlhfless.store import (
     optimizer_part,
 )
 from rlhfless.train.deepspeed_config import full_fp32_state_dict
+from rlhfless.train.distributed import (
+    DistributedPolicyTrainer,
+    DistributedStreamingLearner,
+    Ranks,
+    shard_frozen,
+)
 from rlhfless.train.streaming import GroupInput, LearnerStateError, StreamingLearner
 from rlhfless.train.update import PolicyTrainer, step_seed
+
+
+def _full_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """fp32 CPU weights to publish: gathered from the shards (collective) when sharded."""
+    sharded = getattr(optimizer, "sharded", None)
+    return sharded.full_state_dict() if sharded is not None else full_fp32_state_dict(model)
 
 
 class LearnerHandler:
     stage = "learner"
 
-    def __init__(self, store: WeightStore, spec: JobSpec):
+    def __init__(self, store: WeightStore, spec: JobSpec, ranks: Ranks | None = None):
         self.store = store
         self.spec = spec
+        self.ranks = ranks
+        self._writes = ranks is None or ranks.rank == 0  # rank 0 publishes
         self.shards = ShardStore(store.root)
         self.cache: VersionedCache[StreamingLearner] = VersionedCache(store, self._load)
         self.vocabulary = Vocabulary(store)
@@ -88,6 +109,9 @@ class LearnerHandler:
             self._reference = on_device(load_from_store(self.store, 0)[0]).eval()
             for p in self._reference.parameters():
                 p.requires_grad_(False)
+            if self.ranks is not None:
+                self._reference = shard_frozen(self._reference, self.ranks,
+                                               self.spec.trainer.cpu_offload)
         return self._reference
 
     def _load(self, version: int) -> StreamingLearner:
@@ -95,11 +119,18 @@ class LearnerHandler:
         model = on_device(load_from_store(self.store, version)[0])
         critic = (on_device(load_critic_from_store(self.store, version))
                   if algo.name == "ppo" else None)
-        trainer = PolicyTrainer(model, algo, self.spec.trainer, critic, seed=self.spec.seed)
+        if self.ranks is None:
+            trainer = PolicyTrainer(model, algo, self.spec.trainer, critic, seed=self.spec.seed)
+        else:
+            trainer = DistributedPolicyTrainer(model, algo, self.spec.trainer, self.ranks,
+                                               critic, seed=self.spec.seed)
         state = load_optimizer_state(self.store, version)
         if state is not None:
             trainer.load_state_dict(state)
-        return StreamingLearner(trainer, algo, algo.group_size, self._reference_model())
+        if self.ranks is None:
+            return StreamingLearner(trainer, algo, algo.group_size, self._reference_model())
+        return DistributedStreamingLearner(trainer, algo, algo.group_size,
+                                           self._reference_model())
 
     def loaded_version(self) -> int | None:
         return self.cache.version
@@ -192,17 +223,27 @@ class LearnerHandler:
             raise FunctionError(422, f"the update gave non-finite {', '.join(bad)}; weights "
                                      f"version {new_version} was not published")
         trainer = learner.trainer
-        # fp32 master weights (DeepSpeed bf16 / ZeRO shards gathered), on the CPU; the
-        # optimizer state goes into the same version, covered by the same manifest.
-        parts = {DEFAULT_PART: full_fp32_state_dict(trainer.model)}
+        # fp32 master weights (DeepSpeed bf16 / ZeRO or FSDP shards gathered: every rank
+        # takes part, rank 0 writes), on the CPU; the optimizer state (gathered whole, so it
+        # resumes on any rank count) goes into the same version, covered by the same manifest.
+        parts = {DEFAULT_PART: _full_state(trainer.model, trainer.policy_optimizer)}
         if trainer.critic is not None:
-            parts[CRITIC_PART] = full_fp32_state_dict(trainer.critic)
-        parts[OPTIMIZER_PART], header = optimizer_part(trainer.state_dict())
-        meta = {"trained_from": request.weights_version, "step": request.step,
-                "request_id": request.request_id, "request_sha256": digest, "stats": stats}
-        try:
-            self.store.save_parts(new_version, parts, meta, headers={OPTIMIZER_PART: header})
-        except VersionExistsError:
+            parts[CRITIC_PART] = _full_state(trainer.critic, trainer.critic_optimizer)
+        optimizer_state = trainer.state_dict()
+        published = True
+        if self._writes:
+            parts[OPTIMIZER_PART], header = optimizer_part(optimizer_state)
+            meta = {"trained_from": request.weights_version, "step": request.step,
+                    "request_id": request.request_id, "request_sha256": digest, "stats": stats}
+            try:
+                self.store.save_parts(new_version, parts, meta,
+                                      headers={OPTIMIZER_PART: header})
+            except VersionExistsError:
+                published = False
+        if self.ranks is not None:
+            # Every rank learns whether rank 0's write won (followers add 1 each).
+            published = self.ranks.sum([float(published)])[0] == self.ranks.world
+        if not published:
             self._drop()  # another writer won: what is published is not what we hold
             return self._already_published(request, digest)
         # The weights in memory are now exactly the new version: no reload on the next step.

@@ -50,6 +50,11 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
 
         return RewardHandler(spec.reward)
     if stage == "learner":
+        ranks = spec.stages[stage].ranks
+        if ranks > 1:  # this process is rank 0 of `ranks`
+            from rlhfless.functions.learner_ranks import RankedLearnerHandler
+
+            return RankedLearnerHandler(store, job, ranks)
         from rlhfless.functions.learner import LearnerHandler
 
         return LearnerHandler(store, spec)
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     preload(handler, store)
 
     def report_exit() -> None:
+        close = getattr(handler, "close", None)
+        if close is not None:
+            close()  # a multi-rank learner's followers leave (and free their GPUs) first
         # This process's own account of its life (tests compare it with the runtime's meter).
         print("rlhfless-instance-exit " + json.dumps(
             {"stage": args.stage, "started_at": PROCESS_STARTED_AT, "ended_at": time.time()}),

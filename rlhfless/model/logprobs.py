@@ -97,10 +97,12 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
     index = torch.tensor(prompt_of, dtype=torch.long, device=device)
     last = h_prompt[:, -1][index]  # left padding: the last column is every prompt's last token
     r_ids, r_mask = right_pad(responses, pad, device)
-    if r_ids.shape[1] <= 1:
-        return last.unsqueeze(1)
-    # The response's final token predicts nothing we score: run only tokens 0..R-2.
-    r_ids, r_mask = r_ids[:, :-1], r_mask[:, :-1]
+    width = r_ids.shape[1]
+    # The response's final token predicts nothing we score: run only tokens 0..R-2. When that
+    # is nothing, one column runs anyway (its output unused but in the graph): the ranks of
+    # a sharded model must all make the same calls, whatever their responses' lengths.
+    keep = max(width - 1, 1)
+    r_ids, r_mask = r_ids[:, :keep], r_mask[:, :keep]
     cache.batch_select_indices(index)  # gather = expand each prompt's cache over its group
     lengths = p_mask.sum(-1)[index]
     positions = lengths.unsqueeze(1) + torch.arange(r_ids.shape[1], device=device)
@@ -111,7 +113,7 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state
-    return torch.cat([last.unsqueeze(1), h_resp], dim=1)
+    return torch.cat([last.unsqueeze(1), h_resp[:, : width - 1]], dim=1)
 
 
 def _full_sequence_hidden(model, prompts, responses, prompt_of, device):

@@ -12,7 +12,11 @@ parallelism divides weights and KV cache by N; other stages run one rank per ins
 - training state by optimizer backend (Rajbhandari et al., "ZeRO", 2020): plain AdamW keeps
   gradients and two moments in the parameter dtype; DeepSpeed adds an fp32 master copy
   (its ZeRO-1/2 optimizers keep one even for fp32 models) and shards the optimizer state
-  (stage >= 1), gradients (>= 2) and parameters (3) over the ranks;
+  (stage >= 1), gradients (>= 2) and parameters (3) over the ranks; a learner with
+  `gpus: N > 1` runs N FSDP2 ranks (rlhfless.train.sharding, ZeRO-3's layout): fp32 weights,
+  gradients and moments, all divided by N (none on the GPU with `trainer.cpuOffload`), plus
+  the units gathered for compute in bf16 (embeddings and head, two blocks), its reference
+  sharded too, and each rank's share of a mini-batch's activations;
 - activations of the largest forward: per layer ~ (8h + 2 kv + 2..4 i) values per token
   kept for backward (Korthikanti et al., 2022, without the attention matrix: SDPA/flash
   attention do not keep it); with gradient checkpointing only each layer's input plus one
@@ -66,6 +70,7 @@ class Workload:
     zero_stage: int = 0
     ranks: int = 1  # data-parallel ranks the training state is sharded over
     checkpointing: bool = False
+    cpu_offload: bool = False  # FSDP2: shards and optimizer step in host memory
 
 
 @dataclass
@@ -105,6 +110,11 @@ def training_state_bytes(
 ) -> dict[str, float]:
     """Weights, gradients, fp32 master copy and Adam moments per rank."""
     p = float(params)
+    if backend == "fsdp":
+        # FSDP2 over the ranks: fp32 master shards (a bf16 model is cast up), fp32 gradient
+        # shards, fp32 moments; the bf16 compute copies are gathered unit by unit.
+        n = max(1, ranks)
+        return {"weights": 4 * p / n, "gradients": 4 * p / n, "optimizer": 8 * p / n}
     if backend != "deepspeed":
         # torch AdamW: gradients and both moments in the parameter dtype, nothing sharded.
         return {"weights": p * dtype_bytes, "gradients": p * dtype_bytes,
@@ -121,6 +131,16 @@ def training_state_bytes(
         "master weights": master,
         "optimizer": 8 * p / shard["optimizer"],
     }
+
+
+def gathered_bytes(shape: ModelShape, dtype_bytes: int) -> float:
+    """What an FSDP2 rank holds unsharded while it computes: the root unit (embeddings, final
+    norm, LM head) for the whole pass and two blocks (the running one, the next prefetched)."""
+    root = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    if shape.family == GPT2:
+        root += shape.max_positions * shape.hidden
+    block = (shape.params - root) / max(1, shape.layers)
+    return float((root + 2 * block) * dtype_bytes)
 
 
 def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int,
@@ -179,26 +199,56 @@ def estimate(stage: str, device: str, shape: ModelShape, work: Workload, dtype_b
             + float(tokens * shape.hidden * 4)
         parts["logits"] = logits_bytes(shape, tokens, dtype_bytes, backward=False)
     elif work.role == "train":
+        sharded = work.backend == "fsdp"
+        ranks = max(1, work.ranks) if sharded else 1
+        # Offloaded shards (and the optimizer step) live in host memory: offload_estimate.
+        offloaded = sharded and work.cpu_offload and device == "gpu"
         for model in work.trained:
+            if offloaded:
+                break
             state = training_state_bytes(shape.params, dtype_bytes, work.backend,
                                          work.zero_stage, work.ranks)
             for name, value in state.items():
                 key = name if len(work.trained) == 1 else f"{name} ({model})"
                 parts[key] = value
-        if work.frozen:
-            parts["frozen weights"] = weights_bytes(shape, dtype_bytes) * len(work.frozen)
-        groups = max(1, math.ceil(work.sequences / max(1, work.group_size)))
-        tokens = work.sequences * work.response_tokens + groups * prompt
-        parts["activations"] = activation_bytes(shape, tokens, dtype_bytes, work.checkpointing)
+        # Compute in bf16 on GPUs when sharded (mixed precision), else in the stored dtype.
+        compute = DTYPE_BYTES["bfloat16"] if sharded and device == "gpu" else dtype_bytes
+        if sharded:
+            parts["gathered weights"] = gathered_bytes(shape, compute)
+        if work.frozen and not offloaded:
+            parts["frozen weights"] = weights_bytes(shape, dtype_bytes) * len(work.frozen) \
+                / ranks
+        # Each rank takes its share of every mini-batch.
+        sequences = math.ceil(work.sequences / ranks)
+        groups = max(1, math.ceil(sequences / max(1, work.group_size)))
+        tokens = sequences * work.response_tokens + groups * prompt
+        parts["activations"] = activation_bytes(shape, tokens, compute, work.checkpointing)
         if "policy" in work.trained:
-            parts["logits"] = logits_bytes(shape, work.sequences * work.response_tokens,
-                                           dtype_bytes, backward=True)
+            parts["logits"] = logits_bytes(shape, sequences * work.response_tokens,
+                                           compute, backward=True)
     else:
         raise ValueError(f"unknown workload role {work.role!r}")
     parts["overhead"] = float(OVERHEAD[device])
     for key in parts:
         if key != "overhead":
             parts[key] *= MARGIN
+    return est
+
+
+def offload_estimate(stage: str, shape: ModelShape, work: Workload,
+                     dtype_bytes: int) -> Estimate:
+    """Host memory of a learner whose FSDP2 ranks offload (`trainer.cpuOffload`): every
+    rank's shards of the training state and of the frozen models, in the one pod."""
+    est = Estimate(stage=stage, device="host")
+    for model in work.trained:
+        state = training_state_bytes(shape.params, dtype_bytes, "fsdp", 0, 1)
+        for name, value in state.items():
+            key = name if len(work.trained) == 1 else f"{name} ({model})"
+            est.parts[key] = value * MARGIN
+    if work.frozen:
+        est.parts["frozen weights"] = weights_bytes(shape, dtype_bytes) * len(work.frozen) \
+            * MARGIN
+    est.parts["overhead"] = float(OVERHEAD["cpu"] * max(1, work.ranks))
     return est
 
 
@@ -221,12 +271,16 @@ def workloads(spec: Any) -> dict[str, Workload]:
         else:
             trained = tuple(m for m in stage.holds if m != "reference")
             frozen = tuple(m for m in stage.holds if m == "reference")
+            # `gpus: N > 1`: N FSDP2 ranks (rlhfless.train.ranks); else one rank, whose
+            # DeepSpeed ZeRO shards nothing.
+            ranks = stage.ranks
             out[stage.name] = Workload(
                 "train", trained=trained, frozen=frozen,
-                sequences=min(algo.mini_batch_size, batch), backend=trainer.backend,
-                # One rank per instance: ZeRO shards nothing until a learner runs N ranks.
-                zero_stage=trainer.zero_stage, ranks=1,
-                checkpointing=trainer.grad_checkpointing, **common)
+                sequences=min(algo.mini_batch_size, batch),
+                backend="fsdp" if ranks > 1 else trainer.backend,
+                zero_stage=trainer.zero_stage, ranks=ranks,
+                checkpointing=trainer.grad_checkpointing, cpu_offload=trainer.cpu_offload,
+                **common)
     return out
 
 
@@ -244,8 +298,9 @@ def gpu_memory_bytes(override: str | None = None,
 
 
 def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Estimate]:
-    """One Estimate per deployed, model-holding stage of the job."""
-    out = []
+    """One Estimate per deployed, model-holding stage of the job (and one of the host memory
+    of a learner that offloads its shards)."""
+    out, hosts = [], []
     store_bytes = DTYPE_BYTES["float32"] if spec.model.source == "tiny" \
         else DTYPE_BYTES[spec.model.dtype]
     for name, work in workloads(spec).items():
@@ -262,24 +317,37 @@ def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Es
                 capacity *= VLLM_MEMORY_UTILIZATION
                 source = f"vLLM's gpu_memory_utilization {VLLM_MEMORY_UTILIZATION} of {source}"
             est.capacity, est.capacity_source = capacity, source
+            if work.role == "train" and work.backend == "fsdp" and work.cpu_offload:
+                host = offload_estimate(name, shape, work, dtype_bytes)
+                memory = getattr(spec.resources, name).memory
+                host.capacity = float(quantity_bytes(memory))
+                host.capacity_source = f"resources.{name}.memory {memory}"
+                hosts.append(host)
         else:
             memory = getattr(spec.resources, name).memory
             est.capacity = float(quantity_bytes(memory))
             est.capacity_source = f"resources.{name}.memory {memory}"
         out.append(est)
-    return out
+    return out + hosts
 
 
 def _advice(spec: Any, est: Estimate) -> list[str]:
     """The fields that shrink the biggest parts of an estimate."""
     name = est.stage
     role = workloads(spec)[name].role
-    fields = [f"resources.{name}.memory"] if est.device == "cpu" else []
+    fields = [f"resources.{name}.memory"] if est.device in ("cpu", "host") else []
     if role == "generate" and spec.generation.engine == "vllm":
         fields.append(f"resources.{name}.gpus (tensor parallelism)")
     big = sorted(est.parts, key=lambda k: -est.parts[k])[:2]
     for part in big:
         if part.startswith(("weights", "gradients", "optimizer", "master", "frozen")):
+            if role == "train" and est.device == "gpu":
+                work = workloads(spec)[name]
+                if work.ranks < 8:
+                    fields.append(f"resources.{name}.gpus (FSDP2 shards the training "
+                                  "state over them)")
+                if work.ranks > 1 and not work.cpu_offload:
+                    fields.append("trainer.cpuOffload: true")
             fields.append("model (a smaller one)")
         if part.startswith("activations") and role == "train" \
                 and not spec.trainer.grad_checkpointing:

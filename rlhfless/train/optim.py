@@ -1,7 +1,10 @@
 """One optimizer interface over plain torch AdamW and a DeepSpeed engine (ZeRO 0/2).
 
 `backward(loss)` then `step() -> grad_norm` (gradients clipped to `max_grad_norm`; a step
-with a non-finite gradient is skipped, not applied). `module` is what forward runs on.
+with a non-finite gradient is skipped, not applied). `module` is the model; model calls go
+through `run(fn, *args)` = `fn(module, *args)` (a sharded model gathers its parameters
+there, see rlhfless.train.sharding). `gradient(loss)` is d loss / d params kept out of
+`.grad`.
 Backward calls accumulate. Where the gradients sit in the parameters' `.grad`
 (`grad_access`: torch, DeepSpeed ZeRO-0) a streaming learner may also read and rescale them
 (`scale_grads`) before the step: the exact whole-batch normalisation of gradients that were
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -34,7 +38,11 @@ class Optimizer(Protocol):
     params: list[torch.nn.Parameter]
     grad_access: bool
 
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
+
+    def gradient(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor | None]: ...
 
     def step(self) -> float: ...
 
@@ -57,8 +65,15 @@ class TorchAdamW:
             self.params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY
         )
 
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.module, *args, **kwargs)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def gradient(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(loss, self.params, retain_graph=retain_graph,
+                                        allow_unused=True))
 
     def scale_grads(self, factor: float) -> None:
         scale_grads(self.params, factor)
@@ -153,8 +168,17 @@ class DeepSpeedAdamW:
         # ZeRO-2 moves gradients into its own partitioned buffers during backward.
         self.grad_access = zero_stage == 0
 
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.module, *args, **kwargs)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def gradient(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor | None]:
+        if not self.grad_access:
+            raise RuntimeError("ZeRO-2 keeps its gradients partitioned: no per-loss gradient")
+        return list(torch.autograd.grad(loss, self.params, retain_graph=retain_graph,
+                                        allow_unused=True))
 
     def scale_grads(self, factor: float) -> None:
         if not self.grad_access:
@@ -192,10 +216,22 @@ class DeepSpeedAdamW:
 
 
 def make_optimizer(
-    module: torch.nn.Module, lr: float, max_grad_norm: float, trainer: Any = None
-) -> TorchAdamW | DeepSpeedAdamW:
-    """The optimizer a TrainerSpec-like object asks for (default: plain torch)."""
+    module: torch.nn.Module, lr: float, max_grad_norm: float, trainer: Any = None,
+    ranks: Any = None,
+) -> Any:
+    """The optimizer a TrainerSpec-like object asks for (default: plain torch); with `ranks`
+    (rlhfless.train.distributed.Ranks) the model is sharded over them (FSDP2)."""
     backend = getattr(trainer, "backend", "torch") if trainer is not None else "torch"
+    if ranks is not None:
+        if backend != "torch":
+            raise ValueError(f"a sharded learner trains with FSDP2 (backend 'torch'), not "
+                             f"'{backend}'")
+        from rlhfless.train.sharding import ShardedAdamW, ShardedModule
+
+        sharded = ShardedModule(module, ranks.mesh, bf16=ranks.bf16,
+                                cpu_offload=bool(getattr(trainer, "cpu_offload", False)),
+                                control=ranks.control)
+        return ShardedAdamW(sharded, lr, max_grad_norm)
     if backend == "torch":
         return TorchAdamW(module, lr, max_grad_norm)
     if backend == "deepspeed":

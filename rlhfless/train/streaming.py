@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,9 +46,15 @@ from rlhfless.algo import aggregate, gae_advantages, kl_penalty, token_level_rew
 from rlhfless.algo.ops import aggregation_denominator, aggregation_weight
 from rlhfless.model.logprobs import grouped_logprobs
 from rlhfless.train.batch import TrainBatch, group_advantages, pad_ragged
+from rlhfless.train.sharding import ShardedModule, run_on
 from rlhfless.train.update import PolicyTrainer, eval_mode, minibatches, pad_grad
 
 WHITEN_EPS = 1e-8  # as rlhfless.algo.ops.masked_whiten
+
+
+def _module(model: Any) -> torch.nn.Module:
+    """The nn.Module behind a (possibly sharded) model."""
+    return model.module if isinstance(model, ShardedModule) else model
 
 
 class LearnerStateError(RuntimeError):
@@ -77,6 +83,7 @@ class _Group:
     ref_logprobs: list[Tensor] | None = None
     values: list[Tensor] | None = None
     returns: list[Tensor] | None = None
+    mine: set[int] = field(default_factory=set)  # responses whose rows this rank computed
 
 
 @dataclass
@@ -92,7 +99,13 @@ class _Sums:
     value_loss: float = 0.0
     vf_err: float = 0.0
     vpred: float = 0.0
-    lengths: list[int] = field(default_factory=list)
+
+    def reduce(self, sum_over_ranks: Any) -> None:
+        """Every rank's sums added up (one collective)."""
+        names = [f.name for f in fields(self)]
+        totals = sum_over_ranks([float(getattr(self, n)) for n in names])
+        for name, value in zip(names, totals, strict=True):
+            setattr(self, name, int(round(value)) if name == "tokens" else value)
 
 
 class StreamingLearner:
@@ -167,6 +180,10 @@ class StreamingLearner:
                 "groups_missing", f"finish refused: {len(missing)} of {len(self.group_ids)} "
                 f"groups of step {self.step} not added ({shown})")
         started = time.perf_counter()
+        self.sums.reduce(self._sum_over_ranks)
+        if self.whiten:
+            total, squares, n = self._sum_over_ranks([float(x) for x in self.adv_stats])
+            self.adv_stats = [total, squares, int(round(n))]
         mu, inv_sigma = self._whitening()
         first_stats = self._apply_first(mu, inv_sigma) if self.first else None
         if first_stats is not None and self.single_pass:
@@ -174,6 +191,7 @@ class StreamingLearner:
             self.trainer.steps_done += 1
             stats.update(num_minibatches=1.0, num_tokens=float(self._tokens()))
         else:
+            self._complete()
             stats = self.trainer.step(self._batch(mu, inv_sigma), self.shuffle_seed,
                                       first_done=first_stats)
         stats["update_s"] = time.perf_counter() - started
@@ -205,83 +223,136 @@ class StreamingLearner:
             raise LearnerStateError("step_not_open", "no step is open on this learner "
                                     "(it restarted, or the step already finished): begin it")
 
-    def _forward(self, group: GroupInput, streamed: list[int]) -> _Group:
+    # ------------------------------------------------------------------ rank hooks
+    # One rank: everything is its own. DistributedStreamingLearner (rlhfless.train.
+    # distributed) splits each group's responses over the ranks and sums at `finish`.
+
+    def _share(self, indices: list[int]) -> tuple[list[int], bool]:
+        """This rank's part of `indices` (one kind of a group's responses), and whether it is
+        a zero-weighted stand-in (a rank with no share still makes the same calls)."""
+        return list(indices), False
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        return values
+
+    def _complete(self) -> None:
+        """Make every response's forward-only results (split over ranks) known here."""
+
+    # ------------------------------------------------------------------ one group
+
+    def _forward(self, group: GroupInput, streamed_all: list[int]) -> _Group:
         t = self.trainer
         prompt, responses = group.prompt, group.responses
+        n = len(responses)
+        first = set(streamed_all)
+        streamed, streamed_stand_in = self._share(streamed_all)
+        rest, rest_stand_in = self._share([i for i in range(n) if i not in first])
+        mine = sorted((set() if streamed_stand_in else set(streamed))
+                      | (set() if rest_stand_in else set(rest)))
+        stand_ins = ([streamed[0]] if streamed_stand_in else []) \
+            + ([rest[0]] if rest_stand_in else [])
+
+        def pick(indices: list[int]) -> list[list[int]]:
+            return [responses[i] for i in indices]
+
+        def empty() -> list[Tensor]:
+            return [torch.zeros(0)] * n
+
         ref = None
         if self.reference is not None:
             started = time.perf_counter()
-            with torch.no_grad(), eval_mode(self.reference):
-                ref = [x.float().cpu() for x in
-                       grouped_logprobs(self.reference, [prompt], [responses])[0]]
+            with torch.no_grad(), eval_mode(_module(self.reference)):
+                rows = run_on(self.reference, grouped_logprobs, [prompt],
+                              [pick(mine + stand_ins)])[0]
+            ref = empty()
+            for i, lp in zip(mine, rows, strict=False):
+                ref[i] = lp.float().cpu()
             self.timings["ref_s"] += time.perf_counter() - started
-        streams = set(streamed)
-        rest = [i for i in range(len(responses)) if i not in streams]
 
         values = None
         values_grad: list[Tensor] = []
         if t.critic is not None:
-            values = [torch.zeros(0)] * len(responses)
+            values = empty()
             if streamed:
-                values_grad = t.critic.grouped_values([prompt], [[responses[i]
-                                                                  for i in streamed]])[0]
-                for i, v in zip(streamed, values_grad, strict=True):
-                    values[i] = v.detach().float().cpu()
+                values_grad = t.critic_values([prompt], [pick(streamed)])[0]
+                if not streamed_stand_in:
+                    for i, v in zip(streamed, values_grad, strict=True):
+                        values[i] = v.detach().float().cpu()
             if rest:
                 with torch.no_grad(), eval_mode(t.critic):
-                    vals = t.critic.grouped_values([prompt], [[responses[i] for i in rest]])[0]
-                for i, v in zip(rest, vals, strict=True):
-                    values[i] = v.float().cpu()
+                    vals = t.critic_values([prompt], [pick(rest)])[0]
+                if not rest_stand_in:
+                    for i, v in zip(rest, vals, strict=True):
+                        values[i] = v.float().cpu()
 
-        advantages, returns = self._advantages(group, values)
-        old: list[Tensor] = [torch.zeros(0)] * len(responses)
+        advantages, returns = self._advantages(group, values, mine)
+        old = empty()
         if rest:
             with torch.no_grad(), eval_mode(t.model):
-                lps = grouped_logprobs(t.model, [prompt], [[responses[i] for i in rest]])[0]
-            for i, lp in zip(rest, lps, strict=True):
-                old[i] = lp.float().cpu()
+                lps = t.policy_logprobs([prompt], [pick(rest)])[0]
+            if not rest_stand_in:
+                for i, lp in zip(rest, lps, strict=True):
+                    old[i] = lp.float().cpu()
         if streamed:
-            old_streamed = self._stream_policy(prompt, [responses[i] for i in streamed],
-                                               [advantages[i] for i in streamed],
-                                               [ref[i] for i in streamed] if ref else None)
-            for i, lp in zip(streamed, old_streamed, strict=True):
-                old[i] = lp
-            if values_grad:
-                self._stream_critic(values_grad, [returns[i] for i in streamed])
-        return _Group(group, advantages, old, ref, values, returns)
+            def known(rows: list[Tensor] | None, i: int) -> Tensor:
+                # A stand-in's row is not this rank's: zeros of its length (weight 0 anyway).
+                return torch.zeros(len(responses[i])) if streamed_stand_in else rows[i]
 
-    def _advantages(self, group: GroupInput,
-                    values: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor] | None]:
+            old_streamed = self._stream_policy(
+                prompt, pick(streamed), [known(advantages, i) for i in streamed],
+                [known(ref, i) for i in streamed] if ref else None, streamed_stand_in)
+            if not streamed_stand_in:
+                for i, lp in zip(streamed, old_streamed, strict=True):
+                    old[i] = lp
+            if values_grad:
+                assert returns is not None
+                self._stream_critic(values_grad, [known(returns, i) for i in streamed],
+                                    streamed_stand_in)
+        return _Group(group, advantages, old, ref, values, returns, set(mine))
+
+    def _advantages(self, group: GroupInput, values: list[Tensor] | None,
+                    mine: list[int]) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Advantages (and PPO returns) of the responses in `mine` (GRPO: of all, from the
+        group's rewards)."""
         if not self.whiten:
             return group_advantages([group.rewards], [group.responses],
                                     self.algo.advantage)[0], None
         assert values is not None
-        v, mask = pad_ragged(values)
-        seq = torch.tensor([float(r) for r in group.rewards], dtype=torch.float32)
+        n = len(group.responses)
+        advantages, returns = [torch.zeros(0)] * n, [torch.zeros(0)] * n
+        if not mine:
+            return advantages, returns
+        v, mask = pad_ragged([values[i] for i in mine])
+        seq = torch.tensor([float(group.rewards[i]) for i in mine], dtype=torch.float32)
         adv, ret = gae_advantages(token_level_rewards(seq, mask), v, mask, self.algo.gamma,
                                   self.algo.lam, whiten=False)
-        lengths = [len(r) for r in group.responses]
-        advantages = [adv[k, :n].clone() for k, n in enumerate(lengths)]
-        a = torch.cat(advantages).double()
+        for k, i in enumerate(mine):
+            length = len(group.responses[i])
+            advantages[i] = adv[k, :length].clone()
+            returns[i] = ret[k, :length].clone()
+        a = torch.cat([advantages[i] for i in mine]).double()
         self.adv_stats[0] += float(a.sum())
         self.adv_stats[1] += float((a * a).sum())
         self.adv_stats[2] += int(a.numel())
-        return advantages, [ret[k, :n].clone() for k, n in enumerate(lengths)]
+        return advantages, returns
 
     def _weights(self, lengths: list[int], width: int, device: torch.device) -> Tensor:
         rows = [torch.full((n,), aggregation_weight(n, self.algo.loss_agg)) for n in lengths]
         return pad_ragged(rows, width)[0].to(device)
 
     def _stream_policy(self, prompt: list[int], responses: list[list[int]],
-                       advantages: list[Tensor], ref: list[Tensor] | None) -> list[Tensor]:
-        """Accumulate the streamed responses' policy gradient; returns their log-probs."""
-        t, algo, sums = self.trainer, self.algo, self.sums
+                       advantages: list[Tensor], ref: list[Tensor] | None,
+                       stand_in: bool = False) -> list[Tensor]:
+        """Accumulate the streamed responses' policy gradient; returns their log-probs.
+        A stand-in makes the same calls with weight 0 and counts nothing."""
+        t, algo = self.trainer, self.algo
+        sums = _Sums() if stand_in else self.sums
         lengths = [len(r) for r in responses]
         width = max(lengths)
         logp_rows, ent_rows = t.logprobs_and_entropy([prompt], [responses])
         logp, entropy = pad_grad(logp_rows, width), pad_grad(ent_rows, width)
         device = logp.device
-        weights = self._weights(lengths, width, device)
+        weights = self._weights(lengths, width, device) * (0.0 if stand_in else 1.0)
         old = logp.detach()  # exactly on-policy: ratio ≡ 1
         adv = pad_ragged([a.float() for a in advantages], width)[0].to(device)
         kwargs = {"clip_eps": algo.clip_eps, "agg": "token-sum"}
@@ -299,9 +370,8 @@ class StreamingLearner:
         opt = t.policy_optimizer
         if self.whiten:
             pg_one, _ = t.policy_loss(logp, old, torch.ones_like(adv), weights, **kwargs)
-            self._accumulate("policy_adv", pg_adv, opt.params, retain=True)
-            self._accumulate("policy_one", pg_one, opt.params,
-                             retain=other.requires_grad)
+            self._accumulate("policy_adv", pg_adv, opt, retain=True)
+            self._accumulate("policy_one", pg_one, opt, retain=other.requires_grad)
             sums.pg_one += float(pg_one.detach())
             if other.requires_grad:
                 opt.backward(other)
@@ -311,16 +381,17 @@ class StreamingLearner:
         mask = pad_ragged([torch.ones(n) for n in lengths], width)[0].to(device)
         sums.logp += float((logp.detach() * mask).sum())
         sums.tokens += sum(lengths)
-        sums.lengths += lengths
         return [row.detach().float().cpu() for row in logp_rows]
 
-    def _stream_critic(self, values: list[Tensor], returns: list[Tensor]) -> None:
-        t, sums = self.trainer, self.sums
+    def _stream_critic(self, values: list[Tensor], returns: list[Tensor],
+                       stand_in: bool = False) -> None:
+        t = self.trainer
+        sums = _Sums() if stand_in else self.sums
         lengths = [int(v.numel()) for v in values]
         width = max(lengths)
         vals = pad_grad(values, width)
         device = vals.device
-        weights = self._weights(lengths, width, device)
+        weights = self._weights(lengths, width, device) * (0.0 if stand_in else 1.0)
         ret = pad_ragged([r.float() for r in returns], width)[0].to(device)
         loss, _ = value_loss(vals, vals.detach(), ret, weights, clip=self.algo.value_clip,
                              agg="token-sum")
@@ -330,10 +401,9 @@ class StreamingLearner:
         sums.vf_err += float((((vals.detach() - ret) ** 2) * mask).sum())
         sums.vpred += float((vals.detach() * mask).sum())
 
-    def _accumulate(self, name: str, loss: Tensor, params: list[torch.nn.Parameter],
-                    retain: bool) -> None:
-        grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-        buffers = self._buffers.setdefault(name, [torch.zeros_like(p) for p in params])
+    def _accumulate(self, name: str, loss: Tensor, opt: Any, retain: bool) -> None:
+        grads = opt.gradient(loss, retain)
+        buffers = self._buffers.setdefault(name, [torch.zeros_like(p) for p in opt.params])
         for buf, g in zip(buffers, grads, strict=True):
             if g is not None:
                 buf.add_(g)
@@ -356,7 +426,8 @@ class StreamingLearner:
     def _apply_first(self, mu: float, inv_sigma: float) -> dict[str, float]:
         """Normalise the accumulated first mini-batch gradient and take its optimizer step."""
         t, algo, sums = self.trainer, self.algo, self.sums
-        denom = aggregation_denominator(sums.lengths, algo.loss_agg, self._width())
+        lengths = [len(self.groups[self.group_ids[p]].data.responses[i]) for p, i in self.first]
+        denom = aggregation_denominator(lengths, algo.loss_agg, self._width())
         opt = t.policy_optimizer
         pg = sums.pg_adv
         if self.whiten:

@@ -101,6 +101,28 @@ def _gather(ragged: Ragged, items: list[Item], width: int, device: torch.device)
     return pad_ragged([ragged[p][i].float().cpu() for p, i in items], width)[0].to(device)
 
 
+def _logprobs_and_entropy(model: torch.nn.Module, prompts, groups,
+                          entropy_grad: bool) -> tuple[list[Tensor], list[Tensor]]:
+    hidden = grouped_forward(model, prompts, groups, logprobs=False, hidden=True).hidden
+    assert hidden is not None
+    states = torch.cat([h for grp in hidden for h in grp], dim=0)
+    responses = [r for grp in groups for r in grp]
+    targets = torch.tensor([t for r in responses for t in r], device=states.device)
+    logits = model.get_output_embeddings()(states)
+    logp = token_logprobs(logits, targets)
+    if entropy_grad:
+        ent = entropy_from_logits(logits)
+    else:
+        with torch.no_grad():  # monitoring only: keep it out of the graph
+            ent = entropy_from_logits(logits.detach())
+    lengths = [len(r) for r in responses]
+    return list(logp.split(lengths)), list(ent.split(lengths))
+
+
+def _grouped_values(critic: torch.nn.Module, prompts, groups) -> list[list[Tensor]]:
+    return critic.grouped_values(prompts, groups)
+
+
 class PolicyTrainer:
     """GRPO / PPO update of `model` (and `critic`, for PPO) with AdamW or DeepSpeed.
 
@@ -110,6 +132,8 @@ class PolicyTrainer:
     an nn.Module with `grouped_values(prompts, groups) -> list[list[Tensor]]`
     (rlhfless.model.value.ValueModel). `seed` drives the mini-batch shuffle when `step` is
     not given a `shuffle_seed` (pass `step_seed(job_seed, step)`; the learner does).
+    `ranks` (rlhfless.train.distributed.Ranks): shard the models over these ranks (FSDP2,
+    rlhfless.train.sharding); every model call goes through the optimizer's `run`.
     """
 
     def __init__(
@@ -120,6 +144,7 @@ class PolicyTrainer:
         critic: torch.nn.Module | None = None,
         seed: int = 0,
         policy_loss: str = "ppo_clip",
+        ranks: Any = None,
     ) -> None:
         if algo.name == "ppo" and critic is None:
             raise ValueError("ppo needs a critic (a ValueModel)")
@@ -131,9 +156,10 @@ class PolicyTrainer:
             for module in (model, getattr(critic, "backbone", None)):
                 if module is not None:
                     enable_checkpointing(module)
-        self._policy = make_optimizer(model, algo.lr, algo.max_grad_norm, trainer)
+        self.ranks = ranks
+        self._policy = make_optimizer(model, algo.lr, algo.max_grad_norm, trainer, ranks)
         self._critic = (
-            make_optimizer(critic, algo.critic_lr, algo.max_grad_norm, trainer)
+            make_optimizer(critic, algo.critic_lr, algo.max_grad_norm, trainer, ranks)
             if critic is not None
             else None
         )
@@ -187,10 +213,10 @@ class PolicyTrainer:
         width = batch.max_response_len
         old_logprobs = batch.old_logprobs
         if old_logprobs is None:
-            old_logprobs = self._score(batch, items, self._policy_logprobs)
+            old_logprobs = self._score(batch, items, self.policy_logprobs)
         old_values = batch.old_values
         if self._critic is not None and old_values is None:
-            old_values = self._score(batch, items, self._critic_values)
+            old_values = self._score(batch, items, self.critic_values)
 
         if shuffle_seed is None:
             shuffle_seed = self.seed * 1_000_003 + self.steps_done
@@ -219,12 +245,12 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _policy_logprobs(self, prompts, groups) -> list[list[Tensor]]:
-        return grouped_logprobs(self.model, prompts, groups)
+    def policy_logprobs(self, prompts, groups) -> list[list[Tensor]]:
+        return self._policy.run(grouped_logprobs, prompts, groups)
 
-    def _critic_values(self, prompts, groups) -> list[list[Tensor]]:
-        assert self.critic is not None
-        return self.critic.grouped_values(prompts, groups)
+    def critic_values(self, prompts, groups) -> list[list[Tensor]]:
+        assert self._critic is not None
+        return self._critic.run(_grouped_values, prompts, groups)
 
     def _score(self, batch: TrainBatch, items: list[Item], fn) -> Ragged:
         """No-grad pass over the batch in mini-batch chunks -> ragged per response."""
@@ -241,20 +267,8 @@ class PolicyTrainer:
 
     def logprobs_and_entropy(self, prompts, groups) -> tuple[list[Tensor], list[Tensor]]:
         """Per response (flat, in order): log-probs and exact entropies, one LM-head pass."""
-        hidden = grouped_forward(self.model, prompts, groups, logprobs=False, hidden=True).hidden
-        assert hidden is not None
-        states = torch.cat([h for grp in hidden for h in grp], dim=0)
-        responses = [r for grp in groups for r in grp]
-        targets = torch.tensor([t for r in responses for t in r], device=states.device)
-        logits = self.model.get_output_embeddings()(states)
-        logp = token_logprobs(logits, targets)
-        if self.algo.entropy_coef > 0:
-            ent = entropy_from_logits(logits)
-        else:
-            with torch.no_grad():  # monitoring only: keep it out of the graph
-                ent = entropy_from_logits(logits.detach())
-        lengths = [len(r) for r in responses]
-        return list(logp.split(lengths)), list(ent.split(lengths))
+        return self._policy.run(_logprobs_and_entropy, prompts, groups,
+                                self.algo.entropy_coef > 0)
 
     # ------------------------------------------------------------------ updates
 
@@ -299,7 +313,7 @@ class PolicyTrainer:
     ) -> dict[str, float]:
         assert self._critic is not None and batch.returns is not None
         prompts, groups = _regroup(batch, mb)
-        rows = [v for grp in self._critic_values(prompts, groups) for v in grp]
+        rows = [v for grp in self.critic_values(prompts, groups) for v in grp]
         values = pad_grad(rows, width)
         device = values.device
         returns = _gather(batch.returns, mb, width, device)
