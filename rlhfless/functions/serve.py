@@ -49,6 +49,10 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
         from rlhfless.functions.reward import RewardHandler
 
         return RewardHandler(spec.reward)
+    if stage == "scorer":
+        from rlhfless.functions.scorer import ScorerHandler
+
+        return ScorerHandler(spec)
     if stage == "learner":
         from rlhfless.functions.learner import LearnerHandler
 

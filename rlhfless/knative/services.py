@@ -38,9 +38,10 @@ KNATIVE_MAX_TIMEOUT_S = 600  # Knative's default max-revision-timeout-seconds
 LABEL_STAGE = "rlhfless.io/stage"
 LABEL_KSVC = "serving.knative.dev/service"
 VISIBILITY_LABEL = "networking.knative.dev/visibility"
-# The reward function needs no weights at all; the actor and the learner write (the learner
+# The reward and scorer functions need no weights of the store (a reward model is read from
+# reward.model.path); the actor and the learner write (the learner
 # publishes versions, the vLLM actor hard-links its exports next to the store).
-_NO_STORE = frozenset({"reward"})
+_NO_STORE = frozenset({"reward", "scorer"})
 
 
 def service_name(job_name: str, stage: str) -> str:
