@@ -223,6 +223,9 @@ def test_a_reward_model_job_runs_end_to_end(rm_dir: Path, tmp_path: Path) -> Non
     # Rewards came from the reward model: logits, not the 0/1 of a rule.
     rewards = {r["reward/mean"] for r in rows} | {r["reward/max"] for r in rows}
     assert any(x not in (0.0, 1.0) for x in rewards), rewards
+    # Timed as verl times a reward model (`timing_s/reward`), billed to the scorer.
+    assert all(r["timing_s/reward"] > 0 and "cost/gpu_seconds/scorer" in r for r in rows)
+    assert not any("cost/gpu_seconds/reward" in r for r in rows)
     logs = {p.name for p in (run_dir / "logs").iterdir()}
     assert any(name.startswith("scorer") for name in logs), logs
     assert not any(name.startswith("reward") for name in logs), logs
