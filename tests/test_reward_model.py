@@ -116,6 +116,24 @@ def test_a_long_shared_prompt_scores_like_the_models_own_forward() -> None:
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
 
 
+def test_final_states_are_the_same_with_and_without_the_shared_prompt_cache(
+        scorer: RewardModel) -> None:
+    """The full-sequence path (taken under activation checkpointing) reads the same states."""
+    from rlhfless.model.logprobs import _full_sequence_hidden, _shared_prefix_hidden
+
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    responses, prompt_of = [[11, 12, 13], [], [14]], [0, 0, 1]
+    with torch.no_grad():
+        shared = _shared_prefix_hidden(scorer.model, prompts, responses, prompt_of, "cpu",
+                                       final=True)
+        full = _full_sequence_hidden(scorer.model, prompts, responses, prompt_of, "cpu",
+                                     final=True)
+    assert shared.shape == full.shape == (3, 4, scorer.model.config.hidden_size)
+    for row, response in enumerate(responses):  # each row up to its own last token
+        n = len(response) + 1
+        assert torch.allclose(shared[row, :n], full[row, :n], atol=TOLERANCE)
+
+
 # -- the directory check -------------------------------------------------------------------
 
 def test_the_directory_check_says_what_is_wrong(rm_dir: Path, tmp_path: Path) -> None:

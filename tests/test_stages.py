@@ -20,14 +20,14 @@ def test_every_job_has_actor_reward_and_the_fused_learner() -> None:
     for spec in ({}, {"algorithm": {"klBeta": 0.1}}, {"algorithm": {"name": "ppo"}}):
         stages = table(spec)
         assert stages.deployed == ("actor", "reward", "learner")
-        assert stages.rewards == "reward" and not stages.has("scorer")
+        assert stages.reward_stage == "reward" and not stages.has("scorer")
     assert stages.phases() == (("rollout", ("actor",)), ("learn", ("reward", "learner")))
 
 
 def test_a_reward_model_job_scores_in_the_scorer_instead_of_the_reward_stage() -> None:
     stages = table({"reward": RM, "resources": {"scorer": {"gpus": 2}}})
     assert stages.deployed == ("actor", "scorer", "learner")
-    assert stages.rewards == "scorer" and not stages.has("reward")
+    assert stages.reward_stage == "scorer" and not stages.has("reward")
     assert stages.phases() == (("rollout", ("actor",)), ("learn", ("scorer", "learner")))
     assert stages["scorer"].gpus == 2 and stages["scorer"].max_scale == 2
     # Its model is not shaped like the policy: the memory plan does not size it.

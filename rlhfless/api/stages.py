@@ -6,7 +6,7 @@ stage the job never calls is never deployed, waited for, or billed.
 
 Rewards are scored by one of two stages: `reward` (rules on decoded text, no model) or,
 when `reward.name` is `reward_model`, `scorer` (a sequence-classification model). A job
-deploys exactly one of them; `StageTable.rewards` names it, and the driver sends its groups
+deploys exactly one of them; `StageTable.reward_stage` names it, and the driver sends its groups
 there.
 
 A step has two phases on its critical path: `rollout` (until the last actor finished) and
@@ -74,7 +74,7 @@ class StageTable:
         return name in self.deployed
 
     @property
-    def rewards(self) -> str:
+    def reward_stage(self) -> str:
         """The deployed stage that scores groups (`reward` or `scorer`)."""
         return next(s.name for s in self.stages if s.deployed and s.name in REWARD_STAGES)
 
