@@ -229,6 +229,20 @@ def test_a_scorer_without_its_model_names_the_field_on_every_request(tmp_path: P
     assert str(tmp_path) not in reply.json()["error"]  # no path leaves the function
 
 
+def test_an_instance_of_a_stage_the_job_does_not_have_refuses_to_start(
+        rm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhfless.functions.serve import main
+
+    monkeypatch.setenv("RLHFLESS_TOKEN", "t")
+    job = _job(tmp_path, rm_dir)
+    with pytest.raises(SystemExit) as exc:
+        main(["--stage", "reward", "--store", str(tmp_path / "store"), "--job", str(job)])
+    assert exc.value.code == 2
+    assert ("this job has no reward stage (its stages: actor, scorer, learner)"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.slow
 def test_a_reward_model_job_runs_end_to_end(rm_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invalid job: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     store = WeightStore(args.store)
+    if not job.spec.stages.has(args.stage):
+        print(f"this job has no {args.stage} stage (its stages: "
+              f"{', '.join(job.spec.stages.deployed)})", file=sys.stderr)
+        raise SystemExit(2)
     handler = build_handler(args.stage, job, store)
     preload(handler, store)
 
