@@ -114,6 +114,8 @@ def _fit_or_exit(job: RLHFJob, source: Path, gpu_memory: str | None,
 
         memory = local_gpu_memory() or memory
     report = check_job(job.spec, open_files=True, gpu_memory=memory)
+    if report.invalid:
+        raise _invalid(SpecError(report.invalid, str(source)))
     if report.errors:
         err_console.print(f"[bold red]{escape(str(source))}: does not fit its resources[/]")
         for line in report.errors:

@@ -42,8 +42,16 @@ def test_missing_file_and_broken_yaml_are_clear(tmp_path):
     assert result.exit_code == 2 and "invalid YAML" in result.output
 
 
-def test_examples_validate():
+def test_examples_validate(tmp_path):
+    from rlhfless.model.reward_fixture import write_tiny_reward_model
+
+    # A reward model is checked at validate, so the example's reads the one its script makes.
+    rm = write_tiny_reward_model(tmp_path / "tiny-rm")
     for example in sorted(EXAMPLES.glob("*.yaml")):
+        text = example.read_text()
+        if "examples/data/tiny-rm" in text:
+            example = tmp_path / example.name
+            example.write_text(text.replace("examples/data/tiny-rm", str(rm)))
         result = runner.invoke(app, ["validate", str(example)])
         assert result.exit_code == 0, (example, result.output)
 

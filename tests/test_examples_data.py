@@ -14,6 +14,7 @@ from rlhfless.api.wire import RewardRequest
 from rlhfless.driver import Driver
 from rlhfless.driver.records import MetricsLog
 from rlhfless.functions.reward import RewardHandler
+from rlhfless.model.reward_config import reward_model_errors
 from rlhfless.rewards import load_dataset, reward_meta
 from rlhfless.rewards.samples import REFERENCE_PROGRAMS, write_samples
 from rlhfless.runtime.local import LocalRuntime
@@ -46,7 +47,12 @@ def test_make_example_data_writes_what_the_examples_read(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "choice.jsonl", "code-tests.parquet", "gsm8k-verl.parquet"]
+        "choice.jsonl", "code-tests.parquet", "gsm8k-verl.parquet", "tiny-rm"]
+    # What examples/reward-model-grpo.yaml reads: a reward model its validation accepts.
+    doc = yaml.safe_load((REPO / "examples" / "reward-model-grpo.yaml").read_text())
+    assert doc["spec"]["reward"]["model"]["path"] == "examples/data/tiny-rm"
+    doc["spec"]["reward"]["model"]["path"] = str(tmp_path / "tiny-rm")
+    assert reward_model_errors(parse_job(doc).spec.reward) == []
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -26,7 +26,8 @@ def imported_modules(path: Path) -> set[str]:
 
 # The memory plan: arithmetic on a model's shape, which the operator checks at validation
 # (`check_job(open_files=False)`: shapes known without files). Pure, no ML library.
-PURE_MODEL = ("rlhfless.model.fit", "rlhfless.model.memory", "rlhfless.model.shape")
+PURE_MODEL = ("rlhfless.model.fit", "rlhfless.model.memory", "rlhfless.model.reward_config",
+              "rlhfless.model.shape")
 
 
 def _allowed(module: str, allowed: tuple[str, ...]) -> bool:

@@ -38,6 +38,7 @@ JOBS = {
                                for s in ("actor", "reward", "learner")},
                  "scheduling": {"keepAliveS": 0}},
     "long-keepalive": {"scheduling": {"keepAliveS": 3600, "maxActors": 1, "actors": 1}},
+    "reward-model": {"reward": {"name": "reward_model", "model": {"path": "/models/rm"}}},
 }
 
 
@@ -103,6 +104,17 @@ def test_one_service_per_stage_the_learner_fuses_reference_and_critic() -> None:
     # Services whatever the algorithm, never one the driver does not call.
     for name in ("default-grpo", "grpo-kl", "ppo-8-actors"):
         assert names(name) == [f"{name}-actor", f"{name}-reward", f"{name}-learner"]
+
+
+def test_a_reward_model_job_gets_a_scorer_service_and_no_reward_service() -> None:
+    assert names("reward-model") == ["reward-model-actor", "reward-model-scorer",
+                                     "reward-model-learner"]
+    svc = build_service(job("reward-model"), "scorer", namespace="ml", uid=UID)
+    [c] = svc["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:3] == ["serve", "--stage", "scorer"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # resources.scorer: a GPU
+    # It reads its model from reward.model.path, not from the job's store.
+    assert [m["name"] for m in c["volumeMounts"]] == ["scratch"]
 
 
 def test_service_fields_follow_the_spec() -> None:

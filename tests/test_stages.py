@@ -12,11 +12,27 @@ def table(spec: dict):
     return parse_spec(spec).spec.stages
 
 
+RM = {"name": "reward_model", "model": {"path": "/models/rm"}}
+
+
 def test_every_job_has_actor_reward_and_the_fused_learner() -> None:
+    assert STAGE_NAMES == ("actor", "reward", "scorer", "learner")
     for spec in ({}, {"algorithm": {"klBeta": 0.1}}, {"algorithm": {"name": "ppo"}}):
         stages = table(spec)
-        assert stages.deployed == STAGE_NAMES == ("actor", "reward", "learner")
+        assert stages.deployed == ("actor", "reward", "learner")
+        assert stages.reward_stage == "reward" and not stages.has("scorer")
     assert stages.phases() == (("rollout", ("actor",)), ("learn", ("reward", "learner")))
+
+
+def test_a_reward_model_job_scores_in_the_scorer_instead_of_the_reward_stage() -> None:
+    stages = table({"reward": RM, "resources": {"scorer": {"gpus": 2}}})
+    assert stages.deployed == ("actor", "scorer", "learner")
+    assert stages.reward_stage == "scorer" and not stages.has("reward")
+    assert stages.phases() == (("rollout", ("actor",)), ("learn", ("scorer", "learner")))
+    assert stages["scorer"].gpus == 2 and stages["scorer"].max_scale == 2
+    # Its model is not shaped like the policy: the memory plan does not size it.
+    assert stages["scorer"].holds == ()
+    assert table({"reward": RM})["scorer"].gpus == 1  # a GPU stage by default, as the learner
 
 
 def test_the_learner_holds_the_reference_only_with_a_kl_term_and_the_critic_for_ppo() -> None:

@@ -273,6 +273,12 @@ _CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
         _rule("!(self.kind in ['arithmetic', 'repeat']) || !has(self.path)",
               "path is only read when kind is 'parquet', 'jsonl' or 'hf-disk'"),
     ],
+    ("reward",): [
+        _rule("self.name != 'reward_model' || has(self.model)",
+              "model is required when name is 'reward_model'"),
+        _rule("self.name == 'reward_model' || !has(self.model)",
+              "model is only read when name is 'reward_model'"),
+    ],
     ("scheduling",): [
         _rule("self.actors <= self.maxActors", "actors must not exceed maxActors"),
     ],

@@ -30,7 +30,7 @@ from rlhfless.api.quantity import (
     check_quantity,
     quantity_is_text,
 )
-from rlhfless.api.stages import STAGE_NAMES, StageTable, stage_table
+from rlhfless.api.stages import REWARD_MODEL, STAGE_NAMES, StageTable, stage_table
 from rlhfless.api.yamlload import json_problem, read_document
 
 API_GROUP = "rlhfless.io"
@@ -225,19 +225,35 @@ class DatasetSpec(SpecModel):
         return self
 
 
+class RewardModelSpec(SpecModel):
+    """A sequence-classification model with one label: its logit is the reward."""
+
+    path: str = Field(..., min_length=1, description="Local Hugging Face directory of the "
+                      "reward model (a *ForSequenceClassification with numLabels 1).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype of the reward model.")
+
+
 class RewardSpec(SpecModel):
-    name: str = Field("exact_match", description="Registered rule-based reward.")
+    name: str = Field("exact_match", description="Registered reward; 'reward_model' scores "
+                      "with `model` in its own stage function (scorer).")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
     workers: int | None = Field(
         None, ge=1, le=256,
         description="Responses scored at once by rewards that run outside the interpreter "
         "(math, code_tests); default: the CPU count.",
     )
+    model: RewardModelSpec | None = Field(
+        None, description="The reward model (name 'reward_model' only).")
 
     @model_validator(mode="after")
     def _known_reward(self) -> RewardSpec:
         from rlhfless.rewards import check_reward_args
 
+        if self.name == REWARD_MODEL and self.model is None:
+            raise FieldError("model", f"is required when name is '{REWARD_MODEL}'")
+        if self.name != REWARD_MODEL and self.model is not None:
+            raise FieldError("model", f"is only read when name is '{REWARD_MODEL}'")
         check_reward_args(self.name, self.args)
         return self
 
@@ -275,6 +291,9 @@ class ResourcesSpec(SpecModel):
     driver: DriverResources = Field(default_factory=DriverResources)
     actor: StageResources = Field(default_factory=StageResources)
     reward: StageResources = Field(default_factory=lambda: StageResources(gpus=0))
+    scorer: StageResources = Field(
+        default_factory=StageResources,
+        description="The reward model's function (reward.name 'reward_model' only).")
     learner: StageResources = Field(default_factory=StageResources)
 
 

@@ -4,6 +4,11 @@ This is the only answer to "which stages does this job have". The operator's Ser
 builder, both runtimes, the driver, prewarm, the trainer and the simulator read it, so a
 stage the job never calls is never deployed, waited for, or billed.
 
+Rewards are scored by one of two stages: `reward` (rules on decoded text, no model) or,
+when `reward.name` is `reward_model`, `scorer` (a sequence-classification model). A job
+deploys exactly one of them; `StageTable.reward_stage` names it, and the driver sends its groups
+there.
+
 A step has two phases on its critical path: `rollout` (until the last actor finished) and
 `learn` (what is left after it: the last groups' rewards and learner adds, then `finish`).
 In a streaming step the learn stages already work during the rollout, on each group as it
@@ -20,16 +25,21 @@ if TYPE_CHECKING:
     from rlhfless.api.spec import JobSpec
 
 # Every stage function the code knows, in the order a step calls them.
-STAGE_NAMES: tuple[str, ...] = ("actor", "reward", "learner")
+STAGE_NAMES: tuple[str, ...] = ("actor", "reward", "scorer", "learner")
 PHASES: tuple[str, ...] = ("rollout", "learn")
 PHASE_OF: dict[str, str] = {
     "actor": "rollout",
     "reward": "learn",
+    "scorer": "learn",
     "learner": "learn",
 }
-# Two reward instances score groups side by side while others still stream in. The learner
-# holds the step's accumulated gradient and the optimizer: exactly one.
-_MAX_SCALE = {"reward": 2, "learner": 1}
+# The stages that turn a group into rewards (one per job, chosen by the reward name).
+REWARD_STAGES: tuple[str, ...] = ("reward", "scorer")
+# The reward name that selects the `scorer` stage (a reward model instead of rules).
+REWARD_MODEL = "reward_model"
+# Two reward (or scorer) instances score groups side by side while others still stream in.
+# The learner holds the step's accumulated gradient and the optimizer: exactly one.
+_MAX_SCALE = {"reward": 2, "scorer": 2, "learner": 1}
 
 
 @dataclass(frozen=True)
@@ -69,21 +79,36 @@ class StageTable:
     def has(self, name: str) -> bool:
         return name in self.deployed
 
+    @property
+    def reward_stage(self) -> str:
+        """The deployed stage that scores groups (`reward` or `scorer`)."""
+        return next(s.name for s in self.stages if s.deployed and s.name in REWARD_STAGES)
+
     def phases(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """(phase, deployed stages) in step order: the cycle prewarm plans over."""
         return tuple((phase, tuple(s.name for s in self.stages
                                    if s.deployed and s.phase == phase)) for phase in PHASES)
 
 
+def _scoring_stage(spec: JobSpec) -> str:
+    """The stage that scores this job's groups: `scorer` for a reward model, else `reward`."""
+    return "scorer" if spec.reward.name == REWARD_MODEL else "reward"
+
+
 def stage_table(spec: JobSpec) -> StageTable:
-    """The stages of a job: actors (up to `scheduling.maxActors`), reward, and the learner,
-    which holds the policy, the frozen reference (only when klBeta > 0: see `learner_parts`)
-    and, for PPO, the critic."""
+    """The stages of a job: actors (up to `scheduling.maxActors`), its reward stage (rules or
+    a reward model: `_scoring_stage`), and the learner, which holds the policy, the frozen
+    reference (only when klBeta > 0: see `learner_parts`) and, for PPO, the critic.
+
+    The scorer's reward model is not in `holds`: the memory plan sizes models shaped like
+    the policy, and a reward model has its own shape."""
     max_scale = {**_MAX_SCALE, "actor": spec.scheduling.max_actors}
-    holds = {"actor": ("policy",), "reward": (), "learner": learner_parts(spec)}
+    holds = {"actor": ("policy",), "reward": (), "scorer": (), "learner": learner_parts(spec)}
+    scores = _scoring_stage(spec)
     return StageTable(tuple(
         Stage(name=name, phase=PHASE_OF[name], max_scale=max_scale[name],
-              gpus=getattr(spec.resources, name).gpus, deployed=True, holds=holds[name])
+              gpus=getattr(spec.resources, name).gpus,
+              deployed=name not in REWARD_STAGES or name == scores, holds=holds[name])
         for name in STAGE_NAMES
     ))
 

@@ -10,7 +10,8 @@ The step's three stages speak three contracts:
 - actor: `ActorRequest` → a stream of frames (`HelloFrame`, `SamplesFrame` as samples finish,
   `ProgressFrame` at τ, then `EndFrame` or `CutFrame`); while it streams, the actor takes
   `ActorCut` / `ActorMerge` on its control endpoint (instance-addressed).
-- reward: `RewardRequest` → `RewardResponse` (JSON: decoded text in, floats out).
+- reward (or scorer, a reward model): `RewardRequest` → `RewardResponse` (JSON: decoded text
+  in, floats out).
 - learner: `LearnerBegin` → `LearnerAdd` × groups → `LearnerFinish` (one optimizer step,
   published as a new weights version the driver chose). A group is sent inline or as a
   shard of the job's store, referenced by id.
@@ -337,6 +338,7 @@ class TrainResponse(BaseModel):
 REQUESTS: dict[str, Any] = {
     "actor": ActorRequest,
     "reward": RewardRequest,
+    "scorer": RewardRequest,  # the reward model speaks the reward function's contract
     "learner": LearnerRequest,
 }
 CONTROLS: dict[str, Any] = {

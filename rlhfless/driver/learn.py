@@ -211,7 +211,7 @@ class StepLearning:
                       tag: str) -> dict[str, list[float]]:
         items = await asyncio.to_thread(self._reward_items, groups)
         request_id = f"{self.prefix}-reward-{tag}"
-        reply = await invoke_timed(self.runtime, "reward", RewardRequest(
+        reply = await invoke_timed(self.runtime, self.spec.stages.reward_stage, RewardRequest(
             request_id=request_id, items=items).model_dump(), self.busy)
         flat, out, k = reply["rewards"], {}, 0
         for key, samples in groups:

@@ -28,8 +28,8 @@ from rlhfless.driver.records import (
 from rlhfless.driver.rollout import RolloutResult
 from rlhfless.runtime.base import InstanceUsage
 
-# verl's names for our stages' timings.
-TIMING_KEYS = {"learner": "update_actor"}
+# verl's names for our stages' timings (verl times a reward model as `reward` too).
+TIMING_KEYS = {"learner": "update_actor", "scorer": "reward"}
 
 
 @dataclass(frozen=True)

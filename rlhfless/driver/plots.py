@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGE_COLOURS = {"actor": "#4c72b0", "reward": "#c44e52", "learner": "#55a868"}
+STAGE_COLOURS = {"actor": "#4c72b0", "reward": "#c44e52", "scorer": "#dd8452",
+                 "learner": "#55a868"}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -49,6 +49,10 @@ def build_handler(stage: str, job: RLHFJob, store: WeightStore) -> StageHandler:
         from rlhfless.functions.reward import RewardHandler
 
         return RewardHandler(spec.reward)
+    if stage == "scorer":
+        from rlhfless.functions.scorer import ScorerHandler
+
+        return ScorerHandler(spec)
     if stage == "learner":
         ranks = spec.stages[stage].ranks
         if ranks > 1:  # this process is rank 0 of `ranks`
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invalid job: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     store = WeightStore(args.store)
+    if not job.spec.stages.has(args.stage):
+        print(f"this job has no {args.stage} stage (its stages: "
+              f"{', '.join(job.spec.stages.deployed)})", file=sys.stderr)
+        raise SystemExit(2)
     handler = build_handler(args.stage, job, store)
     preload(handler, store)
 

@@ -5,7 +5,7 @@ revision runs `rlhfless serve --stage <stage>` on the operator's function image 
 variant for stages with GPUs), reads the job from the `RLHFJOB_SPEC` environment variable
 (the custom resource as JSON, so a spec change rolls a new revision), its bearer token from
 the job's Secret, and the weights from the job's own folder of a shared ReadWriteMany volume
-(the reward function mounts none). Pods are
+(the reward and scorer functions mount none). Pods are
 restricted (`knative.pods`) and get no service-account token. Pure functions: the operator
 creates what these return; tests validate them against Knative's CRD schema and its
 admission webhook's rules.
@@ -38,9 +38,10 @@ KNATIVE_MAX_TIMEOUT_S = 600  # Knative's default max-revision-timeout-seconds
 LABEL_STAGE = "rlhfless.io/stage"
 LABEL_KSVC = "serving.knative.dev/service"
 VISIBILITY_LABEL = "networking.knative.dev/visibility"
-# The reward function needs no weights at all; the actor and the learner write (the learner
-# publishes versions, the vLLM actor hard-links its exports next to the store).
-_NO_STORE = frozenset({"reward"})
+# The reward and scorer functions need no weights of the store (a reward model is read from
+# reward.model.path); the actor and the learner write (the learner publishes versions, the
+# vLLM actor hard-links its exports next to the store).
+_NO_STORE = frozenset({"reward", "scorer"})
 
 
 def service_name(job_name: str, stage: str) -> str:

@@ -3,7 +3,8 @@ operator share: tensor parallelism against the model's heads, and the memory pla
 
 The operator calls it with `open_files=False`: it never opens a path named in a spec, so
 only the shapes it can know without files are checked there (a tiny model, a model the
-project ships); `rlhfless validate` and `run` also read a local HF config.json or GGUF header.
+project ships); `rlhfless validate` and `run` also read a local HF config.json or GGUF header,
+and check that a reward model's directory holds one (`reward_config`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rlhfless.model.memory import (
     plan,
     tensor_parallel_errors,
 )
+from rlhfless.model.reward_config import reward_model_errors
 from rlhfless.model.shape import ModelShape, ShapeError, read_shape
 
 
@@ -29,21 +31,24 @@ class FitReport:
     shape: ModelShape | None = None
     note: str | None = None  # why nothing was checked, when nothing was
     warnings: list[str] = field(default_factory=list)  # allowed, but probably not meant
+    invalid: list[str] = field(default_factory=list)  # files the spec names that will not do
 
 
 def check_job(spec: Any, *, open_files: bool = True,
               gpu_memory: tuple[float, str] | None = None) -> FitReport:
     """Errors name the field to change; a shape that cannot be known skips the checks."""
     warnings = placement_warnings(spec)
+    invalid = reward_model_errors(spec.reward) if open_files else []
     try:
         shape = read_shape(spec.model, open_files=open_files)
     except ShapeError as exc:
         return FitReport(note=f"model shape unknown ({exc}): memory and tensor-parallel "
-                              "checks skipped", warnings=warnings)
+                              "checks skipped", warnings=warnings, invalid=invalid)
     if shape is None:
         why = "not read by the operator" if not open_files else "its files are missing"
         return FitReport(note=f"model shape unknown ({why}): memory and tensor-parallel "
-                              "checks skipped", warnings=warnings)
+                              "checks skipped", warnings=warnings, invalid=invalid)
     estimates = plan(spec, shape, gpu_memory or gpu_memory_bytes())
     errors = tensor_parallel_errors(spec, shape) + fit_errors(spec, estimates)
-    return FitReport(errors=errors, estimates=estimates, shape=shape, warnings=warnings)
+    return FitReport(errors=errors, estimates=estimates, shape=shape, warnings=warnings,
+                     invalid=invalid)

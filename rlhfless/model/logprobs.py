@@ -80,8 +80,9 @@ def _split(mat: torch.Tensor, lengths: list[int], rows: list[tuple[int, int]], n
     return grouped
 
 
-def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
-    """Hidden states [N, R, H] predicting each response token, prompts run once."""
+def _shared_prefix_hidden(model, prompts, responses, prompt_of, device, final=False):
+    """Hidden states [N, R, H] predicting each response token, prompts run once (`final`:
+    [N, R + 1, H], also the state after each response's last token)."""
     backbone = model.base_model
     pad = 0  # any id: padded positions are masked out
     p_ids, p_mask, p_pos = left_pad(prompts, pad, device)
@@ -98,11 +99,15 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
     last = h_prompt[:, -1][index]  # left padding: the last column is every prompt's last token
     r_ids, r_mask = right_pad(responses, pad, device)
     width = r_ids.shape[1]
-    # The response's final token predicts nothing we score: run only tokens 0..R-2. When that
-    # is nothing, one column runs anyway (its output unused but in the graph): the ranks of
-    # a sharded model must all make the same calls, whatever their responses' lengths.
-    keep = max(width - 1, 1)
+    # The response's final token predicts nothing we score: run only tokens 0..R-2, unless
+    # the state after it is wanted (`final`: what a sequence classifier scores). At least one
+    # column runs (its output unused but in the graph): the ranks of a sharded model must all
+    # make the same calls, whatever their responses' lengths.
+    wanted = width if final else width - 1
+    keep = max(wanted, 1)
     r_ids, r_mask = r_ids[:, :keep], r_mask[:, :keep]
+    if final and r_ids.shape[1] == 0:
+        return last.unsqueeze(1)
     cache.batch_select_indices(index)  # gather = expand each prompt's cache over its group
     lengths = p_mask.sum(-1)[index]
     positions = lengths.unsqueeze(1) + torch.arange(r_ids.shape[1], device=device)
@@ -113,15 +118,15 @@ def _shared_prefix_hidden(model, prompts, responses, prompt_of, device):
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state
-    return torch.cat([last.unsqueeze(1), h_resp[:, : width - 1]], dim=1)
+    return torch.cat([last.unsqueeze(1), h_resp[:, : max(wanted, 0)]], dim=1)
 
 
-def _full_sequence_hidden(model, prompts, responses, prompt_of, device):
+def _full_sequence_hidden(model, prompts, responses, prompt_of, device, final=False):
     """Same result as `_shared_prefix_hidden`, without a cache (prompt repeated per row)."""
     seqs = [list(prompts[p]) + list(r) for p, r in zip(prompt_of, responses, strict=True)]
     ids, mask = right_pad(seqs, 0, device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    width = max(len(r) for r in responses)
+    width = max(len(r) for r in responses) + int(final)
     starts = torch.tensor([len(prompts[p]) - 1 for p in prompt_of], device=device)
     cols = (starts.unsqueeze(1) + torch.arange(width, device=device)).clamp(max=ids.shape[1] - 1)
     return hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -134,10 +139,17 @@ def grouped_forward(
     *,
     logprobs: bool = True,
     hidden: bool = False,
+    final: bool = False,
 ) -> GroupedOutput:
-    """Score `groups[i]` (G_i responses) after `prompts[i]`, each prompt computed once."""
+    """Score `groups[i]` (G_i responses) after `prompts[i]`, each prompt computed once.
+
+    `final` (hidden states only) adds the state after each response's last token: a
+    response of R tokens gets R + 1 states, the last one what a sequence classifier reads
+    (an empty response: the prompt's last state)."""
     if len(prompts) != len(groups):
         raise ValueError("need one group of responses per prompt")
+    if final and logprobs:
+        raise ValueError("final states predict no response token: ask for hidden only")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     rows = [(g, j) for g, group in enumerate(groups) for j in range(len(group))]
@@ -145,7 +157,7 @@ def grouped_forward(
     lengths = [len(r) for r in responses]
     device = model_device(model)
     scored = [(g, len(groups[g][j])) for g, j in rows if groups[g][j]]
-    if not scored:
+    if not scored and not final:
         empty = [[torch.zeros(0, device=device) for _ in group] for group in groups]
         return GroupedOutput(empty if logprobs else None, empty if hidden else None, 0)
     for g, n in scored:
@@ -156,10 +168,10 @@ def grouped_forward(
     # Checkpointed layers drop the KV cache: the prompt's keys/values would be lost.
     states = None
     if not checkpointing_active(model):
-        states = _shared_prefix_hidden(model, prompts, responses, prompt_of, device)
+        states = _shared_prefix_hidden(model, prompts, responses, prompt_of, device, final)
     shared = states is not None
     if states is None:
-        states = _full_sequence_hidden(model, prompts, responses, prompt_of, device)
+        states = _full_sequence_hidden(model, prompts, responses, prompt_of, device, final)
     saved = sum(len(prompts[g]) * (len(grp) - 1) for g, grp in enumerate(groups) if grp)
 
     out_lp = None
@@ -167,7 +179,9 @@ def grouped_forward(
         r_ids, _ = right_pad(responses, 0, device)
         logits = model.get_output_embeddings()(states)
         out_lp = _split(token_logprobs(logits, r_ids), lengths, rows, len(groups))
-    out_h = _split(states, lengths, rows, len(groups)) if hidden else None
+    out_h = None
+    if hidden:
+        out_h = _split(states, [n + int(final) for n in lengths], rows, len(groups))
     return GroupedOutput(out_lp, out_h, saved if shared else 0)
 
 

@@ -80,6 +80,14 @@ def combined(prompt: str, response: str, meta: dict[str, Any], **args: Any) -> f
     return total
 
 
+def reward_model(prompt: str, response: str, meta: dict[str, Any]) -> float:
+    """A reward model (`reward.model`), scored by its own stage function, the scorer
+    (`rlhfless.functions.scorer`): registered so that a spec may name it, never called on
+    text here."""
+    raise ValueError("reward 'reward_model' is scored by the scorer stage with reward.model, "
+                     "not by the rule-based reward function")
+
+
 REWARDS: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "format": format_reward,
@@ -89,7 +97,10 @@ REWARDS: dict[str, RewardFn] = {
     "math": math_equivalence,
     "multiple_choice": multiple_choice,
     "code_tests": code_tests,
+    "reward_model": reward_model,
 }
+# Rewards that are not text rules: they take no part in `combined` and have no dry run.
+MODEL_REWARDS = {"reward_model"}
 # What each built-in reward needs from a dataset row's ground truth (absent: anything goes).
 ANSWER_CHECKS: dict[str, Callable[..., str | None]] = {
     "exact_match": number_or_text,
@@ -146,6 +157,8 @@ def check_reward_args(name: str, args: Mapping[str, Any]) -> None:
     (listing those it does), or argument values it rejects (a dry run on empty text: the
     rules are total on any text, so only bad arguments can make it fail)."""
     _check_arg_names(name, args)
+    if name in MODEL_REWARDS:
+        return
     if any(leaf not in REWARDS for leaf, _ in leaf_rewards(name, args)):
         return  # an installed reward need not be total on empty text: names only
     try:
@@ -162,6 +175,9 @@ def _check_arg_names(name: str, args: Mapping[str, Any]) -> None:
             for comp, _, comp_args in _components(args):
                 if comp == "combined":
                     raise ValueError("combined: a component cannot itself be 'combined'")
+                if comp in MODEL_REWARDS:
+                    raise ValueError(f"combined: '{comp}' runs in its own stage and cannot "
+                                     "be a component; use it as the reward name")
                 _check_arg_names(comp, comp_args)
         return
     accepted = [p for p in params if p not in ("prompt", "response", "meta")]
