@@ -113,7 +113,18 @@ def test_a_reward_model_job_gets_a_scorer_service_and_no_reward_service() -> Non
     [c] = svc["spec"]["template"]["spec"]["containers"]
     assert c["args"][:3] == ["serve", "--stage", "scorer"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # resources.scorer: a GPU
-    # It reads its model from reward.model.path, not from the job's store.
+    # It reads its model from the volume's shared models/ folder, read-only, never from a
+    # job's store (no job folder is mounted).
+    [models, scratch] = c["volumeMounts"]
+    assert models == {"name": "weights", "mountPath": "/models", "subPath": "models",
+                      "readOnly": True}
+    assert scratch["name"] == "scratch"
+    [weights, _] = svc["spec"]["template"]["spec"]["volumes"]
+    assert weights["persistentVolumeClaim"]["claimName"] == "rlhfless-weights"
+    # Without a models folder configured there is nothing to mount.
+    bare = build_service(job("reward-model"), "scorer", namespace="ml", uid=UID,
+                         settings=FunctionSettings(models_subpath=""))
+    [c] = bare["spec"]["template"]["spec"]["containers"]
     assert [m["name"] for m in c["volumeMounts"]] == ["scratch"]
 
 

@@ -23,11 +23,10 @@ from rlhfless.cost.prices import CostDefaults, cost_env
 from rlhfless.knative.pods import (
     LABEL_COMPONENT,
     LABEL_JOB,
-    MODELS_VOLUME_MOUNT,
-    STORE_VOLUME,
     FunctionSettings,
     job_env,
     job_mount,
+    models_mount,
     restricted_container_context,
     restricted_pod_context,
     scratch_mount,
@@ -127,9 +126,8 @@ def build_driver_job(job: RLHFJob, *, namespace: str, uid: str,
     name = job.metadata.name
     meta = child_meta(job, namespace, uid, driver_name(name))
     mounts = [job_mount(settings, namespace, name, uid, read_only=False), scratch_mount()]
-    if settings.models_subpath:
-        mounts.append({"name": STORE_VOLUME, "mountPath": MODELS_VOLUME_MOUNT,
-                       "subPath": settings.models_subpath, "readOnly": True})
+    if (models := models_mount(settings)) is not None:
+        mounts.append(models)
     resources = job.spec.resources.driver
     container: dict[str, Any] = {
         "name": "driver",

@@ -52,7 +52,7 @@ class FunctionSettings:
     # request path: target-burst-capacity -1) and whatever scrapes /metrics.
     ingress_namespaces: tuple[str, ...] = ("knative-serving",)
     # Folder of the volume mounted read-only at /models in driver pods (base models and
-    # datasets a spec may name); "" mounts none.
+    # datasets a spec may name) and scorer pods (reward models); "" mounts none.
     models_subpath: str = "models"
 
     @classmethod
@@ -161,6 +161,14 @@ def scratch_mount() -> dict[str, Any]:
 
 def store_volume(settings: FunctionSettings) -> dict[str, Any]:
     return {"name": STORE_VOLUME, "persistentVolumeClaim": {"claimName": settings.weights_pvc}}
+
+
+def models_mount(settings: FunctionSettings) -> dict[str, Any] | None:
+    """The volume's shared `models/` folder, read-only at /models (None: none configured)."""
+    if not settings.models_subpath:
+        return None
+    return {"name": STORE_VOLUME, "mountPath": MODELS_VOLUME_MOUNT,
+            "subPath": settings.models_subpath, "readOnly": True}
 
 
 def job_mount(settings: FunctionSettings, namespace: str, name: str, uid: str, *,

@@ -23,6 +23,7 @@ from rlhfless.knative.pods import (
     image_for,
     job_env,
     job_mount,
+    models_mount,
     restricted_container_context,
     scratch_mount,
     scratch_volume,
@@ -42,6 +43,9 @@ VISIBILITY_LABEL = "networking.knative.dev/visibility"
 # reward.model.path); the actor and the learner write (the learner publishes versions, the
 # vLLM actor hard-links its exports next to the store).
 _NO_STORE = frozenset({"reward", "scorer"})
+# The scorer reads its reward model (reward.model.path) from the volume's shared models/
+# folder, read-only at /models, as a driver reads a base model.
+_READS_MODELS = frozenset({"scorer"})
 
 
 def service_name(job_name: str, stage: str) -> str:
@@ -123,6 +127,9 @@ def build_service(job: RLHFJob, stage: str, *, namespace: str, uid: str,
     volumes = [scratch_volume()]
     if stage not in _NO_STORE:
         mounts.insert(0, job_mount(settings, namespace, name, uid, read_only=False))
+        volumes.insert(0, store_volume(settings))
+    if stage in _READS_MODELS and (models := models_mount(settings)) is not None:
+        mounts.insert(0, models)
         volumes.insert(0, store_volume(settings))
     container: dict[str, Any] = {
         "name": "function",
