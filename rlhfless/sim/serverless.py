@@ -21,7 +21,8 @@ when that is cheaper (`keep_or_prewarm`); their time before the next step is bil
 next step, whose instances they are.
 
 pool="quota" (the headline): the job never holds more GPUs than the baseline reserves; an
-instance that would exceed it starts when GPUs are released. pool="shared": instances start
+instance that would exceed it starts when GPUs are released, and an actor stays alive for
+the next step only where the quota has room. pool="shared": instances start
 on free GPUs of a larger pool whenever asked (peak GPUs reported).
 
 All decisions are the real `rlhfless.scheduling` functions, called through `sim.policies`.
@@ -29,7 +30,7 @@ All decisions are the real `rlhfless.scheduling` functions, called through `sim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -140,8 +141,10 @@ class ServerlessSim:
             order = np.argsort(-bin_times(work, bins, profile), kind="stable")
             bins = [bins[i] for i in order]
         cold_at = t0 + (cfg.over.scale_down_s if self.quota else 0.0)  # after the learner
-        pending = sorted(self.pending, key=lambda p: p.init_done)[:len(bins)] if warm else []
-        spare = self.pending[len(pending):] if warm else self.pending
+        # the first ready serve this step; the rest are released as it starts
+        by_ready = sorted(self.pending, key=lambda p: p.init_done)
+        pending = by_ready[:len(bins)] if warm else []
+        spare = by_ready[len(pending):]
         starts = [p.start for p in pending] + [cold_at] * (len(bins) - len(pending))
         readies = ([max(p.init_done, t0) + load_s for p in pending]
                    + [cold_at + init_s + load_s] * (len(bins) - len(pending)))
@@ -183,20 +186,22 @@ class ServerlessSim:
         # 3. learn (planned times corrected by earlier steps' rollouts, then this one's) ---
         actor_lives = [Lifetime(a.start, a.release, cfg.tp, a.ready - a.start, tuple(a.busy))
                        for a in out.actors]
+        prev = [x for x in self.lives if x.end is None or x.end > t0]  # still held at t0
         if streaming:
             assert lplan is not None
-            held = [x for x in self.lives if x.end is None or x.end > t0]
-            learn = self._learn_stream(t0, lplan, done, pl, lens, held + actor_lives + lives)
+            learn = self._learn_stream(t0, lplan, done, pl, lens, prev + actor_lives + lives)
         else:
             learn = self._learn_barrier(t0, gen_end, planned_gen, pl, lens, pred_mean)
         t_end = learn["t_end"]
         if predicted:
             self.rollout_ratio.observe(planned_gen, gen_end - t0)
-        lives += actor_lives + learn["lives"]
+        lives += learn["lives"]
 
         # 4. next step's actors: kept alive or prewarmed so they are ready at t_end ----------
-        lives += self._prepare_next(out.actors, len(bins), t_end,
-                                    next_start if lplan else learn["next_start"], lives)
+        actor_lives, prewarmed = self._prepare_next(
+            actor_lives, len(bins), t_end, next_start if lplan else learn["next_start"],
+            prev + lives)
+        lives += actor_lives
         self.clock = t_end
         if s.length_prediction:
             self.predictor.observe(ids, lens)
@@ -220,7 +225,8 @@ class ServerlessSim:
             prefill_saved=sum(e.stats.prefill_saved for e in engines),
             preemptions=sum(e.stats.preemptions for e in engines),
             actors=len(bins), migrated=out.migrated,
-            peak_gpus=peak_gpus(self.lives, t0, t_end),
+            # the next step's prewarmed actors hold their GPUs during this step's tail
+            peak_gpus=peak_gpus(self.lives + prewarmed, t0, t_end),
             gen_busy_gpu_s=cfg.tp * sum(e.stats.busy_s for e in engines),
             t0=t0, extra=extra,
         )
@@ -391,28 +397,44 @@ class ServerlessSim:
         }
 
     # ---- next step's actors -------------------------------------------------------------------
-    def _prepare_next(self, actors: list[ActorLife], n_next: int, t_end: float,
-                      next_start: float | None, lives: list[Lifetime]) -> list[Lifetime]:
-        """Keep actors alive or prewarm new ones for the next step; returns the lifetimes of
-        actors kept alive (billed to this step)."""
+    def _prepare_next(self, actor_lives: list[Lifetime], n_next: int, t_end: float,
+                      next_start: float | None, others: list[Lifetime]
+                      ) -> tuple[list[Lifetime], list[Lifetime]]:
+        """Keep actors alive or prewarm new ones for the next step, within the quota.
+
+        `others`: every other instance held from this step's start on. Returns the actors'
+        lifetimes, those kept alive running on to `t_end` with no scale-down in between
+        (billed to this step), and what the prewarmed instances hold from their start
+        (billed to the next step, whose actors they are)."""
         cfg, s = self.cfg, self.cfg.sched
         self.pending = []
         if not s.prewarm:
-            return []
-        init_s = cfg.over.actor_init_s
+            return actor_lives, []
+        init_s, down_s = cfg.over.actor_init_s, cfg.over.scale_down_s
         lead = init_s + prewarm_margin({"actor": init_s})
         # Per instance, the cheaper way to be ready at t_end: stay alive from its release
-        # (no scale-down then) or scale to zero and be prewarmed `lead` before.
-        releases = [a.release - cfg.over.scale_down_s for a in actors]
+        # or scale to zero and be prewarmed `lead` before.
+        releases = [x.end - down_s if x.end is not None else t_end for x in actor_lives]
         keep, _ = keep_or_prewarm(releases, n_next, t_end, lead)
-        kept = [Lifetime(r, t_end, cfg.tp) for r in keep]
-        self.pending = [Pending(t_end, t_end) for _ in keep]
+        lives = list(actor_lives)
+        latest = sorted(range(len(lives)), key=lambda i: -releases[i])  # as keep_or_prewarm
+        for i in latest[:len(keep)]:
+            kept, end = replace(lives[i], end=t_end), lives[i].end or t_end
+            # Staying alive past its planned release holds GPUs that the learner (started on
+            # that release) or another actor may have been given: kept only where it fits.
+            if self.quota and end < t_end and peak_gpus(
+                    others + lives[:i] + [kept] + lives[i + 1:], end, t_end) > self.quota:
+                continue
+            lives[i] = kept
+            self.pending.append(Pending(t_end, t_end))
         want = next_start if next_start is not None else t_end
-        held = lives + kept
-        for _ in range(n_next - len(keep)):
+        held = others + lives
+        prewarmed: list[Lifetime] = []
+        for _ in range(n_next - len(self.pending)):
             at = earliest_start(held, self.quota, cfg.tp, min(want, t_end))
             if at >= t_end:
                 break  # no room before the step ends: it starts cold with the next step
             self.pending.append(Pending(at, at + init_s))
-            held.append(Lifetime(at, t_end + init_s, cfg.tp))  # holds its GPUs from `at`
-        return kept
+            prewarmed.append(Lifetime(at, t_end + init_s, cfg.tp))  # holds its GPUs from `at`
+            held.append(prewarmed[-1])
+        return lives, prewarmed
