@@ -16,10 +16,12 @@ from rlhfless.api.spec import parse_spec
 from rlhfless.cli import app
 from rlhfless.functions.app import create_app
 from rlhfless.functions.scorer import ScorerHandler
+from rlhfless.model.fit import check_job
 from rlhfless.model.loading import ModelLoadError
 from rlhfless.model.reward_config import reward_model_problem
 from rlhfless.model.reward_fixture import tiny_reward_model, tiny_tokenizer
 from rlhfless.model.reward_model import RewardModel, _parts, load_reward_model
+from rlhfless.model.shape import hf_config_shape
 
 TOLERANCE = 1e-5  # fp32: the shared-prefix pass reorders sums, nothing more
 PROMPTS = ["What is 2+3?", "Name a colour.", "x"]
@@ -192,6 +194,48 @@ def test_validate_and_run_refuse_a_directory_that_is_no_reward_model(tmp_path: P
 def test_validate_accepts_a_reward_model_directory(rm_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(_job(tmp_path, rm_dir))])
     assert result.exit_code == 0, result.output
+
+
+# -- the memory plan -------------------------------------------------------------------------
+
+def test_the_memory_plan_sizes_the_scorer_from_its_reward_models_config(rm_dir: Path) -> None:
+    report = check_job(_spec(rm_dir))
+    [est] = [e for e in report.estimates if e.stage == "scorer"]
+    shape = hf_config_shape(json.loads((rm_dir / "config.json").read_text()))
+    assert est.parts["weights"] >= shape.params * 4  # float32, the default dtype
+    assert est.parts["kv cache"] > 0 and est.parts["activations"] > 0
+    assert est.fits and not report.errors
+    half = check_job(parse_spec({"reward": {"name": "reward_model", "model": {
+        "path": str(rm_dir), "dtype": "bfloat16"}}}).spec)
+    [bf16] = [e for e in half.estimates if e.stage == "scorer"]
+    assert bf16.parts["weights"] == pytest.approx(est.parts["weights"] / 2)
+
+
+def _big_reward_model(path: Path) -> Path:
+    """A 70B-shaped classifier's directory (config only, an empty weights file)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForSequenceClassification"], "model_type": "llama",
+        "num_labels": 1, "hidden_size": 8192, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "num_hidden_layers": 80, "intermediate_size": 28672,
+        "vocab_size": 128256, "max_position_embeddings": 8192}))
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_a_reward_model_too_big_for_its_scorer_is_refused_naming_the_fields(
+        tmp_path: Path) -> None:
+    big = _big_reward_model(tmp_path / "big-rm")
+    report = check_job(_spec(big), gpu_memory=(80 * 2**30, "80Gi"))
+    [error] = [e for e in report.errors if e.startswith("resources.scorer:")]
+    assert "reward.model.dtype: bfloat16" in error and "reward.model (a smaller one)" in error
+    result = runner.invoke(app, ["validate", str(_job(tmp_path, big))],
+                           env={"COLUMNS": "1000", "RLHFLESS_GPU_MEMORY": "80Gi"})
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "resources.scorer:" in out and "Traceback" not in out
+    # The operator never opens a spec's paths: nothing to size there.
+    assert not [e for e in check_job(_spec(big), open_files=False).estimates
+                if e.stage == "scorer"]
 
 
 # -- the scorer function ---------------------------------------------------------------------

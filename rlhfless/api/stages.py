@@ -100,8 +100,9 @@ def stage_table(spec: JobSpec) -> StageTable:
     a reward model: `_scoring_stage`), and the learner, which holds the policy, the frozen
     reference (only when klBeta > 0: see `learner_parts`) and, for PPO, the critic.
 
-    The scorer's reward model is not in `holds`: the memory plan sizes models shaped like
-    the policy, and a reward model has its own shape."""
+    The scorer's reward model is not in `holds`: `holds` lists models shaped like the
+    policy; the memory plan sizes the reward model from its own config.json
+    (`rlhfless.model.fit`)."""
     max_scale = {**_MAX_SCALE, "actor": spec.scheduling.max_actors}
     holds = {"actor": ("policy",), "reward": (), "scorer": (), "learner": learner_parts(spec)}
     scores = _scoring_stage(spec)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfless.api.quantity import format_bytes, quantity_bytes
+from rlhfless.model.reward_config import DEFAULT_TOKEN_BUDGET
 from rlhfless.model.shape import GPT2, ModelShape
 
 GIB = 2**30
@@ -59,7 +60,7 @@ VLLM_BATCHED_TOKENS = 8192
 class Workload:
     """What one instance of a stage does, in the numbers memory depends on."""
 
-    role: str  # "generate" | "score" | "train"
+    role: str  # "generate" | "score" | "train" | "classify" (a reward model's scorer)
     engine: str = "transformers"  # generate: "transformers" | "vllm"
     trained: tuple[str, ...] = ()  # train: models with gradients ("policy", "critic")
     frozen: tuple[str, ...] = ()  # models held without gradients (reference, scorer)
@@ -226,6 +227,14 @@ def estimate(stage: str, device: str, shape: ModelShape, work: Workload, dtype_b
         if "policy" in work.trained:
             parts["logits"] = logits_bytes(shape, sequences * work.response_tokens,
                                            compute, backward=True)
+    elif work.role == "classify":
+        # Packed forwards of at most `sequences` padded tokens (the scorer's token budget),
+        # no gradients; the score head's output is one number per sequence (no logits).
+        tokens = work.sequences
+        parts["weights"] = weights_bytes(shape, dtype_bytes)
+        parts["kv cache"] = kv_cache_bytes(shape, tokens, dtype_bytes)
+        parts["activations"] = forward_bytes(shape, tokens, dtype_bytes) \
+            + float(tokens * shape.hidden * 4)
     else:
         raise ValueError(f"unknown workload role {work.role!r}")
     parts["overhead"] = float(OVERHEAD[device])
@@ -331,11 +340,42 @@ def plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> list[Es
     return out + hosts
 
 
+def scorer_workload(spec: Any) -> Workload:
+    """The reward model's scorer: its largest forward, a token budget's worth (or the whole
+    step's batch, when that is smaller)."""
+    batch = spec.dataset.prompts_per_step * spec.algorithm.group_size
+    sequence = ASSUMED_PROMPT_TOKENS + spec.generation.max_new_tokens
+    return Workload("classify", frozen=("reward model",),
+                    sequences=min(DEFAULT_TOKEN_BUDGET, batch * sequence),
+                    group_size=spec.algorithm.group_size,
+                    response_tokens=spec.generation.max_new_tokens)
+
+
+def scorer_plan(spec: Any, shape: ModelShape, gpu_memory: tuple[float, str]) -> Estimate:
+    """Bytes per device of one scorer instance holding the reward model of `shape` in the
+    dtype `reward.model.dtype` names."""
+    stage = spec.stages["scorer"]
+    device = "gpu" if stage.gpus > 0 else "cpu"
+    est = estimate("scorer", device, shape, scorer_workload(spec),
+                   DTYPE_BYTES[spec.reward.model.dtype])
+    if device == "gpu":
+        est.capacity, est.capacity_source = gpu_memory
+    else:
+        memory = spec.resources.scorer.memory
+        est.capacity = float(quantity_bytes(memory))
+        est.capacity_source = f"resources.scorer.memory {memory}"
+    return est
+
+
 def _advice(spec: Any, est: Estimate) -> list[str]:
     """The fields that shrink the biggest parts of an estimate."""
     name = est.stage
-    role = workloads(spec)[name].role
     fields = [f"resources.{name}.memory"] if est.device in ("cpu", "host") else []
+    if name == "scorer":
+        if spec.reward.model.dtype == "float32":
+            fields.append("reward.model.dtype: bfloat16")
+        return fields + ["reward.model (a smaller one)"]
+    role = workloads(spec)[name].role
     if role == "generate" and spec.generation.engine == "vllm":
         fields.append(f"resources.{name}.gpus (tensor parallelism)")
     big = sorted(est.parts, key=lambda k: -est.parts[k])[:2]

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 FIELD = "spec.reward.model.path"
+# Padded tokens one scorer forward may hold (rows × the longest prompt + response in them): a
+# group larger than this is scored in parts, each part running the prompt once. The memory
+# plan sizes the scorer's largest forward with it.
+DEFAULT_TOKEN_BUDGET = 32768
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -24,6 +28,15 @@ def num_labels(config: dict[str, Any]) -> int:
         return len(config["id2label"])
     value = config.get("num_labels", 2)
     return value if isinstance(value, int) else 2
+
+
+def read_config(path: str | Path) -> dict[str, Any] | None:
+    """The reward model's config.json as a dict (None when it cannot be read)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def reward_model_problem(path: str | Path) -> str | None:

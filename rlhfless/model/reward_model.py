@@ -19,12 +19,12 @@ import torch
 
 from rlhfless.model.loading import _DTYPES, ModelLoadError
 from rlhfless.model.logprobs import grouped_forward
-from rlhfless.model.reward_config import FIELD, reward_model_problem
+from rlhfless.model.reward_config import (
+    DEFAULT_TOKEN_BUDGET,
+    FIELD,
+    reward_model_problem,
+)
 from rlhfless.model.tokenizer import _plain_chat
-
-# Padded tokens one forward may hold (rows × the longest prompt + response in them): a group
-# larger than this is scored in parts, each part running the prompt once.
-DEFAULT_TOKEN_BUDGET = 32768
 
 
 def load_reward_model(path: str | os.PathLike, dtype: str = "float32"
