@@ -14,6 +14,7 @@ from rlhfless.cost import (
     cost_status,
     dollars,
     merge_prices,
+    planned_cost,
     rollout_tail,
     serverful_stage,
     split_stage,
@@ -229,6 +230,25 @@ def test_budget_stops_before_a_step_that_would_cross_it() -> None:
     assert not check_budget(ledger, BudgetSpec()).exceeded
     # The first step runs (nothing to predict from) unless nothing is left.
     assert not check_budget(Ledger(), BudgetSpec(max_gpu_hours=1e-9)).exceeded
+
+
+def test_the_plan_for_the_next_step_raises_the_forecast() -> None:
+    # The plan said 50 GPU-s for the step that cost 100 and says 150 for the next: 300.
+    assert planned_cost(150, 50, 100, 2.0) == pytest.approx((300, 6.0))
+    assert planned_cost(150, 50, 100, None) == (pytest.approx(300), None)
+    assert planned_cost(150, 0, 100, 2.0) is None  # nothing to scale by
+    ledger = Ledger.of([_row(100, 1), _row(300, 3), _row(200, 2)])  # 600 GPU-s so far
+    assert check_budget(ledger, BudgetSpec(max_gpu_hours=0.25)).exceeded is False
+    ledger.planned = planned_cost(150, 50, 200, 2.0)  # the next step's prompts run longer
+    assert ledger.next_step() == (pytest.approx(600), pytest.approx(6.0))
+    over = check_budget(ledger, BudgetSpec(max_gpu_hours=0.25))  # 600 + 600 > 900
+    assert over.exceeded and "the plan for the next" in over.message
+    ledger.planned = planned_cost(10, 50, 200, 2.0)  # a smaller plan never lowers it
+    assert ledger.next_step() == (300, 3)
+    ledger.planned = (900.0, None)  # an unpriced estimate makes dollars unknown
+    assert ledger.next_step() == (900, None)
+    # What the operator judges is the same: the plan travels in the driver's report.
+    assert Ledger.from_report(ledger.report()).next_step() == (900, None)
 
 
 def test_a_dollar_budget_without_prices_is_a_warning() -> None:

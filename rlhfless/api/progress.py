@@ -62,6 +62,7 @@ class CostReport(_Model):
     serverful_dollars: Amount | None = 0.0
     recent: list[tuple[Amount, Amount | None]] = Field(default_factory=list,
                                                        max_length=MAX_RECENT)
+    planned: tuple[Amount, Amount | None] | None = None  # the plan's next step
 
 
 class Progress(_Model):

@@ -1,10 +1,12 @@
 """Spend so far, the next step's predicted cost, and whether the budget lets it run.
 
 The ledger reads the steps' metrics rows (metrics.jsonl, or each step's row as it lands).
-The next step is predicted as the largest of the last few steps (a step's cost varies with
-its prompts' lengths and cold starts; the largest recent one keeps the prediction on the
-safe side). Before any step there is nothing to predict from: the first step runs unless
-the budget is already spent.
+The next step is predicted as the larger of the last few steps' cost (a step's cost varies
+with its prompts' lengths and cold starts; the largest recent one keeps the prediction on
+the safe side) and the plan's estimate for the next step's prompts (`planned_cost`: the
+plan's GPU-seconds, scaled by how far the plan was off on the step just measured, so a
+next step whose prompts the plan expects to run longer is foreseen). Before any step there
+is nothing to predict from: the first step runs unless the budget is already spent.
 
 A limit in dollars needs a price for every GPU type the job uses; without one it cannot be
 checked, which `check_budget` reports as a warning, not as exceeded.
@@ -55,6 +57,8 @@ class Ledger:
     serverful_dollars: float | None = 0.0
     recent: deque[tuple[float, float | None]] = field(
         default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    # The plan's (GPU-seconds, dollars) for the next step; None when there is none.
+    planned: tuple[float, float | None] | None = None
 
     @classmethod
     def of(cls, rows: Iterable[Mapping[str, Any]]) -> Ledger:
@@ -87,7 +91,8 @@ class Ledger:
             stage_gpu_seconds=dict(self.stage_gpu_seconds),
             stage_dollars=dict(self.stage_dollars),
             serverful_gpu_seconds=self.serverful_gpu_seconds,
-            serverful_dollars=self.serverful_dollars, recent=list(self.recent))
+            serverful_dollars=self.serverful_dollars, recent=list(self.recent),
+            planned=self.planned)
 
     @classmethod
     def from_report(cls, report: CostReport) -> Ledger:
@@ -97,15 +102,32 @@ class Ledger:
                    stage_dollars=dict(report.stage_dollars),
                    serverful_gpu_seconds=report.serverful_gpu_seconds,
                    serverful_dollars=report.serverful_dollars,
-                   recent=deque(report.recent[-RECENT_STEPS:], maxlen=RECENT_STEPS))
+                   recent=deque(report.recent[-RECENT_STEPS:], maxlen=RECENT_STEPS),
+                   planned=report.planned)
 
     def next_step(self) -> tuple[float, float | None]:
-        """Predicted (GPU-seconds, dollars) of the next step: the largest recent one."""
+        """Predicted (GPU-seconds, dollars) of the next step: the largest recent one, or the
+        plan's estimate when that is larger."""
         if not self.recent:
             return 0.0, 0.0
-        usd = [d for _, d in self.recent]
+        candidates = list(self.recent) + ([self.planned] if self.planned else [])
+        usd = [d for _, d in candidates]
         known = [d for d in usd if d is not None]
-        return max(g for g, _ in self.recent), (max(known) if len(known) == len(usd) else None)
+        return max(g for g, _ in candidates), (max(known) if len(known) == len(usd) else None)
+
+
+def planned_cost(next_plan_gpu_s: float, plan_gpu_s: float, measured_gpu_s: float,
+                 measured_dollars: float | None) -> tuple[float, float | None] | None:
+    """The next step's (GPU-seconds, dollars) from its plan, calibrated on the step just
+    measured: the plan's ratio next/this applied to what this step cost (dollars at this
+    step's price per GPU-second). None when the plan gave nothing to scale by."""
+    if plan_gpu_s <= 0 or next_plan_gpu_s < 0 or measured_gpu_s < 0:
+        return None
+    gpu_s = measured_gpu_s * next_plan_gpu_s / plan_gpu_s
+    if measured_dollars is None:
+        return gpu_s, None
+    rate = measured_dollars / measured_gpu_s if measured_gpu_s > 0 else 0.0
+    return gpu_s, gpu_s * rate
 
 
 @dataclass(frozen=True)
@@ -139,10 +161,15 @@ def check_budget(ledger: Ledger, budget: BudgetSpec) -> BudgetCheck:
             unit = "GPU-hours" if name == "maxGpuHours" else "dollars"
             message = (f"spec.budget.{name}: {_fmt(spent)} of {_fmt(limit)} {unit} spent "
                        f"after {ledger.steps} steps; the next step would need about "
-                       f"{_fmt(nxt)} more (the largest of the last {len(ledger.recent)}). "
+                       f"{_fmt(nxt)} more ({_basis(ledger)}). "
                        f"Raise spec.budget.{name} to continue.")
             return BudgetCheck(True, message, used, tuple(warnings))
     return BudgetCheck(False, "", used, tuple(warnings))
+
+
+def _basis(ledger: Ledger) -> str:
+    recent = f"the largest of the last {len(ledger.recent)}"
+    return recent + " and the plan for the next" if ledger.planned else recent
 
 
 def _fmt(value: float) -> str:

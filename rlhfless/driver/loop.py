@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhfless.api.spec import RLHFJob
-from rlhfless.cost import BudgetCheck, Ledger, check_budget, job_cost_warnings, job_prices
+from rlhfless.cost import (
+    BudgetCheck,
+    Ledger,
+    check_budget,
+    job_cost_warnings,
+    job_prices,
+    planned_cost,
+)
 from rlhfless.driver.learn import INLINE_LIMIT_BYTES, StepLearning
 from rlhfless.driver.metrics import (
     StepTrace,
@@ -182,6 +189,7 @@ class Driver:
         )
         self.metrics_log.append(record)
         self.ledger.add(metrics)
+        self.ledger.planned = self._planned_next(step, metrics)
         self.budget = check_budget(self.ledger, self.spec.budget)
         due = step % self.spec.checkpoint.every_steps == 0 or step == self.spec.steps
         if due or self.budget.exceeded:  # a budget stop resumes exactly here
@@ -191,6 +199,19 @@ class Driver:
             prune_history(self.run_dir, set(self.store.versions()))
             self.shards.prune(step + 1)  # a checkpointed step is never re-sent
         return record
+
+    def _planned_next(self, step: int,
+                      metrics: dict[str, Any]) -> tuple[float, float | None] | None:
+        """The next step's cost from its plan (a budgeted job's forecast; None without one)."""
+        if not self.spec.budget.limited or step >= self.spec.steps:
+            return None
+        chosen = metrics.get(f"sched/table/n{int(metrics.get('sched/actors', 0))}/gpu_seconds")
+        if not chosen:
+            return None
+        upcoming = self.planner.next_step_gpu_seconds(self._prompt_items(step + 1),
+                                                      warm_actors=self._alive("actor"))
+        return planned_cost(upcoming, chosen, metrics["cost/gpu_seconds"],
+                            metrics.get("cost/dollars"))
 
     def _instances_wanted(self, stage: str) -> int:
         if not self.spec.stages.has(stage):

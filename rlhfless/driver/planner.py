@@ -31,7 +31,7 @@ from rlhfless.scheduling.planning import (
 from rlhfless.scheduling.predictor import prediction_error
 from rlhfless.scheduling.prewarm import PrewarmPlan, prewarm_plan
 from rlhfless.scheduling.profile import Profile, ProfileEstimator
-from rlhfless.scheduling.step import plan_step
+from rlhfless.scheduling.step import StepPlan, plan_step
 from rlhfless.scheduling.units import BinEntry, bin_entries
 
 # Until a learner has been measured: seconds per token it works on (prompt once + responses,
@@ -73,6 +73,41 @@ class Planner:
 
     # -- 1. plan -------------------------------------------------------------------------
     def plan(self, items: Sequence[PromptItem], warm_actors: int = 0) -> RolloutPlan:
+        g = self.spec.algorithm.group_size
+        step, mean, known, profile = self._plan_step(items, warm_actors)
+        rollout_s = self.ratio.correct(step.rollout_s)
+        decisions: dict[str, float] = {}
+        for row in step.table:
+            decisions[f"sched/table/n{row.n}/time_s"] = row.time_s
+            decisions[f"sched/table/n{row.n}/gpu_seconds"] = row.gpu_seconds
+            decisions[f"sched/table/n{row.n}/score"] = row.score
+            decisions[f"sched/table/n{row.n}/rollout_s"] = row.rollout_s
+        decisions.update({
+            "sched/actors": float(step.n),
+            "sched/split_groups": float(len({u.group for u in step.units
+                                             if len(u.samples) < g})),
+            "sched/warm_actors": float(warm_actors),
+            "sched/plan/rollout_s": rollout_s,
+            "sched/plan/step_s": float(step.learner.end_s),
+            "sched/plan/known_lengths": known,
+            "sched/profile/tpot_base_s": profile.tpot_base_s,
+            "sched/profile/tpot_per_seq_s": profile.tpot_per_seq_s,
+            "sched/profile/tpot_per_ctx_s": profile.tpot_per_ctx_s,
+            "sched/profile/cold_start_s": profile.cold_start_s,
+        })
+        self.last_plan = RolloutPlan(step.n, bin_entries(step.units, step.bins, g),
+                                     mean.tolist(), rollout_s, step.rollout_s, decisions,
+                                     known)
+        return self.last_plan
+
+    def next_step_gpu_seconds(self, items: Sequence[PromptItem], warm_actors: int = 0) -> float:
+        """The plan's GPU-seconds for a step of `items`, as `plan` would choose it (nothing is
+        stored: the budget's forecast of the next step)."""
+        step, *_ = self._plan_step(items, warm_actors)
+        return next(row.gpu_seconds for row in step.table if row.n == step.n)
+
+    def _plan_step(self, items: Sequence[PromptItem], warm_actors: int
+                   ) -> tuple[StepPlan, np.ndarray, float, Profile]:
         sched, g = self.spec.scheduling, self.spec.algorithm.group_size
         keys = [i.key for i in items]
         prompt_tokens = np.array([len(i.prompt_ids) for i in items], dtype=float)
@@ -101,30 +136,7 @@ class Planner:
             candidates=None if sched.cost_aware else [min(sched.actors, len(keys))],
             rollout_scale=self.ratio.correct(1.0), split_groups=True,
         )
-        rollout_s = self.ratio.correct(step.rollout_s)
-        decisions: dict[str, float] = {}
-        for row in step.table:
-            decisions[f"sched/table/n{row.n}/time_s"] = row.time_s
-            decisions[f"sched/table/n{row.n}/gpu_seconds"] = row.gpu_seconds
-            decisions[f"sched/table/n{row.n}/score"] = row.score
-            decisions[f"sched/table/n{row.n}/rollout_s"] = row.rollout_s
-        decisions.update({
-            "sched/actors": float(step.n),
-            "sched/split_groups": float(len({u.group for u in step.units
-                                             if len(u.samples) < g})),
-            "sched/warm_actors": float(warm_actors),
-            "sched/plan/rollout_s": rollout_s,
-            "sched/plan/step_s": float(step.learner.end_s),
-            "sched/plan/known_lengths": known,
-            "sched/profile/tpot_base_s": profile.tpot_base_s,
-            "sched/profile/tpot_per_seq_s": profile.tpot_per_seq_s,
-            "sched/profile/tpot_per_ctx_s": profile.tpot_per_ctx_s,
-            "sched/profile/cold_start_s": profile.cold_start_s,
-        })
-        self.last_plan = RolloutPlan(step.n, bin_entries(step.units, step.bins, g),
-                                     mean.tolist(), rollout_s, step.rollout_s, decisions,
-                                     known)
-        return self.last_plan
+        return step, mean, known, profile
 
     def _learner(self) -> LearnerProfile:
         """The fused learner as measured so far (its size is the job's: one instance)."""
