@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 
 import torch
@@ -27,6 +26,7 @@ from rlhfless.api.stages import STAGE_NAMES
 from rlhfless.api.wire import JOB_ENV
 from rlhfless.functions.app import PROCESS_STARTED_AT, FunctionError, StageHandler, create_app
 from rlhfless.functions.auth import TokenMissing, token_from_env
+from rlhfless.orphans import exit_with_parent
 from rlhfless.store import WeightStore, WeightStoreError
 
 
@@ -81,18 +81,6 @@ def preload(handler: StageHandler, store: WeightStore) -> None:
             print(f"not preloaded: {getattr(exc, 'message', exc)}", file=sys.stderr)
 
 
-def _exit_with_parent() -> None:
-    """An orphaned local instance would run (and hold memory) forever: follow the parent."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve one RLHFless stage function.")
     parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
@@ -106,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.time()
     if args.exit_with_parent:
-        _exit_with_parent()
+        exit_with_parent()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

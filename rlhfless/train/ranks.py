@@ -39,6 +39,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from rlhfless.orphans import exit_with_parent
 from rlhfless.train.distributed import Ranks, close_ranks, init_ranks
 
 LOOPBACK = "127.0.0.1"
@@ -246,15 +247,6 @@ class _Startup:
 
 
 # ---- a follower ---------------------------------------------------------------------------
-def _follow_parent(parent: int) -> None:
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def follower_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A follower rank of a learner instance.")
     parser.add_argument("--rank", type=int, required=True)
@@ -266,7 +258,7 @@ def follower_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
-    _follow_parent(args.parent)
+    exit_with_parent(args.parent, code=1)
     status = os.fdopen(args.status_fd, "w")
 
     def report(ok: bool, error: str = "") -> None:
