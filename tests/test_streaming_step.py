@@ -91,8 +91,17 @@ def test_span_arithmetic():
     assert overlap_seconds([], [(0, 1)]) == 0.0
 
 
-def test_timeline_plot_draws_alive_and_busy_spans(tmp_path):
+def test_timeline_plot_draws_alive_and_busy_spans(tmp_path, monkeypatch):
+    from rlhfless.driver import plots
     from rlhfless.driver.plots import plot_timeline
+
+    drawn, save = [], plots._save
+
+    def keep_axes(fig, path):
+        drawn.append(fig.axes[0])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_axes)
 
     row = {"step": 1, "timing_s/step": 2.0, "timing_s/gen": 1.5, "timing_s/overlap": 0.7,
            "timeline": [
@@ -102,3 +111,16 @@ def test_timeline_plot_draws_alive_and_busy_spans(tmp_path):
                 "cold_start": 3.0, "busy": [[0.3, 0.4], [0.8, 1.9]]}]}
     path = plot_timeline([row], tmp_path / "timeline.png")
     assert path.stat().st_size > 1000
+    [ax] = drawn
+    bars = [(round(p.get_x(), 3), round(p.get_width(), 3), round(p.get_y() + p.get_height() / 2),
+             p.get_alpha()) for p in ax.patches if p.get_width() > 0]
+    # actor lane 0: alive 0..2 (light), cold start hatched, busy 0.1..1.5 (dark)
+    assert (0.0, 2.0, 0, 0.3) in bars and (0.1, 1.4, 0, None) in bars
+    assert (0.0, 0.2, 0, None) in bars  # the hatched cold start
+    # learner lane 1: alive from before the step (clipped to 0), no cold start in the step,
+    # busy twice
+    assert (0.0, 2.0, 1, 0.3) in bars
+    assert (0.3, 0.1, 1, None) in bars and (0.8, 1.1, 1, None) in bars
+    assert len([b for b in bars if b[2] == 1]) == 3
+    assert [t.get_text() for t in ax.get_yticklabels()][0].startswith("actor-0")
+    assert "0.70 s" in ax.get_title()
