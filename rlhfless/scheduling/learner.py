@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rlhfless.scheduling.profile import Profile
-from rlhfless.scheduling.scaling import scores
+from rlhfless.scheduling.scaling import best_index, scores
 from rlhfless.scheduling.workmodel import Workload, unit_finish_times
 
 Interval = tuple[float, float]
@@ -188,7 +188,7 @@ def plan_learner(arrivals: Sequence[float] | np.ndarray, tokens: Sequence[float]
     times = np.array([r[3] for r in rows])
     costs = np.array([r[4] for r in rows])
     score, _, _ = scores(times, costs, lam, time_slack)
-    best = int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
+    best = best_index(score)
     gpus, start, ready, end, gpu_s = rows[best]
     table = [LearnerRow(r[0], r[1], r[3], r[4], float(s)) for r, s in zip(rows, score,
                                                                            strict=True)]

@@ -95,6 +95,12 @@ def scores(times: np.ndarray, costs: np.ndarray, lam: float,
     return score, t_ref, c_ref
 
 
+def best_index(score: np.ndarray) -> int:
+    """The first candidate whose score equals the minimum up to rounding (candidates come
+    smallest first, so a near-tie goes to the fewer GPUs)."""
+    return int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
+
+
 def choose_from_candidates(work: Workload, candidates: Sequence[int], profile: Profile,
                            lam: float, warm: int = 0, policy: Policy = "length-aware",
                            seed: int = 0, extra_time_s: float = 0.0,
@@ -123,8 +129,7 @@ def choose_from_candidates(work: Workload, candidates: Sequence[int], profile: P
     times = np.array([step_time(t, profile, warm) for t in per_bin]) + extra_time_s
     costs = np.array([planned_gpu_seconds(t, profile, warm) for t in per_bin]) + extra_gpu_s
     score, t_ref, c_ref = scores(times, costs, lam)
-    # Smallest N among (numerically) equal best scores.
-    best = int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
+    best = best_index(score)
     table = [ScalingRow(int(n), float(t), float(c), float(s))
              for n, t, c, s in zip(candidates, times, costs, score, strict=True)]
     chosen = (planner.bins_from_cuts(splits[best][0], candidates[best])

@@ -53,7 +53,7 @@ from rlhfless.scheduling.learner import (
     plan_learner,
 )
 from rlhfless.scheduling.profile import Profile
-from rlhfless.scheduling.scaling import TIME_SLACK, scores
+from rlhfless.scheduling.scaling import TIME_SLACK, best_index, scores
 from rlhfless.scheduling.units import SPLIT_SLACK, SampleUnit, group_finish, sample_units
 from rlhfless.scheduling.workmodel import Workload, bin_times
 
@@ -171,7 +171,7 @@ def plan_step(work: Workload, learn_tokens: Sequence[float] | np.ndarray, profil
     times = np.array([r[3] for r in rows])
     costs = np.array([r[4] for r in rows])
     score, _, _ = scores(times, costs, lam, time_slack)
-    best = int(np.flatnonzero(score <= score.min() * (1 + 1e-12))[0])
+    best = best_index(score)
     bins, offsets, est, lplan, makespan = plans[best]
     table = [StepRow(r[0], r[1], r[2], r[3], r[4], float(s))
              for r, s in zip(rows, score, strict=True)]

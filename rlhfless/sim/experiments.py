@@ -126,29 +126,24 @@ HEADLINE_KEYS = ("cluster", "model", "algo", "workload", "mode", "speedup", "sav
                  "peak_gpus", "verl_gen_share", "step_over_bound")
 
 
+def _headline_runs(seed: int, quick: bool) -> list[tuple[Row, Row]]:
+    """(the row's keys, its measurements) for each headline row: quota first, then shared."""
+    grid = HEADLINE_ROWS[:1] + HEADLINE_ROWS[5:6] if quick else HEADLINE_ROWS
+    return [({"cluster": cluster, "model": model, "algo": algo, "workload": family,
+              "mode": mode}, measure(job(cluster, model, algo, seed, pool=mode), family))
+            for mode in ("quota", "shared") for cluster, model, algo, family in grid]
+
+
 def headline(seed: int = 0, quick: bool = False) -> list[Row]:
     """Quota rows first (the headline), then the shared pool."""
-    grid = HEADLINE_ROWS[:1] + HEADLINE_ROWS[5:6] if quick else HEADLINE_ROWS
-    rows: list[Row] = []
-    for mode in ("quota", "shared"):
-        for cluster, model, algo, family in grid:
-            cfg = job(cluster, model, algo, seed, pool=mode)
-            m = measure(cfg, family)
-            rows.append({"cluster": cluster, "model": model, "algo": algo, "workload": family,
-                         "mode": mode, **{k: m[k] for k in HEADLINE_KEYS[5:]}})
-    return rows
+    return [{**keys, **{k: m[k] for k in HEADLINE_KEYS[5:]}}
+            for keys, m in _headline_runs(seed, quick)]
 
 
 def headline_details(seed: int = 0, quick: bool = False) -> list[Row]:
     """Everything behind the headline rows (same runs, more columns)."""
-    grid = HEADLINE_ROWS[:1] + HEADLINE_ROWS[5:6] if quick else HEADLINE_ROWS
-    rows: list[Row] = []
-    for mode in ("quota", "shared"):
-        for cluster, model, algo, family in grid:
-            cfg = job(cluster, model, algo, seed, pool=mode)
-            rows.append({"cluster": cluster, "model": model, "workload": family, "mode": mode,
-                         **measure(cfg, family)})
-    return rows
+    return [{k: v for k, v in keys.items() if k != "algo"} | m
+            for keys, m in _headline_runs(seed, quick)]
 
 
 def testbed(seed: int = 0, quick: bool = False) -> list[Row]:
