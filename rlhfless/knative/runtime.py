@@ -55,7 +55,14 @@ from rlhfless.knative.services import (
     service_name,
 )
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
-from rlhfless.runtime.transport import decode_body, encode_body, error_of, frames, served_by
+from rlhfless.runtime.transport import (
+    decode_body,
+    encode_body,
+    error_of,
+    frames,
+    post_control,
+    served_by,
+)
 
 RETRY_STATUS = (502, 503, 504)
 log = logging.getLogger(__name__)
@@ -251,18 +258,8 @@ class KnativeRuntime:
 
     async def invoke_instance(self, stage: str, instance: str, payload: Payload) -> Payload:
         address = await self.pod_address(stage, instance)
-        body, headers = encode_body(payload)
-        headers = {**headers, **self._auth}
-        try:
-            response = await self._http.post(f"{address}/control", content=body,
-                                             headers=headers)
-        except httpx.TransportError as exc:
-            raise InvocationError(stage, f"pod {instance} at {address}: "
-                                         f"{type(exc).__name__}") from None
-        if response.status_code >= 400:
-            message, code = error_of(response)
-            raise InvocationError(stage, message, response.status_code, code)
-        return decode_body(response)
+        return await post_control(self._http, stage, address, f"pod {instance} at {address}",
+                                  payload, self._auth)
 
     async def release_instance(self, stage: str, instance: str) -> None:
         """Nothing to do at once: the idle pod goes when the autoscaler's window passes."""

@@ -44,7 +44,7 @@ from rlhfless.api.wire import GPU_SHARE_ENV, INSTANCE_ENV, TOKEN_ENV, bearer
 from rlhfless.runtime.base import InstanceUsage, InvocationError, Payload, StreamBroken
 from rlhfless.runtime.discovery import TARGETS_FILE, Target, TargetsFile
 from rlhfless.runtime.gpu_pool import GpuPool, GpuPoolError, detect_devices, detect_slots
-from rlhfless.runtime.transport import decode_body, encode_body, error_of, frames
+from rlhfless.runtime.transport import decode_body, encode_body, error_of, frames, post_control
 
 READY_TIMEOUT_S = 300.0
 MAX_ATTEMPTS = 3
@@ -259,17 +259,8 @@ class LocalRuntime:
                     None)
         if inst is None or not inst.alive:
             raise InvocationError(stage, f"no live instance {instance!r}", 404)
-        body, headers = encode_body(payload)
-        try:
-            response = await self._client.post(f"{inst.url}/control", content=body,
-                                               headers=headers)
-        except httpx.TransportError as exc:
-            raise InvocationError(stage, f"instance {instance} failed: "
-                                         f"{type(exc).__name__}") from None
-        if response.status_code >= 400:
-            message, code = error_of(response)
-            raise InvocationError(stage, message, response.status_code, code)
-        return decode_body(response)
+        return await post_control(self._client, stage, inst.url,
+                                  f"instance {instance} failed", payload)
 
     async def release_instance(self, stage: str, instance: str) -> None:
         for inst in self._instances:

@@ -11,7 +11,7 @@ import httpx
 
 from rlhfless.api import codec
 from rlhfless.api.wire import INSTANCE_HEADER
-from rlhfless.runtime.base import Payload
+from rlhfless.runtime.base import InvocationError, Payload
 
 
 def encode_body(payload: Payload) -> tuple[bytes, dict[str, str]]:
@@ -52,3 +52,19 @@ async def frames(response: httpx.Response) -> AsyncIterator[Any]:
             yield message
     if reader.pending:
         raise codec.CodecError(f"stream ended inside a frame ({reader.pending} bytes)")
+
+
+async def post_control(client: httpx.AsyncClient, stage: str, url: str, who: str,
+                       payload: Payload, headers: dict[str, str] | None = None) -> Payload:
+    """POST `payload` to one instance's `/control` (`who` names it in errors); a transport
+    failure or an error reply is an InvocationError."""
+    body, body_headers = encode_body(payload)
+    try:
+        response = await client.post(f"{url}/control", content=body,
+                                     headers={**body_headers, **(headers or {})})
+    except httpx.TransportError as exc:
+        raise InvocationError(stage, f"{who}: {type(exc).__name__}") from None
+    if response.status_code >= 400:
+        message, code = error_of(response)
+        raise InvocationError(stage, message, response.status_code, code)
+    return decode_body(response)
