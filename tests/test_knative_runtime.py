@@ -225,6 +225,30 @@ def pod(name: str, service: str, gpus: int, start: float, ready_after: float | N
     }
 
 
+async def test_a_request_served_by_a_pod_not_metered_yet_is_still_booked(
+        cluster: Cluster) -> None:
+    fn = StreamingFunction("kn-actor-00001-deployment-new")
+    app = web.Application()
+    app.router.add_post("/invoke", fn.invoke)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        set_url(cluster, "actor", str(server.make_url("")).rstrip("/"))
+        async with knative(cluster, meter_interval_s=3600) as runtime:
+            await runtime.refresh_usage(("actor",))  # metered just now: no pod yet
+            assert runtime.meter() == []
+            # A pod starts and serves at once, well within the metering throttle.
+            await cluster.create_object(PODS, pod(fn.pod, "kn-actor", 1,
+                                                  float(int(time.time()) - 1), 1))
+            got = [inst async for inst, _ in runtime.invoke_stream(
+                "actor", {"request_id": "r", "ids": np.arange(2, dtype=np.int32)})]
+            assert set(got) == {fn.pod}
+            [usage] = runtime.meter()
+            assert usage.instance == fn.pod and len(usage.busy) == 1
+    finally:
+        await server.close()
+
+
 async def test_meter_reads_pod_lifetimes_by_service_label(cluster: Cluster) -> None:
     start = float(int(time.time()) - 100)
     await cluster.create_object(PODS, pod("a1", "kn-actor", 2, start, 12))

@@ -214,7 +214,7 @@ class KnativeRuntime:
             if response.status_code in RETRY_STATUS:
                 last = f"HTTP {response.status_code} from {url}"
                 continue
-            self._busy(served_by(response), started)
+            await self._busy(stage, served_by(response), started)
             if response.status_code >= 400:
                 message, code = error_of(response)
                 raise InvocationError(stage, message, response.status_code, code)
@@ -252,7 +252,7 @@ class KnativeRuntime:
                 if instance is not None:  # frames went out: the caller decides what to redo
                     raise StreamBroken(stage, f"stream from {instance} broke: {last}") from None
             finally:
-                self._busy(instance, started)
+                await self._busy(stage, instance, started)
                 await self._refresh_soon(stage)
         raise InvocationError(stage, f"gave up after {self.retries} attempts: {last}")
 
@@ -282,10 +282,18 @@ class KnativeRuntime:
         return next((p for p in self._pods.values() if p.name == name and p.stage == stage),
                     None)
 
-    def _busy(self, instance: str | None, started: float) -> None:
-        pod = next((p for p in self._pods.values() if p.name == instance), None)
+    async def _busy(self, stage: str, instance: str | None, started: float) -> None:
+        """Book a request's span on the pod that served it; a pod not metered yet (it
+        started since the last refresh) is looked up first, so no span is dropped."""
+        ended = time.time()
+        if instance is None:
+            return
+        pod = self._by_name(stage, instance)
+        if pod is None:
+            await self._refresh_soon(stage, force=True)
+            pod = self._by_name(stage, instance)
         if pod is not None:
-            pod.busy.append((started, time.time()))
+            pod.busy.append((started, ended))
 
     # -- Knative extras ------------------------------------------------------------------
     async def url(self, stage: str, refresh: bool = False) -> str:
@@ -339,8 +347,8 @@ class KnativeRuntime:
                     record.ended_at = now
             self._refreshed[stage] = now
 
-    async def _refresh_soon(self, stage: str) -> None:
-        if time.time() - self._refreshed.get(stage, 0.0) > 1.0:
+    async def _refresh_soon(self, stage: str, force: bool = False) -> None:
+        if force or time.time() - self._refreshed.get(stage, 0.0) > 1.0:
             try:
                 await self.refresh_usage((stage,))
             except Exception as exc:  # metering must never fail a request
