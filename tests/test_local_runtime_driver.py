@@ -16,6 +16,7 @@ import pytest
 
 from rlhfless.driver import Driver
 from rlhfless.driver.records import MetricsLog
+from rlhfless.runtime.base import StreamBroken
 from rlhfless.runtime.local import LocalRuntime
 from tests.conftest import tiny_job
 
@@ -72,34 +73,44 @@ def test_resume_continues_at_the_next_step(tmp_path):
 
 
 class _KillingRuntime(LocalRuntime):
-    """Kills (SIGKILL) the actor instance serving the first actor stream, mid-stream."""
+    """Kills (SIGKILL) the actor instance serving the first actor stream as soon as its first
+    frame arrives, and notes whether that stream then broke (it may have ended first)."""
 
     killed: list[str]
+    broke = False
 
     async def invoke_stream(self, stage, payload):
         first = stage == "actor" and not getattr(self, "killed", None)
         if first:
             self.killed = ["pending"]
-        async for instance, frame in super().invoke_stream(stage, payload):
-            yield instance, frame
-            if first and self.killed == ["pending"]:  # it has started streaming: kill it
-                self.killed = [instance]
-                proc = next(i for i in self.instances("actor") if i.name == instance).process
-                os.kill(proc.pid, signal.SIGKILL)
+        try:
+            async for instance, frame in super().invoke_stream(stage, payload):
+                yield instance, frame
+                if first and self.killed == ["pending"]:  # it has started streaming: kill it
+                    self.killed = [instance]
+                    proc = next(i for i in self.instances("actor")
+                                if i.name == instance).process
+                    os.kill(proc.pid, signal.SIGKILL)
+        except StreamBroken:
+            self.broke = self.broke or first
+            raise
 
 
 def test_actor_killed_mid_stream_has_its_groups_rerun_every_sample_once(tmp_path):
-    job = tiny_job("kill", steps=1, scheduling={"actors": 2, "costAware": False,
-                                                "prewarm": False})
+    # 64 tokens a response: the actor is still generating long after its first frame left,
+    # even when a busy machine delays the kill.
+    job = tiny_job("kill", steps=1, generation={"maxNewTokens": 64},
+                   scheduling={"actors": 2, "costAware": False, "prewarm": False})
     g, prompts = job.spec.algorithm.group_size, job.spec.dataset.prompts_per_step
 
     async def go():
         async with _KillingRuntime(job, tmp_path / "store", tmp_path) as runtime:
             completed = await Driver(job, runtime, tmp_path).run()
-            return completed, runtime.killed, runtime.meter()
+            return completed, runtime.killed, runtime.broke, runtime.meter()
 
-    completed, killed, usages = asyncio.run(go())
+    completed, killed, broke, usages = asyncio.run(go())
     assert completed == 1 and len(killed) == 1 and killed[0].startswith("actor-")
+    assert broke  # the stream broke mid-way (not a stream that had already ended)
     dead = [u for u in usages if u.instance == killed[0]]
     assert dead and dead[0].ended_at is not None
     row = MetricsLog(tmp_path / "metrics.jsonl").read()[0]
