@@ -62,7 +62,10 @@ async def test_operator_runs_real_steps_and_reports_them(tmp_path: Path) -> None
             await cluster.wait_for(progressed, timeout=240, interval=0.05, what="job end")
         status = cluster.status("real")
     assert status["phase"] == "Succeeded", status
-    assert steps_seen == [1, 2]
+    # The status carries the latest step: one progress read can bring both steps on a
+    # loaded machine, so step 1 may never be the status. It never goes back, and the
+    # step counter below still counts every step the driver recorded.
+    assert steps_seen in ([1, 2], [2])
     assert status["weightsVersion"] == 2
     assert 0.0 <= status["reward"] <= 1.0
     assert status["costGpuSeconds"] > 0  # actor and learner hold 1 GPU each
