@@ -42,6 +42,28 @@ def tiny_job(name: str = "t", **spec_overrides: object) -> RLHFJob:
                       "metadata": {"name": name}, "spec": spec})
 
 
+TARGET_CHAR_REWARD = '{name: target_char, args: {char: "5"}}'
+ONE_ACTOR = "{actors: 1, maxActors: 1, keepAliveS: 60}"
+
+
+def tiny_job_yaml(name: str, steps: int, *, reward: str = TARGET_CHAR_REWARD,
+                  scheduling: str = ONE_ACTOR, extra: str = "") -> str:
+    """The job file the CLI end-to-end tests run (a 1-layer model, 2 prompts x 4 samples);
+    `extra` is more `spec:` lines, each indented by two spaces."""
+    return f"""apiVersion: rlhfless.io/v1alpha1
+kind: RLHFJob
+metadata: {{name: {name}}}
+spec:
+  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
+  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
+  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
+  reward: {reward}
+  generation: {{maxNewTokens: 8}}
+  scheduling: {scheduling}
+  steps: {steps}
+{extra}"""
+
+
 @pytest.fixture
 def tiny_store(tmp_path: Path):
     from rlhfless.model.materialize import materialize_base

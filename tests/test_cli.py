@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_job_yaml
 from typer.testing import CliRunner
 
 from rlhfless.cli import app
@@ -90,18 +91,7 @@ def test_manifests_print_what_the_operator_creates(tmp_path):
 
 def _tiny_job_file(tmp_path: Path, name: str, steps: int, extra: str = "") -> Path:
     job = tmp_path / f"{name}.yaml"
-    job.write_text(f"""apiVersion: rlhfless.io/v1alpha1
-kind: RLHFJob
-metadata: {{name: {name}}}
-spec:
-  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
-  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
-  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
-  reward: {{name: target_char, args: {{char: "5"}}}}
-  generation: {{maxNewTokens: 8}}
-  scheduling: {{actors: 1, maxActors: 1, keepAliveS: 60}}
-  steps: {steps}
-{extra}""")
+    job.write_text(tiny_job_yaml(name, steps, extra=extra))
     return job
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import tiny_job_yaml
 from test_operator_kmock import TINY, Trace, running
 
 from rlhfless.operator.metrics import OperatorMetrics
@@ -52,19 +53,10 @@ DEADLINE_S = 300.0  # for everything to show up on a loaded 2-core machine
 SERIES_LABELS = {"__name__", "namespace", "job", "stage", "outcome", "phase", "le", "use",
                  "instance"}
 LOCAL_JOB = "e2e"
-JOB_YAML = f"""apiVersion: rlhfless.io/v1alpha1
-kind: RLHFJob
-metadata: {{name: {LOCAL_JOB}}}
-spec:
-  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
-  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
-  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
-  reward: {{name: target_char, args: {{char: "5"}}}}
-  generation: {{maxNewTokens: 8}}
-  scheduling: {{actors: 1, maxActors: 1, keepAliveS: 120}}
-  budget: {{maxGpuHours: 1000}}  # far from spent: the budget panel has a series to show
-  steps: 100000
-"""
+JOB_YAML = tiny_job_yaml(
+    LOCAL_JOB, 100000, scheduling="{actors: 1, maxActors: 1, keepAliveS: 120}",
+    # far from spent: the budget panel has a series to show
+    extra="  budget: {maxGpuHours: 1000}\n")
 
 
 # -- the dashboard, as Grafana reads it -------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_job_yaml
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -163,20 +164,9 @@ runner = CliRunner()
 
 def _job(tmp_path: Path, rm_path: Path | str, steps: int = 2, extra: str = "") -> Path:
     job = tmp_path / "rm-job.yaml"
-    job.write_text(f"""apiVersion: rlhfless.io/v1alpha1
-kind: RLHFJob
-metadata: {{name: rm-job}}
-spec:
-  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
-  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
-  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
-  reward:
-    name: reward_model
-    model: {{path: "{rm_path}"}}
-  generation: {{maxNewTokens: 8}}
-  scheduling: {{actors: 1, maxActors: 1, prewarm: false, keepAliveS: 60}}
-  steps: {steps}
-{extra}""")
+    job.write_text(tiny_job_yaml(
+        "rm-job", steps, reward=f'{{name: reward_model, model: {{path: "{rm_path}"}}}}',
+        scheduling="{actors: 1, maxActors: 1, prewarm: false, keepAliveS: 60}", extra=extra))
     return job
 
 

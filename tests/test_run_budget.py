@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_job_yaml
 from typer.testing import CliRunner
 
 from rlhfless.cli import EXIT_BUDGET, app
@@ -22,20 +23,9 @@ runner = CliRunner()
 
 
 def job_file(path: Path, budget: str, gpu_type: str = "L4") -> Path:
-    path.write_text(f"""apiVersion: rlhfless.io/v1alpha1
-kind: RLHFJob
-metadata: {{name: capped}}
-spec:
-  model: {{source: tiny, tiny: {{nLayer: 1, nEmbd: 32, nHead: 2, nPositions: 64}}}}
-  algorithm: {{groupSize: 4, lr: 0.003, miniBatchSize: 8}}
-  dataset: {{kind: repeat, size: 2, promptsPerStep: 2}}
-  reward: {{name: target_char, args: {{char: "5"}}}}
-  generation: {{maxNewTokens: 8}}
-  scheduling: {{actors: 1, maxActors: 1, keepAliveS: 60}}
-  cost: {{gpuType: {gpu_type}, pricing: spot, prices: {{L4: {{spot: 0.36}}}}}}
-  budget: {budget}
-  steps: 2
-""")
+    path.write_text(tiny_job_yaml("capped", 2, extra=(
+        f"  cost: {{gpuType: {gpu_type}, pricing: spot, prices: {{L4: {{spot: 0.36}}}}}}\n"
+        f"  budget: {budget}\n")))
     return path
 
 
