@@ -195,14 +195,19 @@ class KnativeRuntime:
                                       scale_patch(self.job, stage, n, self.settings))
         self._min_scale[stage] = n
 
+    async def _attempt_url(self, stage: str, attempt: int) -> str:
+        """The URL for try number `attempt`: a retry backs off exponentially first and
+        reads the Service's URL again instead of the cached one."""
+        if attempt:
+            await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+        return await self.url(stage, refresh=attempt > 0)
+
     async def invoke(self, stage: str, payload: Payload) -> Payload:
         body, headers = encode_body(payload)
         headers = {**headers, **self._auth}
         last = "no attempt made"
         for attempt in range(self.retries):
-            if attempt:
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-            url = await self.url(stage, refresh=attempt > 0)
+            url = await self._attempt_url(stage, attempt)
             started = time.time()
             try:
                 response = await self._http.post(f"{url}/invoke", content=body, headers=headers)
@@ -227,9 +232,7 @@ class KnativeRuntime:
         headers = {**headers, **self._auth}
         last = "no attempt made"
         for attempt in range(self.retries):
-            if attempt:
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-            url = await self.url(stage, refresh=attempt > 0)
+            url = await self._attempt_url(stage, attempt)
             started, instance = time.time(), None
             try:
                 async with self._http.stream("POST", f"{url}/invoke", content=body,
